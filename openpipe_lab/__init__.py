@@ -1,0 +1,15 @@
+__version__ = "0.1.0"
+"openpipe_lab: the OpenPipe workflow as a Jupyter-first library."
+
+# Public objects load on first use, so `import openpipe_lab` stays fast (no torch, transformers, trl or vllm).
+_LAZY = {'LogStore': 'logstore', 'LogQuery': 'logstore', 'get_store': 'logstore', 'Dataset': 'dataset',
+         'FineTune': 'finetune', 'Deployment': 'deployment', 'Eval': 'eval', 'Criterion': 'criterion',
+         'OpenPipeLabError': 'core'}
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'openpipe_lab.{_LAZY[name]}'), name)
+    raise AttributeError(f"module 'openpipe_lab' has no attribute {name!r}")
+
+def __dir__(): return sorted(list(globals()) + list(_LAZY))
