@@ -4,9 +4,7 @@
 # %% [md]
 # Formats
 
-> The OpenAI chat schema as the hosted product's API defines it: messages, content parts, tool calls, tools,
-> `tool_choice`, `response_format`; validation that reports every problem with its path; one JSONL reader; one
-> canonical JSON hash; pruning rules.
+> The OpenAI chat schema as the spec defines it, validated with exact paths; one JSONL reader; one canonical JSON hash; pruning rules.
 
 # %%
 #| export
