@@ -51,7 +51,7 @@ tables = SimpleNamespace(
         sa.Column('requested_at', _i), sa.Column('received_at', _i),  # ms, as in /report
         sa.Column('model', _s(256), index=True),              # the model id as requested ("anthropic:claude-...")
         sa.Column('provider', _s(64)),                         # openai | anthropic | gemini | openpipe | custom name
-        sa.Column('status_code', sa.Integer, index=True),
+        sa.Column('status_code', sa.Integer),
         sa.Column('error_message', _t),
         sa.Column('req_payload', _t),                          # JSON
         sa.Column('resp_payload', _t),                         # JSON (OpenAI chat.completion shape)
@@ -64,10 +64,10 @@ tables = SimpleNamespace(
         sa.Column('parent_id', _s(40)),                        # fallback: the failed attempt this one retried
         sa.Column('source', _s(32)),                           # client | report | report_anthropic | proxy
     ),
-    log_tags=_table('log_tags',
-        sa.Column('log_id', _s(40), nullable=False),
-        sa.Column('key', _s(255), nullable=False), sa.Column('value', _t, nullable=False),
-        sa.Index('ix_log_tags_key_value', 'key', 'value', 'log_id'), sa.Index('ix_log_tags_log', 'log_id')),
+    log_tags=_table('log_tags',                              # clustered by log (no rowid): one index for filters
+        sa.Column('log_id', _s(40), primary_key=True),
+        sa.Column('key', _s(255), primary_key=True), sa.Column('value', _t, nullable=False),
+        sa.Index('ix_log_tags_key_value', 'key', 'value', 'log_id'), sqlite_with_rowid=False),
     cache=_table('cache',
         sa.Column('key', _s(64), primary_key=True), sa.Column('model', _s(256)),
         sa.Column('created_at', _i, nullable=False), sa.Column('expires_at', _i, nullable=False, index=True),
@@ -173,6 +173,8 @@ def _sqlite_pragmas(dbapi_conn, _):
     except Exception: pass  # read-only media: keep the default journal
     cur.execute('PRAGMA synchronous=NORMAL')
     cur.execute('PRAGMA foreign_keys=ON')
+    cur.execute('PRAGMA cache_size=-65536')  # 64 MiB page cache: index inserts stay in memory
+    cur.execute('PRAGMA temp_store=MEMORY')
     cur.close()
 
 def _sqlite_begin(conn): conn.exec_driver_sql('BEGIN IMMEDIATE')

@@ -1,0 +1,103 @@
+"LogStore across processes (SQLite) and on a real PostgreSQL server."
+import json, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+import sqlalchemy as sa
+from openpipe_lab.core import SchemaVersionError, ValidationError
+from openpipe_lab.logstore import LogStore
+
+WRITER = textwrap.dedent('''
+    import sys
+    from openpipe_lab.logstore import LogStore
+    url, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    logs = LogStore(url)
+    for i in range(n):
+        req = {"model": "m", "messages": [{"role": "user", "content": f"{who} {i} " + "x" * 500}], "metadata": {"who": who}}
+        if i % 2: logs.report(requested_at=1, received_at=2, req_payload=req, resp_payload={"id": f"{who}-{i}"}, status_code=200)
+        else: logs.record(model="m", req_payload=req, resp_payload={"id": f"{who}-{i}"}, completion_id=f"{who}-{i}", status_code=200, tags={"who": who, "i": str(i)})
+        if i % 1000 == 999: logs.flush()
+    # no final flush: interpreter exit must drain the queue
+''')
+
+def test_two_processes_write_one_sqlite_lab(tmp_path):
+    url, n = str(tmp_path / 'lab.db'), 6000
+    LogStore(url).close()  # create the schema first, as a notebook would
+    script = tmp_path / 'writer.py'; script.write_text(WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), url, who, str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for who in ('a', 'b')]
+    reader = LogStore(url); seen = []
+    while any(p.poll() is None for p in procs):  # a third process reads while both write
+        seen.append(len(reader.all())); time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert 'locked' not in err and 'Traceback' not in err, err
+    assert len(reader.all()) == 2 * n
+    for who in 'ab':
+        assert len(reader.filter(who=who)) == n
+        ids = {r['completion_id'] for r in reader.filter(who=who)}
+        assert ids == {f'{who}-{i}' for i in range(n)}
+    assert seen == sorted(seen)  # readers only ever see whole, growing batches
+    assert not (tmp_path / 'unwritten-logs.jsonl').exists()
+
+def test_exit_drains_queue_and_reopen_keeps_data(tmp_path):
+    url = str(tmp_path / 'lab.db')
+    code = f"from openpipe_lab.logstore import LogStore\nl = LogStore({url!r})\n" \
+           "for i in range(3000): l.record(model='x', req_payload={'i': i}, tags={'k': str(i % 2)})\n"
+    subprocess.run([sys.executable, '-c', code], check=True)
+    logs = LogStore(url)
+    assert len(logs.filter(model='x')) == 3000 and len(logs.filter(k='1')) == 1500
+
+def test_request_is_captured_at_call_time(lab):
+    msgs = [{'role': 'user', 'content': 'hi'}]
+    lab.record(model='m', req_payload={'model': 'm', 'messages': msgs})
+    msgs.append({'role': 'assistant', 'content': 'appended after the call'})
+    (row,) = list(lab.filter(model='m'))
+    assert row['req_payload']['messages'] == [{'role': 'user', 'content': 'hi'}]
+
+def test_bad_rows_never_reach_the_database(lab):
+    lab.report(req_payload={'model': 'ok', 'messages': []})
+    with pytest.raises(ValidationError, match=r'req_payload.metadata.n: must be a string'):
+        lab.report(req_payload={'model': 'bad', 'messages': [], 'metadata': {'n': [1]}})
+    assert [r['model'] for r in lab.all()] == ['ok']
+
+def _exercise(logs):
+    "The LogStore API, end to end, on any backend."
+    for i in range(30):
+        logs.report(requested_at=1000 + i, received_at=1100 + i, status_code=200 if i % 10 else 500,
+                    error_message=None if i % 10 else 'upstream error',
+                    req_payload={'model': 'gpt-4o-mini' if i % 2 else 'gpt-4o', 'messages': [{'role': 'user', 'content': f'question {i} ünïcode'}],
+                                 'metadata': {'prompt_id': 'p1' if i < 20 else 'p2', 'parity': str(i % 2)}},
+                    resp_payload=None if i % 10 == 0 else {'id': f'cmpl-{i}', 'choices': [{'message': {'role': 'assistant', 'content': f'answer {i}'}}],
+                                                          'usage': {'prompt_tokens': i, 'completion_tokens': 1}})
+    assert len(logs.all()) == 30
+    assert len(logs.filter(prompt_id='p1')) == 20
+    assert len(logs.filter(prompt_id='p1', model='gpt-4o-mini')) == 10
+    assert len(logs.filter(status_code=500)) == 3
+    assert len(logs.filter(contains='question 1')) == 11  # 1, 10..19
+    assert len(logs.filter(contains='ünïcode')) == 30
+    assert len(logs.filter(since=1010, until=1020)) == 10
+    assert [r['completion_id'] for r in logs.filter(completion_id='cmpl-7')] == ['cmpl-7']
+    assert logs.filter(prompt_id='p2').update_metadata(reviewed='yes', parity=None) == 10
+    assert len(logs.filter(reviewed='yes')) == 10 and len(logs.filter(parity='1')) == 10
+    assert len(logs.filter(**{'metadata.parity': None})) == 10
+    df = logs.filter(prompt_id='p2').df
+    assert set(df['tag.reviewed']) == {'yes'} and 'tag.parity' not in df
+    return logs
+
+def test_logstore_api_on_postgres(pg_url, tmp_path):
+    logs = _exercise(LogStore(pg_url, dir=tmp_path))
+    n = logs.all().export(tmp_path / 'out.jsonl')
+    lines = [json.loads(l) for l in open(tmp_path / 'out.jsonl')]
+    assert n == 30 and lines[0]['output']['error']['message'] == 'upstream error'
+    logs.add_provider('team', 'http://127.0.0.1:9/v1', api_key_env='TEAM_KEY')
+    assert logs.providers()[0]['api_key_env'] == 'TEAM_KEY'
+    # a second handle (another process, in practice) sees the same data
+    assert len(LogStore(pg_url, dir=tmp_path).filter(reviewed='yes')) == 10
+    # a lab from a newer schema is refused, untouched
+    with logs.db.begin() as c: c.execute(logs.t.meta.update().values(value='99'))
+    with pytest.raises(SchemaVersionError, match='schema version 99'):
+        LogStore(pg_url, dir=tmp_path)
+
+def test_logstore_api_on_sqlite(lab):
+    _exercise(lab)
