@@ -51,7 +51,7 @@ test_eq(str(Problem('', 'not valid JSON (Expecting value at char 0)', 2)), 'line
 # %% [md]
 ## Messages
 
-The spec's `/chat/completions` request schema has six message roles. Each accepts a fixed set of fields
+The spec's `/chat/completions` request schema has six message roles (`ROLES`). Each accepts a fixed set of fields
 (`additionalProperties: false`), so an unknown field is reported: it is usually a typo (`tool_call_ids`) or a
 field from another provider's format. Assistant messages also accept the fields a chat completion *response*
 carries (`refusal`, `annotations`, `audio`, `reasoning_content`), because a logged response becomes a dataset
