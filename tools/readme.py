@@ -67,7 +67,7 @@ def render(nb: dict, nbs_rel: str = 'nbs') -> str:
     return '\n\n'.join(blocks).rstrip() + '\n'
 
 _PLACEHOLDER = {'cells': [
-    {'cell_type': 'markdown', 'metadata': {}, 'source': [
+    {'cell_type': 'markdown', 'id': '38c93b0c', 'metadata': {}, 'source': [
         '# openpipe_lab\n', '\n',
         '> The OpenPipe workflow in your notebook: log LLM requests, build datasets, fine-tune open models with TRL, '
         'serve them with vLLM and evaluate, on your own machine.\n', '\n',
