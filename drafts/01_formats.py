@@ -91,9 +91,15 @@ _PART_TYPES = {'system': ('text',), 'developer': ('text',), 'tool': ('text',),
 _NAME_RE = re.compile(r'[a-zA-Z0-9_-]{1,64}\Z')
 _JSON_DECODER = json.JSONDecoder()
 
+_IDENT = re.compile(r'[A-Za-z_][\w-]*\Z')
+def _field(path: str, key) -> str:
+    "`path.key`, or `path[\"odd key\"]` when the key is not a plain name (metadata keys like `$sdk.version`)."
+    if isinstance(key, str) and _IDENT.match(key): return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key, ensure_ascii=False) if isinstance(key, str) else key}]"
+
 def _unknown(d, allowed, path, what, out):
     for k in sorted(d.keys() - allowed, key=str):
-        out.append(Problem(f"{path}.{k}", f"unknown field for {what} (allowed: {', '.join(sorted(allowed))})"))
+        out.append(Problem(_field(path, k), f"unknown field for {what} (allowed: {', '.join(sorted(allowed))})"))
 
 def _string(d, key, path, out, required=False, nullable=False, nonempty=False, what=''):
     "Check `d[key]` is a string; return it (or None)."
@@ -541,7 +547,7 @@ def _metadata(v, path, out):
         out.append(Problem(path, f"must be an object mapping names to strings, got {_kind(v)}")); return
     for k, x in v.items():
         if x.__class__ is not str:
-            out.append(Problem(f"{path}.{k}", f"must be a string, got {_kind(x)}"
+            out.append(Problem(_field(path, k), f"must be a string, got {_kind(x)}"
                                + (f" (write it as {json.dumps(str(x) if not isinstance(x, bool) else str(x).lower())})"
                                   if isinstance(x, (int, float)) else '')))
 
@@ -610,6 +616,7 @@ for body, want in [
     ({'model': 'm', 'messages': [usr], 'response_format': {'type': 'json'}}, ['response_format.type']),
 ]: test_eq(paths(validate_request(body)), want)
 test_eq(str(validate_request({'model': 'm', 'messages': [usr], 'metadata': {'n': 7}})[0]), 'metadata.n: must be a string, got number (write it as "7")')
+test_eq(paths(validate_request({'model': 'm', 'messages': [usr], 'metadata': {'$sdk.version': 4, 'ok': True}})), ['metadata["$sdk.version"]', 'metadata.ok'])
 
 # %% [md]
 ## Dataset entries
