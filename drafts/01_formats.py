@@ -75,6 +75,7 @@ ROLES = ('system', 'developer', 'user', 'assistant', 'tool', 'function')
 _MISSING = object()
 _JSON_TYPES = {str: 'string', int: 'number', float: 'number', bool: 'boolean', type(None): 'null',
                list: 'array', tuple: 'array', dict: 'object'}
+_ARRAY = (list, tuple)  # a JSON array, as Python code may write it
 def _kind(v) -> str: return _JSON_TYPES.get(type(v)) or type(v).__name__
 
 _FIELDS = {
@@ -184,7 +185,7 @@ def _content(m, role, path, out):
         return
     if role == 'function':
         out.append(Problem(q, f"must be a string or null, got {_kind(c)}")); return
-    if not isinstance(c, list):
+    if not isinstance(c, _ARRAY):
         out.append(Problem(q, f"must be a string or a list of content parts, got {_kind(c)}")); return
     for j, part in enumerate(c): _part(part, role, f"{q}[{j}]", out)
 
@@ -197,7 +198,7 @@ the path points at the arguments.
 #| export
 def _tool_calls(tcs, path, out, ids):
     if tcs is None: return
-    if not isinstance(tcs, list):
+    if not isinstance(tcs, _ARRAY):
         out.append(Problem(path, f"must be an array of tool calls, got {_kind(tcs)}")); return
     seen = set()
     for j, tc in enumerate(tcs):
@@ -256,7 +257,7 @@ def _message(m, path, out, ids):
         if 'audio' in m:
             a = _object(m, 'audio', path, out, nullable=True)
             if a is not None: _string(a, 'id', f"{path}.audio", out, required=True)
-        if 'annotations' in m and m['annotations'] is not None and not isinstance(m['annotations'], list):
+        if 'annotations' in m and m['annotations'] is not None and not isinstance(m['annotations'], _ARRAY):
             out.append(Problem(f"{path}.annotations", f"must be an array, got {_kind(m['annotations'])}"))
         tcs = m.get('tool_calls')
         if tcs is not None: _tool_calls(tcs, f"{path}.tool_calls", out, ids)
@@ -278,7 +279,7 @@ def validate_messages(messages,  # a list of chat messages
                       path: str = 'messages'  # prefix for problem paths
                      ) -> list[Problem]:
     "Every problem in a chat conversation, each with its path (`messages[3].tool_calls[0].function.arguments`)."
-    if not isinstance(messages, list):
+    if not isinstance(messages, _ARRAY):
         return [Problem(path, f"must be an array of messages, got {_kind(messages)}")]
     if not messages: return [Problem(path, "must contain at least one message")]
     out, ids = [], set()
@@ -364,6 +365,7 @@ msgs = [usr, {'role': 'assistant', 'tool_calls': [call('')]}]
 test_eq(str(validate_messages(msgs)[0]), "messages[1].tool_calls[0].function.arguments: not valid JSON (Expecting value at char 0)")
 test_eq(validate_messages([{'role': 'robot'}])[0].message, "unknown role 'robot' (expected one of system, developer, user, assistant, tool, function)")
 test_eq(paths(validate_messages([usr], path='rejected')), [])
+test_eq(validate_messages((usr, {'role': 'assistant', 'content': 'ok'})), [])  # a tuple is an array too
 test_eq(paths(validate_messages([{'role': 'x'}], path='input.messages')), ['input.messages[0].role'])
 
 # %% [md]
@@ -392,7 +394,7 @@ def validate_tools(tools,  # the `tools` array of a request or entry; None means
                    path: str = 'tools') -> list[Problem]:
     "Every problem in a `tools` array (`[{type: 'function', function: {name, description, parameters, strict}}]`)."
     if tools is None: return []
-    if not isinstance(tools, list): return [Problem(path, f"must be an array of tools, got {_kind(tools)}")]
+    if not isinstance(tools, _ARRAY): return [Problem(path, f"must be an array of tools, got {_kind(tools)}")]
     out, names = [], set()
     for i, t in enumerate(tools):
         q = f"{path}[{i}]"
@@ -407,13 +409,13 @@ def validate_tools(tools,  # the `tools` array of a request or entry; None means
 
 def _functions(functions, path, out):
     if functions is None: return
-    if not isinstance(functions, list):
+    if not isinstance(functions, _ARRAY):
         out.append(Problem(path, f"must be an array of functions, got {_kind(functions)}")); return
     names = set()
     for i, f in enumerate(functions): _function_def(f, f"{path}[{i}]", out, names, 'a function')
 
 def _tool_names(tools) -> set | None:
-    if not isinstance(tools, list): return None
+    if not isinstance(tools, _ARRAY): return None
     return {t['function'].get('name') for t in tools if isinstance(t, dict) and isinstance(t.get('function'), dict)}
 
 def validate_tool_choice(tool_choice,  # 'none' | 'auto' | 'required' | {type: 'function', function: {name}}; None: absent
@@ -452,7 +454,7 @@ def _deprecated_function_call(fc, functions, path, out):
         out.append(Problem(path, f"must be 'none', 'auto' or {{name}}, got {_kind(fc)}")); return
     name = _string(fc, 'name', path, out, required=True)
     _unknown(fc, {'name'}, path, 'function_call', out)
-    if name is not None and isinstance(functions, list):
+    if name is not None and isinstance(functions, _ARRAY):
         names = {f.get('name') for f in functions if isinstance(f, dict)}
         if name not in names: out.append(Problem(f"{path}.name", f"{name!r} is not among the functions"))
 
@@ -577,7 +579,7 @@ def validate_request(body: dict  # a chat.completions request body
     for k in ('stream', 'logprobs', 'store', 'parallel_tool_calls'): _boolean(body, k, '', out, nullable=k != 'stream')
     if 'user' in body: _string(body, 'user', '', out)
     stop = body.get('stop')
-    if stop is not None and stop.__class__ is not str and not (isinstance(stop, list) and all(s.__class__ is str for s in stop)):
+    if stop is not None and stop.__class__ is not str and not (isinstance(stop, _ARRAY) and all(s.__class__ is str for s in stop)):
         out.append(Problem('stop', f"must be a string or an array of strings, got {_kind(stop)}"))
     so = _object(body, 'stream_options', '', out, nullable=True)
     if so is not None:
@@ -640,7 +642,7 @@ def validate_entry(obj,  # one parsed JSONL line
         if msgs is _MISSING: out = [Problem('messages', "is required (a list of chat messages ending with the assistant output)")]
         else:
             out = validate_messages(msgs)
-            if require_output and isinstance(msgs, list) and msgs:
+            if require_output and isinstance(msgs, _ARRAY) and msgs:
                 last = msgs[-1]
                 if not isinstance(last, dict) or last.get('role') != 'assistant':
                     got = last.get('role') if isinstance(last, dict) else _kind(last)
@@ -736,11 +738,11 @@ def _convert_messages(msgs):
 
 def functions_to_tools(obj):
     "A copy of an entry, request or message list with deprecated `functions`/`function_call` turned into tools."
-    if isinstance(obj, list): return _convert_messages(obj)
+    if isinstance(obj, _ARRAY): return _convert_messages(obj)
     if not isinstance(obj, dict): return obj
     out = dict(obj)
     functions = out.pop('functions', None)
-    if isinstance(functions, list) and functions:
+    if isinstance(functions, _ARRAY) and functions:
         tools = list(out.get('tools') or [])
         have = _tool_names(tools) or set()
         tools += [{'type': 'function', 'function': dict(f)} for f in functions
@@ -751,10 +753,10 @@ def functions_to_tools(obj):
         if isinstance(fc, dict): out['tool_choice'] = {'type': 'function', 'function': {'name': fc.get('name')}}
         else: out['tool_choice'] = fc
     msgs = out.get('messages')
-    if isinstance(msgs, list): out['messages'] = _convert_messages(msgs)
+    if isinstance(msgs, _ARRAY): out['messages'] = _convert_messages(msgs)
     rm = out.get('rejected_message')
     if isinstance(rm, dict) and 'function_call' in rm:
-        idx = len(msgs) - 1 if isinstance(msgs, list) and msgs else 0
+        idx = len(msgs) - 1 if isinstance(msgs, _ARRAY) and msgs else 0
         out['rejected_message'] = _convert_messages([None] * idx + [rm])[-1]
     return out
 
@@ -955,7 +957,7 @@ def apply_pruning_rules(messages,  # chat messages (the input of an entry or req
             if isinstance(c, str):
                 new = _prune(c, texts)
                 if new != c: m = {**m, 'content': new}
-            elif isinstance(c, list):
+            elif isinstance(c, _ARRAY):
                 parts = [{**p, 'text': _prune(p['text'], texts)}
                          if isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str) else p for p in c]
                 if parts != c: m = {**m, 'content': parts}
