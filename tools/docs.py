@@ -34,16 +34,20 @@ def process(path: Path):
     "Run nbdev's doc processors on one notebook; return the processed notebook (cells, frontmatter)."
     from execnb.nbio import read_nb
     from nbdev.processors import FilterDefaults
+    import tempfile
     nb = read_nb(path)
-    cwd, env = os.getcwd(), os.environ.get('IN_TEST')
-    os.environ['IN_TEST'] = '1'  # as nbdev's own doc build does
-    try:
-        os.chdir(path.parent)
-        FilterDefaults()(nb)
-    finally:
-        os.chdir(cwd)
-        if env is None: os.environ.pop('IN_TEST', None)
-        else: os.environ['IN_TEST'] = env
+    cwd, env = os.getcwd(), dict(os.environ)
+    # as nbdev's own doc build: IN_TEST set, cwd at the notebook. A cell that opens the default lab gets a throwaway one.
+    with tempfile.TemporaryDirectory(prefix='docs-lab-') as lab:
+        os.environ.update(IN_TEST='1', OPENPIPE_LAB_DIR=lab, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1',
+                          HF_DATASETS_OFFLINE='1', MPLBACKEND='Agg')
+        os.environ.pop('OPENPIPE_LAB_DB', None)
+        try:
+            os.chdir(path.parent)
+            FilterDefaults()(nb)
+        finally:
+            os.chdir(cwd)
+            os.environ.clear(); os.environ.update(env)
     return nb
 
 def page_name(path: Path) -> str:
