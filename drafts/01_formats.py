@@ -880,27 +880,18 @@ def _normalise_numbers(o):
         if o != o or o in (float('inf'), float('-inf')):
             raise ValidationError(f"{o} is not valid JSON: replace NaN/Infinity with null or a number before hashing")
         return int(o) if o.is_integer() and -_SAFE_INT <= o <= _SAFE_INT else o
-    if t is dict:
-        new = None
-        for k, v in o.items():
-            c = v.__class__
-            if c is str or c is int or c is bool or v is None: continue
-            n = _normalise_numbers(v)
-            if n is not v:
-                if new is None: new = dict(o)
-                new[k] = n
-        return o if new is None else new
-    if t is list or t is tuple:
-        new = None
-        for i, v in enumerate(o):
-            c = v.__class__
-            if c is str or c is int or c is bool or v is None: continue
-            n = _normalise_numbers(v)
-            if n is not v:
-                if new is None: new = list(o)
-                new[i] = n
-        return o if new is None else new
-    return o
+    if t is dict: items = o.items()
+    elif t is list or t is tuple: items = enumerate(o)
+    else: return o
+    new = None
+    for k, v in items:
+        c = v.__class__
+        if c is str or c is int or c is bool or v is None: continue
+        n = _normalise_numbers(v)
+        if n is not v:
+            if new is None: new = dict(o) if t is dict else list(o)
+            new[k] = n
+    return o if new is None else new
 
 def canonical_json(obj) -> str:
     "The canonical JSON text of `obj`: sorted keys, no whitespace, UTF-8, one spelling per number."
@@ -923,6 +914,7 @@ assert content_hash({'a': 1}) != content_hash({'a': '1'})
 test_eq(content_hash({}), hashlib.sha256(b'{}').hexdigest())
 test_eq(len(content_hash(entry)), 64)
 d = {'t': 1.0}; canonical_json(d); test_eq(d, {'t': 1.0})  # the input is not modified
+test_eq(canonical_json(([1.0, {'a': (2.0,)}], 3.5)), '[[1,{"a":[2]}],3.5]')
 test_fail(lambda: canonical_json({'x': float('nan')}), contains='NaN')
 test_fail(lambda: canonical_json({'x': {1, 2}}), contains='cannot write canonical JSON')
 
