@@ -553,6 +553,15 @@ def _metadata(v, path, out):
                                + (f" (write it as {json.dumps(str(x) if not isinstance(x, bool) else str(x).lower())})"
                                   if isinstance(x, (int, float)) else '')))
 
+def _tooling(obj: dict, out: list):
+    "The fields a request and an entry share: tools, tool_choice, response_format, functions, function_call."
+    tools = obj.get('tools')
+    out += validate_tools(tools)
+    out += validate_tool_choice(obj.get('tool_choice'), tools if tools is not None else [])
+    out += validate_response_format(obj.get('response_format'))
+    _functions(obj.get('functions'), 'functions', out)
+    _deprecated_function_call(obj.get('function_call'), obj.get('functions') or [], 'function_call', out)
+
 def validate_request(body: dict  # a chat.completions request body
                     ) -> list[Problem]:
     "Every problem in a chat-completion request body (unknown extra fields are allowed)."
@@ -561,12 +570,7 @@ def validate_request(body: dict  # a chat.completions request body
     model = _string(body, 'model', '', out, required=True, nonempty=True)
     if 'messages' not in body: out.append(Problem('messages', "is required"))
     else: out += validate_messages(body['messages'])
-    tools = body.get('tools')
-    out += validate_tools(tools)
-    out += validate_tool_choice(body.get('tool_choice'), tools if tools is not None else [])
-    out += validate_response_format(body.get('response_format'))
-    _functions(body.get('functions'), 'functions', out)
-    _deprecated_function_call(body.get('function_call'), body.get('functions') or [], 'function_call', out)
+    _tooling(body, out)
     _number(body, 'n', out, lo=1, integer=True)
     _number(body, 'temperature', out, lo=0, hi=2, nullable=True)
     _number(body, 'top_p', out, lo=0, hi=1, nullable=True)
@@ -648,12 +652,7 @@ def validate_entry(obj,  # one parsed JSONL line
                     got = last.get('role') if isinstance(last, dict) else _kind(last)
                     out.append(Problem('messages', f"must end with an assistant message (the output); the last one is {got!r}"))
         if len(obj) > 1 or msgs is _MISSING:
-            tools = obj.get('tools')
-            out += validate_tools(tools)
-            out += validate_tool_choice(obj.get('tool_choice'), tools if tools is not None else [])
-            out += validate_response_format(obj.get('response_format'))
-            _functions(obj.get('functions'), 'functions', out)
-            _deprecated_function_call(obj.get('function_call'), obj.get('functions') or [], 'function_call', out)
+            _tooling(obj, out)
             split = obj.get('split')
             if split is not None and split not in ('TRAIN', 'TEST'):
                 out.append(Problem('split', f"must be 'TRAIN', 'TEST' or absent, got {split!r}"))
