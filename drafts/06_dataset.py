@@ -58,9 +58,10 @@ logs = LogStore(f"{lab}/lab.db")
 # %% [md]
 # ## Constants and small helpers
 #
-# The spec fixes the vocabulary: two splits, four provenances, and at most 100 entries per `add_entries` call
-# (the `/datasets/{id}/entries` limit). The fields of an entry that are *content* (what a model is trained on,
-# plus the metadata labels) are hashed into `entry_hash`; provenance, history and ids are bookkeeping and are not.
+# The spec fixes the vocabulary: two `SPLITS`, four `PROVENANCES`, and at most `MAX_ENTRIES_PER_CALL` (100)
+# entries per `add_entries` call (the `/datasets/{id}/entries` limit). The `CONTENT_FIELDS` of an entry (what a
+# model is trained on, plus the metadata labels) are hashed into `entry_hash`; provenance, history and ids are
+# bookkeeping and are not. `ROW_FIELDS` (content plus `split`) is what a training row and an export line carry.
 
 # %%
 #| export
@@ -84,6 +85,11 @@ def _test_score(entry_hash: str, seed: int = 0) -> float:
 def _check_split(split, what='split') -> str:
     if split not in SPLITS: raise ConfigError(f"{what} must be 'TRAIN' or 'TEST', got {split!r}")
     return split
+
+# %%
+test_eq(ROW_FIELDS[-1], 'split')
+test_eq(_entry_hash({'messages': [], 'split': 'TEST'}), _entry_hash({'messages': [], 'split': 'TRAIN'}))  # split is not content
+assert 0 <= _test_score('f' * 64) < 1 and _test_score('0' * 64) == 0
 
 # %% [md]
 # ## Creating, opening, listing, deleting
@@ -269,6 +275,9 @@ def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
     if entry['metadata'] == {}: entry['metadata'] = None
     return entry, []
 
+_INSERT_COLS = ('id', 'dataset_id', 'position', 'split', 'provenance', 'log_id', 'history', 'entry_hash', 'created_at',
+                'updated_at') + CONTENT_FIELDS
+
 class _Writer:
     "Validates and inserts entries for one dataset in batched transactions; collects problems."
     def __init__(self, ds: Dataset, provenance: str, batch_size: int = _BATCH):
@@ -300,7 +309,9 @@ class _Writer:
         if not self.rows: return
         with self.ds.db.begin() as c:
             self.ds._touch(c)
-            c.execute(tables.dataset_entries.insert(), self.rows)
+            ph = '?' if c.dialect.paramstyle == 'qmark' else '%s'  # driver-level executemany: ~5x less overhead
+            c.exec_driver_sql(f"INSERT INTO dataset_entries ({', '.join(_INSERT_COLS)}) VALUES ({', '.join([ph] * len(_INSERT_COLS))})",
+                              [tuple(r[k] for k in _INSERT_COLS) for r in self.rows])
         self.written += len(self.rows)
         self.rows = []
 
@@ -979,7 +990,7 @@ back.delete();
 # into entries, as the hosted "Importing Request Logs" page does: for each *successful* call (status 200 with a
 # response message), the request's messages plus the response message become the entry's messages, the request's
 # `tools` / `tool_choice` / `response_format` are kept (deprecated `functions` converted), the log's metadata tags
-# become the entry's `metadata`, and the entry links back to its log (`log_id`) with provenance `REQUEST_LOG`.
+# become the entry's `metadata` (except the client's own `$sdk...` tags), and the entry links back to its log (`log_id`) with provenance `REQUEST_LOG`.
 # Failed calls are skipped (counted in `.skipped_`); calls whose payloads do not validate are reported in `.errors`
 # with the log id as the path.
 
@@ -999,7 +1010,8 @@ def _log_entry(log: dict) -> dict | None:
     msgs = req.get('messages')
     entry = {'messages': msgs + [out] if isinstance(msgs, list) else msgs}
     entry.update({k: req[k] for k in ('tools', 'tool_choice', 'response_format', 'functions', 'function_call') if req.get(k) is not None})
-    if log.get('tags'): entry['metadata'] = log['tags']
+    tags = {k: v for k, v in (log.get('tags') or {}).items() if not k.startswith('$')}  # `$sdk`...: the client's own
+    if tags: entry['metadata'] = tags
     return entry
 
 @patch(cls_method=True)
@@ -1036,14 +1048,14 @@ call_log('Capital of Italy?', 'Rome', prompt_id='capitals')
 call_log('Capital of Spain?', 'Madrid', prompt_id='capitals')
 call_log('Capital of Chad?', None, status=429, prompt_id='capitals')
 logs.flush()
-from_logs = logs.filter(prompt_id='capitals').to_dataset('capitals-from-logs')
-from_logs, from_logs.skipped_
+logged = logs.filter(prompt_id='capitals').to_dataset('capitals-from-logs')
+logged, logged.skipped_
 
 # %%
-e = from_logs.entries()[0]
+e = logged.entries()[0]
 test_eq(e['messages'][-1], {'role': 'assistant', 'content': 'Rome'})
 test_eq((e['provenance'], e['metadata']), ('REQUEST_LOG', {'prompt_id': 'capitals'}))
-test_eq(from_logs.skipped_, 1)
+test_eq(logged.skipped_, 1)
 assert e['log_id'].startswith('log_')
 
 # %% [md]
@@ -1065,7 +1077,8 @@ assert e['log_id'].startswith('log_')
 #   and only the rest (including failed ones) are sent. Once a job has finished cleanly, calling `relabel` again
 #   starts a new job that relabels everything again. `resume=False` forces a new job.
 # * `split=` relabels one split only; `client=` passes another OpenAI-compatible client (default `store.openai()`);
-#   `progress=False` hides the progress bar.
+#   `progress=False` hides the progress bar. Through the lab's client, every relabel call is logged with the tags
+#   `relabel.dataset` and `relabel.job`, so `logs.filter(**{"relabel.job": ds.relabel_job_["id"]})` finds them.
 
 # %%
 #| export
@@ -1105,6 +1118,8 @@ def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4
     job = self._config().get('relabel')
     if not (resume and job and job.get('model') == model and job.get('split') == split and job.get('status') != 'done'):
         job = {'id': new_id('rlb'), 'model': model, 'split': split}
+    if hasattr(client, 'openpipe_options'):  # our client: tag the logged calls with the dataset and the job
+        kwargs.setdefault('openpipe', {'tags': {'relabel.dataset': self.name, 'relabel.job': job['id']}})
     job['status'] = 'running'
     with self.db.begin() as c: self._set_config(c, relabel=job)
     todo = self.count(split=split)
@@ -1155,6 +1170,8 @@ def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4
 
 # %%
 from types import SimpleNamespace as NS
+
+# %%
 class Shouter:
     "Answers like `openai.OpenAI().chat.completions.create`: the last user message in capitals."
     def __init__(self, fail_on=None): self.fail_on, self.calls = fail_on, 0; self.chat = NS(completions=self)

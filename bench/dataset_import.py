@@ -1,0 +1,95 @@
+"""Import throughput and peak memory of `Dataset.from_jsonl` on generated chat JSONL files.
+
+Usage: python bench/dataset_import.py [--sizes 10000 100000 200000] [--out bench/results/dataset_import.json]
+
+Each measurement runs in a fresh child process, so its peak RSS (ru_maxrss) is the import's alone:
+  * `baseline`: read + parse the file with `formats.read_jsonl` only (the floor: JSON decoding);
+  * `validate`: read + validate every line (`validate_entry`), nothing written;
+  * `import`  : `Dataset.from_jsonl` into a fresh SQLite lab (validate, hash, batched inserts);
+at each of `--sizes` rows. Memory is *bounded* when the peak RSS stops growing with the file size: the file is
+streamed and entries are written in transactions of 1,000, so what grows is SQLite's page cache, capped by the
+store at 64 MiB per connection (`PRAGMA cache_size=-65536`). Rows/s are reported next to the parse-only
+baseline's, as a ratio, because absolute speed depends on the machine.
+"""
+import argparse, json, os, random, resource, subprocess, sys, tempfile, time
+from pathlib import Path
+
+TOOL = {'type': 'function', 'function': {'name': 'extract_entities', 'description': 'Extract named entities.',
+        'parameters': {'type': 'object', 'properties': {'people': {'type': 'array', 'items': {'type': 'string'}},
+                                                        'places': {'type': 'array', 'items': {'type': 'string'}}}}}}
+WORDS = ('alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec '
+         'romeo sierra tango uniform victor whiskey xray yankee zulu').split()
+
+def make_file(path: Path, n: int, seed: int = 0):
+    "n chat entries (~1 KB each): a system prompt, a user text, and a text or tool-call output; some with metadata."
+    rnd = random.Random(seed)
+    system = 'You are an assistant that extracts people and places from text. ' * 3
+    with open(path, 'w') as f:
+        for i in range(n):
+            text = ' '.join(rnd.choice(WORDS) for _ in range(60))
+            msgs = [{'role': 'system', 'content': system}, {'role': 'user', 'content': f'#{i}: {text}'}]
+            entry = {'messages': msgs}
+            if i % 3 == 0:
+                args = json.dumps({'people': [rnd.choice(WORDS)], 'places': [rnd.choice(WORDS), rnd.choice(WORDS)]})
+                msgs.append({'role': 'assistant', 'content': None, 'tool_calls': [
+                    {'id': f'call_{i}', 'type': 'function', 'function': {'name': 'extract_entities', 'arguments': args}}]})
+                entry['tools'] = [TOOL]
+            else:
+                msgs.append({'role': 'assistant', 'content': ' '.join(rnd.choice(WORDS) for _ in range(20))})
+            if i % 2 == 0: entry['metadata'] = {'prompt_id': 'extract-v1', 'source': rnd.choice(WORDS)}
+            if i % 10 == 0: entry['split'] = 'TEST'
+            f.write(json.dumps(entry) + '\n')
+
+CHILD = r'''
+import sys, time, json, resource
+mode, path, lab = sys.argv[1], sys.argv[2], sys.argv[3]
+from openpipe_lab.formats import read_jsonl, validate_entry
+from openpipe_lab.logstore import LogStore
+from openpipe_lab.dataset import Dataset
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+if mode == 'baseline': n = sum(1 for _ in read_jsonl(path))
+elif mode == 'validate': n = sum(1 for line, obj in read_jsonl(path) if not validate_entry(obj, line=line))
+else:
+    ds = Dataset.from_jsonl(path, 'bench', store=LogStore(lab + '/lab.db'))
+    n = len(ds)
+    assert not ds.errors, ds.errors[:3]
+dt = time.perf_counter() - t
+print(json.dumps({'mode': mode, 'rows': n, 'seconds': dt, 'rows_per_s': n / dt,
+                  'rss_after_imports_mb': rss0 / 1024, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+def run(mode, path, lab):
+    out = subprocess.run([sys.executable, '-c', CHILD, mode, str(path), lab], capture_output=True, text=True)
+    if out.returncode: raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 200_000])
+    ap.add_argument('--out', default='bench/results/dataset_import.json')
+    a = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for n in a.sizes:
+            path = Path(d) / f'chat_{n}.jsonl'
+            make_file(path, n)
+            size_mb = path.stat().st_size / 2 ** 20
+            for mode in ('baseline', 'validate', 'import'):
+                lab = tempfile.mkdtemp(dir=d)
+                r = run(mode, path, lab)
+                r.update(file_rows=n, file_mb=round(size_mb, 1))
+                if mode == 'import': r['db_mb'] = round(Path(lab, 'lab.db').stat().st_size / 2 ** 20, 1)
+                results.append(r)
+                print(f"{n:>7} rows {size_mb:6.1f} MB  {mode:<8} {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f} s  "
+                      f"peak RSS {r['peak_rss_mb']:6.0f} MB (after imports {r['rss_after_imports_mb']:.0f} MB)", flush=True)
+    by = {(r['file_rows'], r['mode']): r for r in results}
+    summary = {f'{n}_rows': {'import_rows_per_s': round(by[(n, 'import')]['rows_per_s']),
+                             'import_vs_parse_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'baseline')]['rows_per_s'], 3),
+                             'import_vs_validate_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'validate')]['rows_per_s'], 3),
+                             'peak_rss_mb': round(by[(n, 'import')]['peak_rss_mb'])} for n in a.sizes}
+    print(json.dumps(summary))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({'results': results, 'summary': summary}, indent=1))
+
+if __name__ == '__main__': main()
