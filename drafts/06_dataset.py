@@ -47,6 +47,18 @@ import tempfile, os
 # `pruning_rules`), so a dataset built in a notebook is visible to a script, a training worker or a colleague's
 # notebook on the same lab, and survives a kernel restart.
 #
+# The whole workflow in one glance (each step is a section below):
+#
+# ```python
+# ds = Dataset.from_jsonl("capitals.jsonl", "capitals")       # or logs.filter(prompt_id="x").to_dataset("capitals")
+# ds.errors                                                  # every rejected line: line number, field, message
+# ds.relabel("gpt-4o", concurrency=8)                        # optional: better outputs from a stronger model
+# ds.add_pruning_rule("You are a helpful assistant...")      # optional: drop static prompt text from training inputs
+# ds.review()                                                # read, edit, re-split, delete in a widget
+# ds.snapshot()                                              # the content hash a fine-tune records
+# ft = FineTune(ds, base_model=..., slug="capitals-ft")     # trains on ds.rows("TRAIN"); evals use ds.test
+# ```
+#
 # This notebook is a tutorial: each section shows one thing you do with a dataset, then the code that does it.
 # We work in a throw-away lab (a temporary directory); in your own work you would leave `store=` out and use the
 # default lab in `./.openpipe_lab/`.
@@ -602,6 +614,7 @@ class DatasetSplit:
     def to_hf(self): return self.dataset.to_hf(split=self.split)
     def snapshot(self) -> str: return self.dataset.snapshot(split=self.split)
     def __repr__(self): return f"DatasetSplit({self.dataset.name!r}, {self.split}: {len(self)} entries)"
+    def _repr_markdown_(self): return f"**{self!r}**"
 
 @patch(as_prop=True)
 def train(self: Dataset) -> DatasetSplit:
@@ -796,8 +809,10 @@ test_fail(lambda: ds.add_pruning_rule(''), contains='non-empty string')
 # | `metadata` | string → string dict (`{}` when there is none) |
 # | `split` | `TRAIN` or `TEST` |
 #
-# `split=None` yields every entry. The fine-tune helper builds SFT examples from `messages` (+ `tools`) and, for
-# DPO, uses `messages[:-1]` as prompt, `messages[-1]` as chosen and `rejected_message` as rejected.
+# `split=None` yields every entry. `pruning_rules=[...]` applies other rules than the dataset's (a fine-tune that
+# disabled some of its inherited rules passes the ones it kept, and records the same list for serving). The
+# fine-tune builds SFT examples from `messages` (+ `tools`) and, for DPO, uses `messages[:-1]` as prompt,
+# `messages[-1]` as chosen and `rejected_message` as rejected.
 
 # %%
 #| export
@@ -810,10 +825,11 @@ def _row_of(entry: dict, rules: list | None) -> dict:
 
 @patch
 def rows(self: Dataset, split: str | None = 'TRAIN',  # 'TRAIN', 'TEST', or None for all entries
-         apply_pruning: bool = True  # remove the dataset's pruning rules from the input messages
+         apply_pruning: bool = True,  # remove the pruning rules from the input messages
+         pruning_rules: list[str] | None = None  # rules to apply instead of the dataset's (e.g. a fine-tune that disabled some)
         ):
     "Stream training rows: dicts with messages, tools, tool_choice, response_format, rejected_message, metadata, split."
-    rules = self.pruning_rules if apply_pruning else None
+    rules = (self.pruning_rules if pruning_rules is None else list(pruning_rules)) if apply_pruning else None
     for entry in self._iter_entries(split=split): yield _row_of(entry, rules)
 
 
@@ -826,6 +842,7 @@ test_eq(list(r), ['messages', 'tools', 'tool_choice', 'response_format', 'reject
 test_eq(r['messages'][0]['content'], '')
 test_eq(next(ds.rows(split=None, apply_pruning=False))['messages'][0], sys_msg)
 test_eq(sum(1 for _ in ds.rows()) + sum(1 for _ in ds.rows('TEST')), len(ds))
+test_eq(next(ds.rows(split=None, pruning_rules=['Answer with the city only.']))['messages'][0]['content'], 'You are a helpful assistant. ')
 
 # %% [md]
 # ## Export
@@ -1220,3 +1237,25 @@ def review(self: Dataset, **kwargs):
     from openpipe_lab.review import DatasetReview
     return DatasetReview(self, **kwargs)
 
+
+# %% [md]
+# ## Closing note: import speed and memory
+#
+# `bench/dataset_import.py` generates chat JSONL files (a system prompt, ~60 words of user text, a text or
+# tool-call output, tools on a third of the rows, metadata on half; ~0.95 KB a line) and imports each in a fresh
+# process, next to two baselines in the same run: parsing only (`read_jsonl`) and parsing + validation. Measured on
+# the 2-core development machine, shared with other jobs (load average ~5 during the run):
+#
+# | rows | file | import | rows/s | vs parse-only | vs validate-only | peak RSS |
+# |---:|---:|---:|---:|---:|---:|---:|
+# | 10,000 | 9 MB | 1.4 s | 7,065 | 0.09 | 0.17 | 59 MB |
+# | **100,000** | **92 MB** | **9.8 s** | **10,229** | 0.09 | 0.23 | **113 MB** |
+# | 200,000 | 185 MB | 20.7 s | 9,659 | 0.07 | 0.17 | 113 MB |
+#
+# Memory is bounded: the peak is the same for 100k and 200k rows. The process starts at ~42 MB after its
+# imports; the file is streamed and entries go to the database 1,000 at a time, so the only thing that grows is
+# SQLite's page cache, which the store caps at 64 MiB per connection. The pytest
+# `tests/test_dataset_import_100k.py` checks this bound on every run (and that all 100k rows arrive and the bad
+# lines appended to the file are reported by line). Time goes, in order, to the content hash of each entry
+# (canonical JSON + SHA-256, ~30%), validation (~20%), encoding the JSON columns (~15%) and the inserts (~15%).
+# Reproduce with `python bench/dataset_import.py` (results in `bench/results/dataset_import.json`).

@@ -324,7 +324,7 @@ def from_jsonl(cls: Dataset, path: str | Path,  # a .jsonl file in the "Uploadin
                               f"dataset {name!r} was not created", errors)
     return ds
 
-# %% ../nbs/06_dataset.ipynb #0ac2af8b
+# %% ../nbs/06_dataset.ipynb #849b2c4e
 @patch
 def split(self: Dataset, test_fraction: float = 0.1,  # share of entries that go to TEST
           seed: int = 0  # another seed draws another (reproducible) split
@@ -375,6 +375,7 @@ class DatasetSplit:
     def to_hf(self): return self.dataset.to_hf(split=self.split)
     def snapshot(self) -> str: return self.dataset.snapshot(split=self.split)
     def __repr__(self): return f"DatasetSplit({self.dataset.name!r}, {self.split}: {len(self)} entries)"
+    def _repr_markdown_(self): return f"**{self!r}**"
 
 @patch(as_prop=True)
 def train(self: Dataset) -> DatasetSplit:
@@ -475,7 +476,7 @@ def remove_pruning_rule(self: Dataset, rule: str | int  # the rule's text, or it
         c.execute(tables.pruning_rules.delete().where(tables.pruning_rules.c.id == rid))
     return self
 
-# %% ../nbs/06_dataset.ipynb #bb57a6f7
+# %% ../nbs/06_dataset.ipynb #87ad3eb2
 def _row_of(entry: dict, rules: list | None) -> dict:
     msgs = entry['messages']
     if rules: msgs = apply_pruning_rules(msgs[:-1], rules) + msgs[-1:]
@@ -485,10 +486,11 @@ def _row_of(entry: dict, rules: list | None) -> dict:
 
 @patch
 def rows(self: Dataset, split: str | None = 'TRAIN',  # 'TRAIN', 'TEST', or None for all entries
-         apply_pruning: bool = True  # remove the dataset's pruning rules from the input messages
+         apply_pruning: bool = True,  # remove the pruning rules from the input messages
+         pruning_rules: list[str] | None = None  # rules to apply instead of the dataset's (e.g. a fine-tune that disabled some)
         ):
     "Stream training rows: dicts with messages, tools, tool_choice, response_format, rejected_message, metadata, split."
-    rules = self.pruning_rules if apply_pruning else None
+    rules = (self.pruning_rules if pruning_rules is None else list(pruning_rules)) if apply_pruning else None
     for entry in self._iter_entries(split=split): yield _row_of(entry, rules)
 
 # %% ../nbs/06_dataset.ipynb #0d503c0c
