@@ -1004,7 +1004,8 @@ back.delete();
 # ## Importing request logs
 #
 # `LogStore.filter(...).to_dataset(name)` (and `Dataset.from_logs(query, name)`, which it calls) turns logged calls
-# into entries, as the hosted "Importing Request Logs" page does: for each *successful* call (status 200 with a
+# into a new dataset, and `ds.add_logs(query)` adds them to an existing one, as the hosted "Importing Request Logs"
+# page does: for each *successful* call (status 200 with a
 # response message), the request's messages plus the response message become the entry's messages, the request's
 # `tools` / `tool_choice` / `response_format` are kept (deprecated `functions` converted), the log's metadata tags
 # become the entry's `metadata` (except the client's own `$sdk...` tags), and the entry links back to its log (`log_id`) with provenance `REQUEST_LOG`.
@@ -1031,24 +1032,28 @@ def _log_entry(log: dict) -> dict | None:
     if tags: entry['metadata'] = tags
     return entry
 
+@patch
+def add_logs(self: Dataset, query  # a `LogQuery` (`logs.filter(...)`): iterating it yields log dicts
+            ) -> Dataset:
+    "Append the successful calls matched by a log query (request messages + response message as the output)."
+    w, skipped = _Writer(self, 'REQUEST_LOG'), 0
+    for log in query:
+        entry = _log_entry(log)
+        if entry is None: skipped += 1; continue
+        w.problems += [Problem(f"log {log['id']}" + (f": {p.path}" if p.path else ''), p.message)
+                       for p in w.add(entry, log_id=log['id'])]
+    w.flush()
+    self.errors, self.skipped_ = w.problems, skipped
+    return self
+
 @patch(cls_method=True)
-def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`): iterating it yields log dicts
+def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`); the dataset goes to the query's lab
               name: str) -> Dataset:
-    "A new dataset from the successful calls matched by a log query (request messages + response as output)."
+    "A new dataset from the successful calls matched by a log query (what `LogQuery.to_dataset(name)` calls)."
     ds = cls.create(name, query.store)
-    try:
-        w, skipped = _Writer(ds, 'REQUEST_LOG'), 0
-        for log in query:
-            entry = _log_entry(log)
-            if entry is None: skipped += 1; continue
-            w.problems += [Problem(f"log {log['id']}" + (f": {p.path}" if p.path else ''), p.message)
-                           for p in w.add(entry, log_id=log['id'])]
-        w.flush()
+    try: return ds.add_logs(query)
     except BaseException:
         ds.delete(); raise
-    ds.errors, ds.skipped_ = w.problems, skipped
-    return ds
-
 
 # %% [md]
 # Three calls reported to the log store (the same `/report` the client uses): two successful ones with metadata
@@ -1074,6 +1079,9 @@ test_eq(e['messages'][-1], {'role': 'assistant', 'content': 'Rome'})
 test_eq((e['provenance'], e['metadata']), ('REQUEST_LOG', {'prompt_id': 'capitals'}))
 test_eq(logged.skipped_, 1)
 assert e['log_id'].startswith('log_')
+n = len(ds)
+test_eq(len(ds.add_logs(logs.filter(prompt_id='capitals'))), n + 2)   # into an existing dataset
+test_eq(ds.entries(offset=n, limit=1)[0]['provenance'], 'REQUEST_LOG')
 
 # %% [md]
 # ## Relabeling

@@ -585,7 +585,7 @@ def from_hf(cls: Dataset, hf_dataset,  # a `datasets.Dataset`, a `DatasetDict` (
     ds.errors = w.problems
     return ds
 
-# %% ../nbs/06_dataset.ipynb #fc948251
+# %% ../nbs/06_dataset.ipynb #d1eebb99
 _OUTPUT_KEYS = ('role', 'content', 'tool_calls', 'function_call', 'refusal')
 
 def _log_entry(log: dict) -> dict | None:
@@ -604,23 +604,28 @@ def _log_entry(log: dict) -> dict | None:
     if tags: entry['metadata'] = tags
     return entry
 
+@patch
+def add_logs(self: Dataset, query  # a `LogQuery` (`logs.filter(...)`): iterating it yields log dicts
+            ) -> Dataset:
+    "Append the successful calls matched by a log query (request messages + response message as the output)."
+    w, skipped = _Writer(self, 'REQUEST_LOG'), 0
+    for log in query:
+        entry = _log_entry(log)
+        if entry is None: skipped += 1; continue
+        w.problems += [Problem(f"log {log['id']}" + (f": {p.path}" if p.path else ''), p.message)
+                       for p in w.add(entry, log_id=log['id'])]
+    w.flush()
+    self.errors, self.skipped_ = w.problems, skipped
+    return self
+
 @patch(cls_method=True)
-def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`): iterating it yields log dicts
+def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`); the dataset goes to the query's lab
               name: str) -> Dataset:
-    "A new dataset from the successful calls matched by a log query (request messages + response as output)."
+    "A new dataset from the successful calls matched by a log query (what `LogQuery.to_dataset(name)` calls)."
     ds = cls.create(name, query.store)
-    try:
-        w, skipped = _Writer(ds, 'REQUEST_LOG'), 0
-        for log in query:
-            entry = _log_entry(log)
-            if entry is None: skipped += 1; continue
-            w.problems += [Problem(f"log {log['id']}" + (f": {p.path}" if p.path else ''), p.message)
-                           for p in w.add(entry, log_id=log['id'])]
-        w.flush()
+    try: return ds.add_logs(query)
     except BaseException:
         ds.delete(); raise
-    ds.errors, ds.skipped_ = w.problems, skipped
-    return ds
 
 # %% ../nbs/06_dataset.ipynb #341bdd3a
 def _relabel_call(client, model: str, entry: dict, kwargs: dict) -> dict:
