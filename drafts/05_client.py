@@ -140,7 +140,7 @@ class _Call:
         received = now_ms()
         status, message, body = (200, None, None) if error is None else _status_of(error)
         if error is not None and isinstance(error, _StreamClosed): status, message = 200, str(error)
-        payload = resp if resp is not None else (body if error is not None else result)
+        payload = resp if resp is not None else (result if result is not None else body)
         return self.store.record(
             model=model, req_payload=self.request if model == self.request.get('model') else {**self.request, 'model': model},
             resp_payload=payload, status_code=status, error_message=message, requested_at=requested_at,
@@ -229,8 +229,9 @@ _SDK_TAGS = {'$sdk': 'python', '$sdk.version': f'openpipe_lab-{__version__}'}
 # ## Streams
 #
 # A streamed call is logged when the stream ends (or fails, or the caller closes it), with the completion it
-# added up to. We keep the SDK's own `openai.Stream` object and only wrap its chunk iterator, so `isinstance`,
-# `with stream:` and `stream.close()` behave as usual. Translated and replayed streams are `openai.Stream`s too
+# added up to. We keep the SDK's own `openai.Stream` object and only wrap its chunk iterator (and give it a
+# `close()` that also logs, by switching it to a subclass), so `isinstance`, `with stream:` and `stream.close()`
+# behave as usual. Translated and replayed streams are `openai.Stream`s too
 # (a small subclass fed with chunk dicts instead of server-sent events).
 #
 # For usage to reach the log, OpenAI-compatible streams are requested with `stream_options.include_usage`; when the
@@ -241,40 +242,64 @@ _SDK_TAGS = {'$sdk': 'python', '$sdk.version': f'openpipe_lab-{__version__}'}
 def _hidden(chunk, include_usage) -> bool:
     return not include_usage and not chunk.choices and chunk.usage is not None
 
+class _StreamLog:
+    "Logs a stream exactly once: when it ends, fails, or is closed (even if it was never iterated)."
+    __slots__ = ('call', 'route', 'requested_at', 'got', 'logged')
+    def __init__(self, call, route, requested_at): self.call, self.route, self.requested_at, self.got, self.logged = call, route, requested_at, [], False
+    def end(self, error=None):
+        if self.logged: return
+        self.logged = True
+        self.call.stream_done(self.route, self.got, error, self.requested_at)
+    def closed(self): self.end(_StreamClosed(f"the caller closed the stream after {len(self.got)} chunks"))
+
 def _wrap_stream(call, route, stream, requested_at):
-    inner, rewrite = stream._iterator, None if route.uses_client else route.model
+    inner, rewrite, log = stream._iterator, None if route.uses_client else route.model, _StreamLog(call, route, requested_at)
     def chunks():
-        got, error = [], None
         try:
             for c in inner:
                 if rewrite: c.model = rewrite
-                got.append(c)
+                log.got.append(c)
                 if not _hidden(c, call.include_usage): yield c
-        except GeneratorExit: error = _StreamClosed(f"the caller closed the stream after {len(got)} chunks"); raise
-        except Exception as e: error = e; raise
-        finally: call.stream_done(route, got, error, requested_at)
-    stream._iterator = chunks()
+        except GeneratorExit: log.closed(); raise
+        except Exception as e: log.end(e); raise
+        log.end()
+    stream._iterator, stream._lab_log = chunks(), log
+    if type(stream) is openai.Stream: stream.__class__ = LoggedStream  # same object, a close() that also logs
     return stream
 
 def _wrap_async_stream(call, route, stream, requested_at):
-    inner, rewrite = stream._iterator, None if route.uses_client else route.model
+    inner, rewrite, log = stream._iterator, None if route.uses_client else route.model, _StreamLog(call, route, requested_at)
     async def chunks():
-        got, error = [], None
         try:
             async for c in inner:
                 if rewrite: c.model = rewrite
-                got.append(c)
+                log.got.append(c)
                 if not _hidden(c, call.include_usage): yield c
-        except GeneratorExit: error = _StreamClosed(f"the caller closed the stream after {len(got)} chunks"); raise
-        except Exception as e: error = e; raise
-        finally: call.stream_done(route, got, error, requested_at)
-    stream._iterator = chunks()
+        except GeneratorExit: log.closed(); raise
+        except Exception as e: log.end(e); raise
+        log.end()
+    stream._iterator, stream._lab_log = chunks(), log
+    if type(stream) is openai.AsyncStream: stream.__class__ = AsyncLoggedStream
     return stream
+
+class LoggedStream(openai.Stream):
+    "An `openai.Stream` whose `close()` also logs the call (with the chunks received so far)."
+    def close(self):
+        log = getattr(self, '_lab_log', None)
+        if log is not None: self._iterator.close(); log.closed()
+        super().close()
+
+class AsyncLoggedStream(openai.AsyncStream):
+    "An `openai.AsyncStream` whose `close()` also logs the call."
+    async def close(self):
+        log = getattr(self, '_lab_log', None)
+        if log is not None: await self._iterator.aclose(); log.closed()
+        await super().close()
 
 def _fake_response(url: str) -> httpx2.Response:
     return httpx2.Response(200, request=httpx2.Request('POST', url or 'http://openpipe-lab.local'))
 
-class ChunkStream(openai.Stream):
+class ChunkStream(LoggedStream):
     "An `openai.Stream` of `ChatCompletionChunk` fed from chunk dicts (translated providers, cache replays)."
     def __init__(self, chunks, client, url: str | None = None):
         self.response, self._cast_to, self._client, self._options = _fake_response(url), ChatCompletionChunk, client, None
@@ -284,7 +309,7 @@ class ChunkStream(openai.Stream):
         if hasattr(self._source, 'close'): self._source.close()
         super().close()
 
-class AsyncChunkStream(openai.AsyncStream):
+class AsyncChunkStream(AsyncLoggedStream):
     "An `openai.AsyncStream` of `ChatCompletionChunk` fed from chunk dicts (sync or async iterables)."
     def __init__(self, chunks, client, url: str | None = None):
         self.response, self._cast_to, self._client, self._options = _fake_response(url), ChatCompletionChunk, client, None

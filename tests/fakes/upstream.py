@@ -35,7 +35,7 @@ class Reply:
     usage: tuple = (11, 7)              # (prompt tokens, completion tokens)
     body: dict | None = None            # raw JSON body to send instead of a generated one
     message: str = 'scripted failure'   # error message for status >= 400
-    stream_error_after: int | None = None  # OpenAI SSE: break the connection after this many chunks
+    stream_error_after: int | None = None  # OpenAI SSE: send an error event (as OpenAI does) after this many chunks
 
 
 @dataclass
@@ -229,6 +229,7 @@ class _Handler(BaseHTTPRequestHandler):
         def chunk(i, delta, fin=None):
             nonlocal sent
             if reply.stream_error_after is not None and sent >= reply.stream_error_after:
+                self._sse({'error': {'message': reply.message, 'type': 'server_error', 'param': None, 'code': None}})
                 raise BrokenPipeError
             self._sse({**base, 'choices': [{'index': i, 'delta': delta, 'logprobs': None, 'finish_reason': fin}]}); sent += 1
         try:

@@ -1,0 +1,259 @@
+"""The drop-in clients over loopback with the real openai SDK: logging, streams, errors, cache, fallback, async."""
+import asyncio, json
+import openai, pytest
+from openai.types.chat import ChatCompletion
+from fakes import FakeUpstream, Reply, fake_upstream  # noqa: F401  (fixture)
+from openpipe_lab.client import OpenAI, AsyncOpenAI
+from openpipe_lab.core import ConfigError
+from openpipe_lab.store import tables
+
+WEATHER = {'type': 'function', 'function': {'name': 'weather', 'description': 'Weather in a city',
+           'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}, 'required': ['city']}}}
+HI = [{'role': 'user', 'content': 'hi'}]
+
+
+@pytest.fixture
+def up(fake_upstream, monkeypatch):
+    monkeypatch.setenv('ANTHROPIC_API_KEY', 'sk-ant-test')
+    monkeypatch.setenv('ANTHROPIC_BASE_URL', fake_upstream.anthropic_url)
+    return fake_upstream
+
+
+@pytest.fixture
+def client(lab, up):
+    return lab.openai(api_key='sk-test', base_url=up.openai_url, max_retries=0)
+
+
+def logs(lab, **kw):
+    lab.flush()
+    return sorted(lab.filter(**kw), key=lambda r: r['id'])
+
+
+def test_plain_call_is_recorded_like_the_spec_export(client, up, lab, tmp_path):
+    assert isinstance(client, openai.OpenAI) and isinstance(client, OpenAI) and client.store is lab
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'system', 'content': 'count to 3'}],
+                                       temperature=0, metadata={'prompt_id': 'counting', 'any_key': 'any_value'})
+    assert type(r) is ChatCompletion and r.choices[0].message.content == 'echo: '  # no user message to echo
+    assert 'metadata' not in up.last.json and up.last.json['temperature'] == 0
+    (log,) = logs(lab, prompt_id='counting')
+    assert (log['model'], log['provider'], log['status_code'], log['completion_id']) == ('gpt-4o-mini', 'openai', 200, r.id)
+    assert (log['prompt_tokens'], log['completion_tokens'], log['cache_hit'], log['stream']) == (11, 7, False, False)
+    assert log['requested_at'] <= log['received_at'] and log['duration_ms'] >= 0
+    assert lab.filter(prompt_id='counting').export(tmp_path / 'x.jsonl') == 1
+    line = json.loads((tmp_path / 'x.jsonl').read_text())
+    assert line['input'] == {'model': 'gpt-4o-mini', 'messages': [{'role': 'system', 'content': 'count to 3'}], 'temperature': 0,
+                             'metadata': {'prompt_id': 'counting', 'any_key': 'any_value'}}
+    assert line['output']['object'] == 'chat.completion' and line['output']['usage']['total_tokens'] == 18
+    assert line['tags'] == {'prompt_id': 'counting', 'any_key': 'any_value', '$sdk': 'python', '$sdk.version': 'openpipe_lab-0.1.0'}
+
+
+def test_tools_multiturn_and_n(client, up, lab):
+    up.script(Reply(tool_calls=[{'name': 'weather', 'arguments': {'city': 'Paris'}}]))
+    msgs = [{'role': 'user', 'content': 'weather in Paris?'}]
+    r = client.chat.completions.create(model='openai:gpt-4o', messages=msgs, tools=[WEATHER], tool_choice='auto', metadata={'prompt_id': 't'})
+    assert up.last.json['model'] == 'gpt-4o' and up.last.json['tools'] == [WEATHER]
+    (call,) = r.choices[0].message.tool_calls
+    msgs += [r.choices[0].message, {'role': 'tool', 'tool_call_id': call.id, 'content': '21C'}]
+    r2 = client.chat.completions.create(model='openai:gpt-4o', messages=msgs, tools=[WEATHER], n=3, metadata={'prompt_id': 't'})
+    assert len(r2.choices) == 3 and up.last.json['messages'][1]['tool_calls'][0]['id'] == call.id
+    first, second = logs(lab, prompt_id='t')
+    assert first['resp_payload']['choices'][0]['message']['tool_calls'][0]['function']['name'] == 'weather'
+    assert second['req_payload']['messages'][1]['tool_calls'][0]['id'] == call.id  # SDK message objects logged as JSON
+    assert len(second['resp_payload']['choices']) == 3
+
+
+def test_streaming_logs_the_assembled_completion(client, up, lab):
+    up.script(Reply(text='Hello there, streaming world', tool_calls=[{'name': 'weather', 'arguments': {'city': 'Oslo'}}]))
+    stream = client.chat.completions.create(model='gpt-4o-mini', messages=HI, tools=[WEATHER], stream=True, metadata={'prompt_id': 's'})
+    assert isinstance(stream, openai.Stream)
+    with stream:
+        chunks = list(stream)
+    assert all(c.choices for c in chunks)  # we asked upstream for usage; the caller did not, so it is hidden
+    assert up.last.json['stream_options'] == {'include_usage': True}
+    (log,) = logs(lab, prompt_id='s')
+    msg = log['resp_payload']['choices'][0]['message']
+    assert log['stream'] and msg['content'] == 'Hello there, streaming world'
+    assert json.loads(msg['tool_calls'][0]['function']['arguments']) == {'city': 'Oslo'}
+    assert log['resp_payload']['usage']['total_tokens'] == 18 and log['completion_id'] == chunks[0].id and log['prompt_tokens'] == 11
+    chunks = list(client.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, stream_options={'include_usage': True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 11
+
+
+def test_stream_closed_early_and_broken_stream_are_logged(client, up, lab):
+    up.script(Reply(text='a long answer in many pieces'))
+    stream = client.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, metadata={'prompt_id': 'cl'})
+    next(stream); next(stream)
+    stream.close()
+    up.script(Reply(text='this will break', stream_error_after=2))
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, metadata={'prompt_id': 'cl'}))
+    closed, broken = logs(lab, prompt_id='cl')
+    assert 'closed the stream after 2 chunks' in closed['error_message'] and closed['resp_payload']['choices'][0]['message']['content'] == 'a lo'
+    assert broken['error_message'] and broken['stream']
+
+
+def test_errors_and_timeouts_are_recorded_then_raised(client, up, lab):
+    up.script(Reply(status=429, message='rate limited'), Reply(status=500, message='boom'), Reply(delay=1.5))
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'err'})
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'err'})
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'err'}, timeout=0.3)
+    rate, boom, slow = logs(lab, prompt_id='err')
+    assert (rate['status_code'], boom['status_code'], slow['status_code']) == (429, 500, None)
+    assert 'rate limited' in rate['error_message'] and rate['resp_payload']['message'] == 'rate limited'
+    assert slow['error_message'].startswith('timeout') and slow['duration_ms'] >= 250
+
+
+def test_store_false_and_options_validation(client, up, lab):
+    client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'priv'}, openpipe={'store': False})
+    quiet = lab.openai(api_key='k', base_url=up.openai_url, openpipe={'store': False})
+    quiet.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'priv'})
+    assert len(logs(lab, prompt_id='priv')) == 0 and len(up.requests) == 2
+    with pytest.raises(ConfigError, match='unknown openpipe option'):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, openpipe={'chache': 'readWrite'})
+    with pytest.raises(ConfigError, match="openpipe\\['cache'\\] must be one of"):
+        lab.openai(api_key='k', openpipe={'cache': 'yes'})
+
+
+def test_constructor_defaults_tags_and_copy(lab, up):
+    c = lab.openai(api_key='k', base_url=up.openai_url, openpipe={'tags': {'team': 'ml'}, 'cache': 'readWrite'})
+    c2 = c.with_options(timeout=5)
+    assert isinstance(c2, OpenAI) and c2.store is lab and c2.openpipe_options == c.openpipe_options
+    c2.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'd'})
+    c2.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'd'}, openpipe={'tags': {'team': 'nlp'}})
+    a, b = logs(lab, prompt_id='d')
+    assert a['tags']['team'] == 'ml' and b['tags']['team'] == 'nlp' and (a['cache_hit'], b['cache_hit']) == (False, True)
+
+
+def test_default_store_is_the_default_lab(lab, up):
+    c = OpenAI(api_key='k', base_url=up.openai_url)  # store=None: the default lab (the fixture made `lab` the default)
+    c.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'default'})
+    assert c.store is lab and len(logs(lab, prompt_id='default')) == 1
+
+
+# -- cache ----------------------------------------------------------------------------------------------------------
+def test_cache_modes_expiry_and_stream_replay(client, up, lab):
+    kw = dict(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'cache me'}], temperature=0)
+    r1 = client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'}, metadata={'prompt_id': 'c'})      # miss, no write
+    r2 = client.chat.completions.create(**kw, openpipe={'cache': 'readWrite'}, metadata={'prompt_id': 'c'})     # miss, write
+    r3 = client.chat.completions.create(**kw, openpipe={'cache': 'readWrite'}, metadata={'prompt_id': 'c2'})    # hit
+    assert len(up.requests) == 2 and r3.id == r2.id != r1.id and type(r3) is ChatCompletion
+    client.chat.completions.create(**{**kw, 'temperature': 1}, openpipe={'cache': 'readOnly'})                 # other key
+    assert len(up.requests) == 3
+    stream = client.chat.completions.create(**kw, stream=True, openpipe={'cache': 'readOnly'}, metadata={'prompt_id': 'c2'})
+    assert isinstance(stream, openai.Stream) and ''.join(c.choices[0].delta.content or '' for c in stream) == 'echo: cache me'
+    assert len(up.requests) == 3
+    r4 = client.chat.completions.create(**kw, openpipe={'cache': 'writeOnly'})                                  # never reads
+    assert len(up.requests) == 4 and r4.id != r2.id
+    assert client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'}).id == r4.id                    # ...but wrote
+    hits = logs(lab, prompt_id='c2')
+    assert [h['cache_hit'] for h in hits] == [True, True] and hits[1]['stream'] and hits[0]['completion_id'] == r2.id
+    with lab.db.begin() as c: c.execute(tables.cache.update().values(expires_at=tables.cache.c.created_at + 7 * 24 * 3600 * 1000 - 1))
+    with lab.db.connect() as c: assert c.execute(tables.cache.select()).first().hits == 1  # writeOnly replaced the entry
+    with lab.db.begin() as c: c.execute(tables.cache.update().values(expires_at=1))   # a week has passed
+    client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'})
+    assert len(up.requests) == 5
+
+
+def test_streamed_response_is_cached_for_non_streamed_readers(client, up, lab):
+    kw = dict(model='anthropic:claude-3-haiku', messages=[{'role': 'user', 'content': 'stream to cache'}])
+    list(client.chat.completions.create(**kw, stream=True, openpipe={'cache': 'readWrite'}))
+    r = client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'})
+    assert len(up.requests) == 1 and r.choices[0].message.content == 'echo: stream to cache' and r.usage.total_tokens == 18
+
+
+# -- fallback -------------------------------------------------------------------------------------------------------
+def test_fallback_on_error_logs_both_attempts_linked(client, up, lab):
+    up.script(Reply(status=500))
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'fb'},
+                                       openpipe={'fallback': {'model': 'gpt-4-turbo'}})
+    assert r.choices[0].message.content == 'echo: hi' and up.last.json['model'] == 'gpt-4-turbo'
+    first, second = logs(lab, prompt_id='fb')
+    assert (first['model'], first['status_code'], second['model'], second['status_code']) == ('gpt-4o-mini', 500, 'gpt-4-turbo', 200)
+    assert second['parent_id'] == first['id'] and first['parent_id'] is None and second['req_payload']['model'] == 'gpt-4-turbo'
+
+
+def test_timeout_fallback_uses_its_own_timeout(lab, up):
+    client = lab.openai(api_key='k', base_url=up.openai_url, max_retries=0, timeout=0.3)
+    up.script(Reply(delay=1.0), Reply(delay=0.6))
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'tf'},
+                                       openpipe={'fallback': {'model': 'gpt-4o', 'timeout': 5}})
+    assert r.model == 'gpt-4o'
+    first, second = logs(lab, prompt_id='tf')
+    assert first['error_message'].startswith('timeout') and second['status_code'] == 200 and second['parent_id'] == first['id']
+    up.script(Reply(delay=1.0), Reply(delay=1.0))
+    with pytest.raises(openai.APITimeoutError):   # default fallback timeout: the client's
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'tf2'}, openpipe={'fallback': {'model': 'gpt-4o'}})
+    a, b = logs(lab, prompt_id='tf2')
+    assert b['parent_id'] == a['id'] and b['error_message'].startswith('timeout')
+
+
+def test_fallback_from_undeployed_finetune_to_anthropic_carries_tools(client, up, lab):
+    up.script(Reply(tool_calls=[{'name': 'weather', 'arguments': {'city': 'Nice'}}]))
+    r = client.chat.completions.create(model='openpipe:my-ft-model', messages=[{'role': 'user', 'content': 'weather?'}], tools=[WEATHER],
+                                       tool_choice='required', metadata={'prompt_id': 'fa'},
+                                       openpipe={'fallback': {'model': 'anthropic:claude-3-5-sonnet'}})
+    assert r.choices[0].message.tool_calls[0].function.name == 'weather' and r.model == 'anthropic:claude-3-5-sonnet'
+    assert up.last.api == 'anthropic' and up.last.json['tools'][0]['name'] == 'weather' and up.last.json['tool_choice'] == {'type': 'any'}
+    first, second = logs(lab, prompt_id='fa')
+    assert 'no running deployment for slug' in first['error_message'] and second['provider'] == 'anthropic'
+
+
+def test_fallback_client(lab, up):
+    with FakeUpstream() as other:
+        plain = openai.OpenAI(api_key='k2', base_url=other.openai_url)
+        client = lab.openai(api_key='k', base_url=up.openai_url, max_retries=0, fallback_client=plain)
+        r = client.chat.completions.create(model='openpipe:my-ft-model', messages=HI, metadata={'prompt_id': 'fc'},
+                                           openpipe={'fallback': {'model': 'gpt-4-turbo'}})
+        assert other.last.json['model'] == 'gpt-4-turbo' and other.last.headers['authorization'] == 'Bearer k2' and len(up.requests) == 0
+        ours = lab.openai(api_key='k3', base_url=other.openai_url)   # one of our clients: recorded once, by the caller
+        hosted_style = lab.openai(api_key='k', base_url=up.openai_url, openpipe={'fallback_client': ours})
+        up.script(Reply(status=500))
+        hosted_style.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'fc'},
+                                             openpipe={'fallback': {'model': 'gpt-4o'}}, stream=False)
+    a, b, c, d = logs(lab, prompt_id='fc')
+    assert (b['parent_id'], b['provider'], b['status_code']) == (a['id'], 'fallback_client', 200) and r.id == b['completion_id']
+    assert (c['status_code'], d['parent_id'], d['model']) == (500, c['id'], 'gpt-4o')
+
+
+def test_streamed_fallback(client, up, lab):
+    up.script(Reply(status=500))
+    chunks = list(client.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, metadata={'prompt_id': 'sf'},
+                                                 openpipe={'fallback': {'model': 'anthropic:claude-3-haiku'}}))
+    assert ''.join(c.choices[0].delta.content or '' for c in chunks) == 'echo: hi'
+    first, second = logs(lab, prompt_id='sf')
+    assert first['status_code'] == 500 and second['stream'] and second['parent_id'] == first['id']
+    assert second['resp_payload']['choices'][0]['message']['content'] == 'echo: hi'
+
+
+# -- async ----------------------------------------------------------------------------------------------------------
+def test_async_client_end_to_end(lab, up):
+    async def main():
+        c = lab.async_openai(api_key='k', base_url=up.openai_url, max_retries=0)
+        assert isinstance(c, openai.AsyncOpenAI) and isinstance(c, AsyncOpenAI)
+        r = await c.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'as'})
+        s = await c.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, metadata={'prompt_id': 'as'})
+        assert isinstance(s, openai.AsyncStream)
+        text = ''.join([ch.choices[0].delta.content or '' async for ch in s])
+        a = await c.chat.completions.create(model='anthropic:claude-3-haiku', messages=HI, stream=True, metadata={'prompt_id': 'as'})
+        atext = ''.join([ch.choices[0].delta.content or '' async for ch in a])
+        up.script(Reply(status=429))
+        fb = await c.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'as'},
+                                             openpipe={'fallback': {'model': 'anthropic:claude-3-haiku'}})
+        up.script(Reply(delay=1.0))
+        with pytest.raises(openai.APITimeoutError):
+            await c.chat.completions.create(model='gpt-4o-mini', messages=HI, timeout=0.3, metadata={'prompt_id': 'as'})
+        cached = [await c.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'acache'}],
+                                                  openpipe={'cache': 'readWrite'}) for _ in range(2)]
+        gathered = await asyncio.gather(*[c.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': str(i)}],
+                                                                    metadata={'prompt_id': 'many'}) for i in range(10)])
+        return r, text, atext, fb, cached, gathered
+    r, text, atext, fb, cached, gathered = asyncio.run(main())
+    assert r.choices[0].message.content == text == atext == 'echo: hi' and fb.model == 'anthropic:claude-3-haiku'
+    assert cached[0].id == cached[1].id and sorted(g.choices[0].message.content for g in gathered) == sorted(f'echo: {i}' for i in range(10))
+    rows = logs(lab, prompt_id='as')
+    assert [r['status_code'] for r in rows] == [200, 200, 200, 429, 200, None]
+    assert rows[2]['resp_payload']['choices'][0]['message']['content'] == 'echo: hi' and rows[4]['parent_id'] == rows[3]['id']
+    assert len(logs(lab, prompt_id='many')) == 10
