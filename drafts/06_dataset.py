@@ -215,7 +215,7 @@ class Dataset:
             if provenance not in PROVENANCES: raise ConfigError(f"provenance must be one of {', '.join(PROVENANCES)}, got {provenance!r}")
             stmt = stmt.where(e.c.provenance == provenance)
         for k, v in (metadata or {}).items():
-            # metadata is JSON text written with sorted-free compact separators: match the exact `"k":"v"` pair
+            # metadata is stored as compact JSON (`dumps`), so a label is the exact substring `"k":"v"`
             stmt = stmt.where(e.c.metadata.contains(dumps({k: v})[1:-1], autoescape=True))
         if ids is not None: stmt = stmt.where(e.c.id.in_(list(ids)))
         return stmt
@@ -280,9 +280,7 @@ def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
     "Validate one raw entry; return (entry with only entry fields, deprecated fields converted, []) or (None, problems)."
     problems = validate_entry(obj, line=line)
     if problems: return None, problems
-    if 'functions' in obj or 'function_call' in obj or any(isinstance(m, dict) and ('function_call' in m or m.get('role') == 'function')
-                                                          for m in obj['messages']):
-        obj = functions_to_tools(obj)
+    obj = functions_to_tools(obj)  # a shallow copy; converts deprecated fields wherever they are (cheap when absent)
     entry = {k: obj.get(k) for k in ROW_FIELDS}
     if entry['metadata'] == {}: entry['metadata'] = None
     return entry, []
@@ -1164,19 +1162,26 @@ def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4
         except Exception as err:
             failures.append({'entry_id': entry['id'], 'position': entry['position'], 'error': f"{type(err).__name__}: {err}"})
         bar.update(1)
+    def drain(futures):
+        "Write finished calls in entry order; an interrupt raised by one is re-raised after the others are written."
+        stop = None
+        for fut in sorted(futures, key=lambda f: in_flight[f]['position']):
+            try: finish(fut)
+            except BaseException as e: stop = stop or e  # KeyboardInterrupt/SystemExit from a worker
+        if stop is not None: raise stop
     status = 'interrupted'
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix='relabel')
     try:
         for entry in self._iter_entries(split=split, page=max(100, 4 * concurrency)):
             hist = entry['history'] or []
             if hist and hist[-1].get('job') == job['id']: bar.update(1); continue  # done in an earlier run of this job
-            while len(in_flight) >= 2 * concurrency:
-                for fut in wait(list(in_flight), return_when=FIRST_COMPLETED).done: finish(fut)
+            while len(in_flight) >= 2 * concurrency: drain(wait(list(in_flight), return_when=FIRST_COMPLETED).done)
             in_flight[pool.submit(_relabel_call, client, model, entry, kwargs)] = entry
-        while in_flight:
-            for fut in wait(list(in_flight), return_when=FIRST_COMPLETED).done: finish(fut)
+        while in_flight: drain(wait(list(in_flight), return_when=FIRST_COMPLETED).done)
         status = 'incomplete' if failures else 'done'
     finally:
+        if status == 'interrupted':  # keep the answers that already arrived; the rest is cancelled
+            drain([f for f in in_flight if f.done() and not f.cancelled() and f.exception() is None])
         pool.shutdown(wait=status != 'interrupted', cancel_futures=True)
         bar.close()
         job.update(status=status, failed=len(failures))
