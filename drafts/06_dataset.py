@@ -1054,19 +1054,20 @@ def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`); the dat
         ds.delete(); raise
 
 # %% [md]
-# Three calls reported to the log store (the same `/report` the client uses): two successful ones with metadata
-# tags, one that failed upstream.
+# Three calls recorded with `logs.report` (the hosted `/report`: a call made elsewhere, recorded afterwards; the
+# client records its own calls the same way): two successful ones tagged `prompt_id=capitals`, one that failed.
 
 # %%
-def call_log(question, answer, status=200, **tags):
-    req = {'model': 'gpt-4o-mini', 'messages': [sys_msg, {'role': 'user', 'content': question}]}
-    resp = {'id': 'chatcmpl-1', 'object': 'chat.completion', 'model': 'gpt-4o-mini',
+def report(question, answer, status=200):
+    req = {'model': 'gpt-4o-mini', 'messages': [sys_msg, {'role': 'user', 'content': question}], 'metadata': {'prompt_id': 'capitals'}}
+    resp = {'id': 'chatcmpl-1', 'object': 'chat.completion', 'created': 0, 'model': 'gpt-4o-mini',
             'choices': [{'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': answer, 'refusal': None}}]}
-    logs.record(model='gpt-4o-mini', req_payload=req, resp_payload=resp if status == 200 else None, status_code=status,
-                error_message=None if status == 200 else 'rate limited', tags=tags)
-call_log('Capital of Italy?', 'Rome', prompt_id='capitals')
-call_log('Capital of Spain?', 'Madrid', prompt_id='capitals')
-call_log('Capital of Chad?', None, status=429, prompt_id='capitals')
+    logs.report(requested_at=1_700_000_000_000, received_at=1_700_000_000_500, req_payload=req,
+                resp_payload=resp if status == 200 else None, status_code=status,
+                error_message=None if status == 200 else 'rate limited')
+report('Capital of Italy?', 'Rome')
+report('Capital of Spain?', 'Madrid')
+report('Capital of Chad?', None, status=429)
 logs.flush()
 logged = logs.filter(prompt_id='capitals').to_dataset('capitals-from-logs')
 logged, logged.skipped_
