@@ -143,3 +143,20 @@ def test_resume_after_the_process_is_killed(lab, tmp_path):
     entries = ds.entries(limit=None)
     assert all(e['provenance'] == 'RELABELED_BY_MODEL' and len(e['history']) == 1 and e['history'][0]['job'] == job['id'] for e in entries)
     assert [e['messages'][-1]['content'] for e in entries] == [f'echo: Capital of country {i}?' for i in range(40)]
+
+
+def test_relabel_through_a_routed_provider(lab, upstream, monkeypatch):
+    "Any model id the client routes works: here Anthropic, translated both ways by the client."
+    monkeypatch.setenv('ANTHROPIC_API_KEY', 'sk-ant-test')
+    monkeypatch.setenv('ANTHROPIC_BASE_URL', upstream.anthropic_url)
+    ds = Dataset.create('caps', store=lab)
+    ds.add_entries([{**qa('Fiji'), 'tools': [TOOL]}, qa('Peru')])
+    upstream.script(Reply(tool_calls=[{'name': 'identify_capital', 'arguments': {'capital': 'Suva'}}]), Reply(text='Lima'))
+    ds.relabel('anthropic:claude-3-5-sonnet-20241022', concurrency=1, progress=False, max_tokens=50)
+    assert ds.relabel_failures_ == [] and [r.api for r in upstream.requests] == ['anthropic', 'anthropic']
+    first = upstream.requests[0].json
+    assert first['system'] == 'Answer with the city.' and first['tools'][0]['name'] == 'identify_capital'
+    fiji, peru = outputs(ds)
+    assert json.loads(fiji['tool_calls'][0]['function']['arguments']) == {'capital': 'Suva'} and peru == {'role': 'assistant', 'content': 'Lima'}
+    e = ds.entries(limit=1)[0]
+    assert e['history'][0]['by'] == 'anthropic:claude-3-5-sonnet-20241022'
