@@ -67,7 +67,7 @@ def render_entry(entry: dict) -> str:
         chat += render_message(entry['rejected_message'], 'assistant · rejected', 'outline:2px dashed #dc2626')
     return head + chat
 
-# %% ../nbs/06a_review.ipynb #4737bdd1
+# %% ../nbs/06a_review.ipynb #a5bb6b48
 def _parse_metadata_filter(text: str) -> dict | None:
     "'k=v, k2=v2' -> {'k': 'v', 'k2': 'v2'}; raises ConfigError on a pair without '='."
     out = {}
@@ -244,6 +244,10 @@ class DatasetReview:
         elif cmd == 'd': self.delete()
         else: self._say(f"unknown command {cmd!r}: n, p, s, t, d or a position number", error=True)
 
-    def _repr_mimebundle_(self, **kw): return self.widget._repr_mimebundle_(**kw)
+    def _repr_mimebundle_(self, **kw):
+        "The live widget in Jupyter; a one-line summary where widgets can't render (text, static docs)."
+        bundle = self.widget._repr_mimebundle_(**kw) or {}
+        if isinstance(bundle, tuple): bundle = bundle[0]
+        return {**bundle, 'text/plain': repr(self)}
     def __repr__(self):
         return f"DatasetReview({self.dataset.name!r}, {self.index + 1 if self.total else 0}/{self.total})"
