@@ -645,6 +645,8 @@ test_eq(len(big.test), 200)
 test_ne(big.df.split.tolist(), again.df.split.tolist())
 test_eq(big.split(0.2, seed=1).df.split.tolist(), big.df.split.tolist())
 test_fail(lambda: big.split(1.5), contains='between 0 and 1')
+test_eq(len(again.add_jsonl(many)), 2000)                              # add_jsonl appends to an existing dataset
+test_eq(again.df.split.tolist()[:1000], again.df.split.tolist()[1000:])
 test_fail(lambda: big.set_split(big.df.id[0], 'VALID'), contains="'TRAIN' or 'TEST'")
 
 # %% [md]
@@ -791,6 +793,8 @@ ds.pruning_rules
 test_eq(ds.pruning_rules, ['You are a helpful assistant. ', 'Answer with the city only.'])
 test_eq(len(ds.add_pruning_rule('Answer with the city only.').pruning_rules), 2)  # adding twice is a no-op
 test_fail(lambda: ds.remove_pruning_rule('nope'), contains='has no pruning rule')
+test_eq(ds.add_pruning_rule('temporary').remove_pruning_rule(-1).pruning_rules[-1], 'Answer with the city only.')
+test_eq(ds.add_pruning_rule('temporary').remove_pruning_rule('temporary').pruning_rules, ['You are a helpful assistant. ', 'Answer with the city only.'])
 test_fail(lambda: ds.add_pruning_rule(''), contains='non-empty string')
 
 # %% [md]
@@ -841,6 +845,7 @@ test_eq(r['messages'][0]['content'], '')
 test_eq(next(ds.rows(split=None, apply_pruning=False))['messages'][0], sys_msg)
 test_eq(sum(1 for _ in ds.rows()) + sum(1 for _ in ds.rows('TEST')), len(ds))
 test_eq(next(ds.rows(split=None, pruning_rules=['Answer with the city only.']))['messages'][0]['content'], 'You are a helpful assistant. ')
+test_eq({r['split'] for r in big.test}, {'TEST'})  # a split view iterates its rows (without pruning)
 
 # %% [md]
 # ## Export
@@ -1258,16 +1263,17 @@ def review(self: Dataset, **kwargs):
 # `bench/dataset_import.py` generates chat JSONL files (a system prompt, ~60 words of user text, a text or
 # tool-call output, tools on a third of the rows, metadata on half; ~0.95 KB a line) and imports each in a fresh
 # process, next to two baselines in the same run: parsing only (`read_jsonl`) and parsing + validation. Measured on
-# the 2-core development machine, shared with other jobs (load average ~5 during the run):
+# the 2-core development machine, shared with other jobs (load average ~5 during the run, so the baselines swing
+# too; an earlier run gave 10,229 rows/s and the same 113 MB for 100k rows):
 #
-# | rows | file | import | rows/s | vs parse-only | vs validate-only | peak RSS |
-# |---:|---:|---:|---:|---:|---:|---:|
-# | 10,000 | 9 MB | 1.4 s | 7,065 | 0.09 | 0.17 | 59 MB |
-# | **100,000** | **92 MB** | **9.8 s** | **10,229** | 0.09 | 0.23 | **113 MB** |
-# | 200,000 | 185 MB | 20.7 s | 9,659 | 0.07 | 0.17 | 113 MB |
+# | rows | file | import | rows/s | vs parse-only | vs validate-only | peak RSS | database |
+# |---:|---:|---:|---:|---:|---:|---:|---:|
+# | 10,000 | 9 MB | 1.3 s | 7,920 | 0.07 | 0.15 | 59 MB | 15 MB |
+# | **100,000** | **92 MB** | **10.9 s** | **9,167** | 0.08 | 0.17 | **113 MB** | 144 MB |
+# | 200,000 | 185 MB | 23.4 s | 8,552 | 0.04 | 0.11 | 113 MB | 287 MB |
 #
-# Memory is bounded: the peak is the same for 100k and 200k rows. The process starts at ~42 MB after its
-# imports; the file is streamed and entries go to the database 1,000 at a time, so the only thing that grows is
+# Memory is bounded: the peak is the same for 100k and 200k rows. The process holds ~43 MB before the import
+# starts; the file is streamed and entries go to the database 1,000 at a time, so the only thing that grows is
 # SQLite's page cache, which the store caps at 64 MiB per connection. The pytest
 # `tests/test_dataset_import_100k.py` checks this bound on every run (and that all 100k rows arrive and the bad
 # lines appended to the file are reported by line). Time goes, in order, to the content hash of each entry
