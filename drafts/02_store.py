@@ -149,8 +149,9 @@ test_eq(dumps(None), None)
 # (`postgresql+psycopg://...`). For SQLite, several processes write to one file (a notebook, a training worker,
 # a script), so every connection turns on WAL (readers never block the writer), a 30 s busy timeout (a writer
 # waits for the lock instead of failing with "database is locked") and `synchronous=NORMAL` (durable at each
-# WAL checkpoint, the usual setting with WAL). Transactions start with `BEGIN IMMEDIATE` so a
-# read-then-write transaction takes the write lock up front and cannot deadlock against another writer.
+# WAL checkpoint, the usual setting with WAL). Write transactions (`db.begin()`) start with `BEGIN IMMEDIATE`, so
+# a read-then-write transaction takes the write lock up front and cannot deadlock against another writer; reads
+# (`db.connect()`) start a deferred transaction and never block a writer.
 #
 # Opening creates the schema if it is missing (idempotent `create_all`) and checks the stored schema version.
 
@@ -177,7 +178,9 @@ def _sqlite_pragmas(dbapi_conn, _):
     cur.execute('PRAGMA temp_store=MEMORY')
     cur.close()
 
-def _sqlite_begin(conn): conn.exec_driver_sql('BEGIN IMMEDIATE')
+def _sqlite_begin(conn):
+    # writes take the lock up front (no deadlock between two read-then-write transactions); reads stay deferred
+    conn.exec_driver_sql('BEGIN IMMEDIATE' if conn.get_execution_options().get('openpipe_write') else 'BEGIN')
 
 class Database:
     "A lab database: engine, schema and version check, over SQLite or Postgres."
@@ -195,6 +198,7 @@ class Database:
         if self.dialect == 'sqlite':
             event.listen(self.engine, 'connect', _sqlite_pragmas)
             event.listen(self.engine, 'begin', _sqlite_begin)
+        self._writer_engine = self.engine.execution_options(openpipe_write=True)
         self.t = tables
         self._init_schema()
 
@@ -204,7 +208,7 @@ class Database:
 
     def _init_schema(self):
         try:
-            with self.engine.begin() as c:
+            with self._writer_engine.begin() as c:
                 metadata.create_all(c)
                 row = c.execute(sa.select(tables.meta.c.value).where(tables.meta.c.key == 'schema_version')).first()
                 if row is None:
@@ -226,8 +230,8 @@ class Database:
                 f"understands ({SCHEMA_VERSION}). Upgrade: pip install -U openpipe-lab (nothing was changed in the database).")
 
     def begin(self):
-        "A transaction (context manager): committed on success, rolled back on error."
-        return self.engine.begin()
+        "A write transaction (context manager): committed on success, rolled back on error."
+        return self._writer_engine.begin()
 
     def connect(self):
         "A connection for reads (context manager)."
@@ -247,6 +251,15 @@ with db.connect() as c:
     test_eq(c.execute(sa.select(tables.meta.c.value)).scalar(), str(SCHEMA_VERSION))
     assert {'logs', 'log_tags', 'datasets', 'dataset_entries', 'models', 'deployments'} <= set(sa.inspect(c).get_table_names())
 Database(f"{d}/lab.db");  # reopening an existing lab is a no-op
+
+# %% [md]
+# A read in progress does not block a write, in the same thread or another process:
+
+# %%
+with db.connect() as reader:
+    reader.execute(sa.select(tables.logs)).all()
+    with db.begin() as w: w.execute(tables.providers.insert().values(name='p', base_url='http://x', kind='openai', created_at=now_ms()))
+with db.connect() as c: test_eq(c.execute(sa.select(sa.func.count()).select_from(tables.providers)).scalar(), 1)
 
 # %% [md]
 # A database from a newer version of the library is refused, and left untouched:
