@@ -62,6 +62,20 @@ def test_tools_multiturn_and_n(client, up, lab):
     assert len(second['resp_payload']['choices']) == 3
 
 
+def test_raw_response_and_nested_sdk_objects(client, up, lab):
+    raw = client.chat.completions.with_raw_response.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'raw'})
+    assert raw.http_response.status_code == 200 and raw.parse().choices[0].message.content == 'echo: hi'
+    up.script(Reply(tool_calls=[{'name': 'weather', 'arguments': {'city': 'Bern'}}]))
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=HI, tools=[WEATHER])
+    call = r.choices[0].message.tool_calls[0]
+    # an SDK tool-call object nested inside a dict message: sent and logged as plain JSON
+    msgs = HI + [{'role': 'assistant', 'content': None, 'tool_calls': [call]}, {'role': 'tool', 'tool_call_id': call.id, 'content': '3C'}]
+    client.chat.completions.create(model='gpt-4o-mini', messages=msgs, tools=[WEATHER], metadata={'prompt_id': 'raw'})
+    first, second = logs(lab, prompt_id='raw')
+    assert first['resp_payload']['choices'][0]['message']['content'] == 'echo: hi'
+    assert second['req_payload']['messages'][1]['tool_calls'][0]['function'] == {'name': 'weather', 'arguments': '{"city": "Bern"}'}
+
+
 def test_streaming_logs_the_assembled_completion(client, up, lab):
     up.script(Reply(text='Hello there, streaming world', tool_calls=[{'name': 'weather', 'arguments': {'city': 'Oslo'}}]))
     stream = client.chat.completions.create(model='gpt-4o-mini', messages=HI, tools=[WEATHER], stream=True, metadata={'prompt_id': 's'})
