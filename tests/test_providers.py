@@ -241,3 +241,40 @@ def test_stopped_deployment_is_not_used(client, env, lab):
     _deploy(lab, env.openai_url, status='STOPPED')
     with pytest.raises(ProviderError, match='no running deployment'):
         client.chat.completions.create(model='openpipe:pii-smol', messages=[{'role': 'user', 'content': 'x'}])
+
+
+def test_async_routes_anthropic_gemini_and_deployment(lab, env):
+    import asyncio
+    _deploy(lab, env.openai_url)
+    async def main():
+        c = lab.async_openai(api_key='sk-test', base_url=env.openai_url, max_retries=0)
+        a = await c.chat.completions.create(model='anthropic:claude-3-haiku', messages=[{'role': 'user', 'content': 'a'}], n=2,
+                                            metadata={'prompt_id': 'async-routes'})
+        g = await c.chat.completions.create(model='gemini:gemini-1.5-flash', messages=[{'role': 'user', 'content': 'g'}],
+                                            metadata={'prompt_id': 'async-routes'})
+        gs = await c.chat.completions.create(model='gemini:gemini-1.5-flash', messages=[{'role': 'user', 'content': 'gs'}], stream=True,
+                                             metadata={'prompt_id': 'async-routes'})
+        gtext = ''.join([ch.choices[0].delta.content or '' async for ch in gs])
+        d = await c.chat.completions.create(model='openpipe:pii-smol', messages=[{'role': 'user', 'content': 'd'}],
+                                            metadata={'prompt_id': 'async-routes'})
+        env.script(Reply(status=429))
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model='gemini:gemini-1.5-flash', messages=[{'role': 'user', 'content': 'x'}],
+                                            metadata={'prompt_id': 'async-routes'})
+        return a, g, gtext, d
+    a, g, gtext, d = asyncio.run(main())
+    assert [ch.message.content for ch in a.choices] == ['echo: a', 'echo: a'] and g.choices[0].message.content == 'echo: g'
+    assert gtext == 'echo: gs' and d.model == 'openpipe:pii-smol'
+    rows = logs(lab, prompt_id='async-routes')
+    assert [r['provider'] for r in rows] == ['anthropic', 'gemini', 'gemini', 'openpipe', 'gemini']
+    assert [r['status_code'] for r in rows] == [200, 200, 200, 200, 429]
+    assert rows[2]['resp_payload']['choices'][0]['message']['content'] == 'echo: gs'
+
+
+def test_openai_stream_with_n_choices_is_assembled(lab, env):
+    client = lab.openai(api_key='sk-test', base_url=env.openai_url, max_retries=0)
+    chunks = list(client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'two'}], n=2, stream=True,
+                                                 metadata={'prompt_id': 'n2'}))
+    assert {c.choices[0].index for c in chunks} == {0, 1}
+    (log,) = logs(lab, prompt_id='n2')
+    assert [c['message']['content'] for c in log['resp_payload']['choices']] == ['echo: two [0]', 'echo: two [1]']
