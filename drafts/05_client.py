@@ -202,7 +202,36 @@ class _Call:
         fb = self.opts['fallback']
         return fb['timeout'] if fb.get('timeout') is not None else self.transport.get('timeout', openai.NOT_GIVEN)
 
+    def fallback_client_call(self, fb_client, timeout):
+        "(route, kwargs) for the fallback attempt made by a `fallback_client`."
+        from openpipe_lab.providers import Route
+        model = self.opts['fallback']['model']
+        body = {**self.request, 'model': model, **self.transport, 'timeout': timeout}
+        if 'metadata' in body and not body.get('store'): del body['metadata']
+        if isinstance(fb_client, (OpenAI, AsyncOpenAI)): body['openpipe'] = {'store': False}  # we log it, linked
+        return Route(model, 'fallback_client', 'openai', model, base_url=str(fb_client.base_url)), body
+
+    # -- failures --------------------------------------------------------------------------------------------
+    def first_failed(self, error, requested_at) -> bool:
+        "Log the failed first attempt; True when a fallback is configured."
+        model = self.request.get('model')
+        self.parent_id = self.log(model=model, error=error, requested_at=requested_at, provider=_provider_of(model))
+        return bool(self.opts.get('fallback'))
+
+    def fallback_failed(self, error, requested_at):
+        "Log the failed fallback attempt (linked to the first)."
+        model = self.opts['fallback']['model']
+        self.log(model=model, error=error, requested_at=requested_at, provider=_provider_of(model))
+
     # -- finishing -------------------------------------------------------------------------------------------
+    def cached_answer(self, stream_cls):
+        "The cached answer (a completion, or a replayed stream), logged as a hit; None on a miss."
+        cached = self.cache_get() if self.cache else None
+        if cached is None: return None
+        self.replay(cached, now_ms())
+        if self.stream: return stream_cls(completion_chunks(cached, self.include_usage), self.client)
+        return ChatCompletion.model_validate(cached)
+
     def done(self, route, result, requested_at):
         "Record a successful non-streamed completion and cache it; returns it."
         if not route.uses_client: result.model = route.model
@@ -360,42 +389,30 @@ def _attempt(comp, call, model, timeout):
     return route, (ChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
 def _fallback_attempt(comp, call, timeout):
-    fb_client, model = comp._client.fallback_client, call.opts['fallback']['model']
-    if fb_client is None: return _attempt(comp, call, model, timeout)
-    from openpipe_lab.providers import Route
-    route, body = Route(model, 'fallback_client', 'openai', model, base_url=str(fb_client.base_url)), {**call.request, 'model': model}
-    if 'metadata' in body and not body.get('store'): del body['metadata']
-    extra = {'openpipe': {'store': False}} if isinstance(fb_client, (OpenAI, AsyncOpenAI)) else {}
-    return route, fb_client.chat.completions.create(**body, **{**call.transport, 'timeout': timeout}, **extra)
+    fb_client = comp._client.fallback_client
+    if fb_client is None: return _attempt(comp, call, call.opts['fallback']['model'], timeout)
+    route, body = call.fallback_client_call(fb_client, timeout)
+    return route, fb_client.chat.completions.create(**body)
 
-def _finish(call, route, result, requested_at):
-    raw = None
-    if not isinstance(result, (ChatCompletion, openai.Stream)) and hasattr(result, 'parse'):
-        raw, result = result, result.parse()  # `with_raw_response`: log the parsed value, return the raw wrapper
-    out = _wrap_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
-    return out if raw is None else raw
+def _raw_split(result, stream_type):
+    "(raw response or None, parsed result): `with_raw_response` hands us the raw wrapper; we log what it parses to."
+    if isinstance(result, (ChatCompletion, stream_type)) or not hasattr(result, 'parse'): return None, result
+    return result, result.parse()
 
 def _create(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
+    hit = call.cached_answer(ChunkStream)
+    if hit is not None: return hit
     requested_at = now_ms()
-    cached = call.cache_get() if call.cache else None
-    if cached is not None:
-        call.replay(cached, requested_at)
-        if call.stream: return ChunkStream(completion_chunks(cached, call.include_usage), comp._client)
-        return ChatCompletion.model_validate(cached)
-    model = call.request.get('model')
-    try:
-        route, result = _attempt(comp, call, model, call.transport.get('timeout', openai.NOT_GIVEN))
+    try: route, result = _attempt(comp, call, call.request.get('model'), call.transport.get('timeout', openai.NOT_GIVEN))
     except Exception as e:
-        call.parent_id = call.log(model=model, error=e, requested_at=requested_at, provider=_provider_of(model))
-        if not call.opts.get('fallback'): raise
+        if not call.first_failed(e, requested_at): raise
         requested_at = now_ms()
         try: route, result = _fallback_attempt(comp, call, call.fallback_timeout())
-        except Exception as e2:
-            call.log(model=call.opts['fallback']['model'], error=e2, requested_at=requested_at,
-                     provider=_provider_of(call.opts['fallback']['model']))
-            raise
-    return _finish(call, route, result, requested_at)
+        except Exception as e2: call.fallback_failed(e2, requested_at); raise
+    raw, result = _raw_split(result, openai.Stream)
+    out = _wrap_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
+    return out if raw is None else raw
 
 def _provider_of(model) -> str | None:
     if not isinstance(model, str): return None
@@ -597,40 +614,25 @@ async def _aattempt(comp, call, model, timeout):
     return route, (AsyncChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
 async def _afallback_attempt(comp, call, timeout):
-    fb_client, model = comp._client.fallback_client, call.opts['fallback']['model']
-    if fb_client is None: return await _aattempt(comp, call, model, timeout)
-    from openpipe_lab.providers import Route
-    route, body = Route(model, 'fallback_client', 'openai', model, base_url=str(fb_client.base_url)), {**call.request, 'model': model}
-    if 'metadata' in body and not body.get('store'): del body['metadata']
-    extra = {'openpipe': {'store': False}} if isinstance(fb_client, (OpenAI, AsyncOpenAI)) else {}
-    result = fb_client.chat.completions.create(**body, **{**call.transport, 'timeout': timeout}, **extra)
-    if hasattr(result, '__await__'): result = await result
-    return route, result
+    fb_client = comp._client.fallback_client
+    if fb_client is None: return await _aattempt(comp, call, call.opts['fallback']['model'], timeout)
+    route, body = call.fallback_client_call(fb_client, timeout)
+    result = fb_client.chat.completions.create(**body)
+    return route, (await result if hasattr(result, '__await__') else result)
 
 async def _acreate(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
+    hit = call.cached_answer(AsyncChunkStream)
+    if hit is not None: return hit
     requested_at = now_ms()
-    cached = call.cache_get() if call.cache else None
-    if cached is not None:
-        call.replay(cached, requested_at)
-        if call.stream: return AsyncChunkStream(completion_chunks(cached, call.include_usage), comp._client)
-        return ChatCompletion.model_validate(cached)
-    model = call.request.get('model')
-    try:
-        route, result = await _aattempt(comp, call, model, call.transport.get('timeout', openai.NOT_GIVEN))
+    try: route, result = await _aattempt(comp, call, call.request.get('model'), call.transport.get('timeout', openai.NOT_GIVEN))
     except Exception as e:
-        call.parent_id = call.log(model=model, error=e, requested_at=requested_at, provider=_provider_of(model))
-        if not call.opts.get('fallback'): raise
+        if not call.first_failed(e, requested_at): raise
         requested_at = now_ms()
         try: route, result = await _afallback_attempt(comp, call, call.fallback_timeout())
-        except Exception as e2:
-            call.log(model=call.opts['fallback']['model'], error=e2, requested_at=requested_at,
-                     provider=_provider_of(call.opts['fallback']['model']))
-            raise
-    raw = None
-    if not isinstance(result, (ChatCompletion, openai.AsyncStream)) and hasattr(result, 'parse'):
-        raw, result = result, result.parse()  # `with_raw_response` / `with_streaming_response`
-        if hasattr(result, '__await__'): result = await result
+        except Exception as e2: call.fallback_failed(e2, requested_at); raise
+    raw, result = _raw_split(result, openai.AsyncStream)
+    if raw is not None and hasattr(result, '__await__'): result = await result  # async `with_streaming_response`
     out = _wrap_async_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
     return out if raw is None else raw
 

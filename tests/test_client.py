@@ -2,7 +2,7 @@
 import asyncio, json
 import openai, pytest
 from openai.types.chat import ChatCompletion
-from fakes import FakeUpstream, Reply, fake_upstream  # noqa: F401  (fixture)
+from fakes import FakeUpstream, Reply, fake_upstream, fake_providers  # noqa: F401  (fixtures)
 from openpipe_lab.client import OpenAI, AsyncOpenAI
 from openpipe_lab.core import ConfigError
 from openpipe_lab.store import tables
@@ -13,10 +13,7 @@ HI = [{'role': 'user', 'content': 'hi'}]
 
 
 @pytest.fixture
-def up(fake_upstream, monkeypatch):
-    monkeypatch.setenv('ANTHROPIC_API_KEY', 'sk-ant-test')
-    monkeypatch.setenv('ANTHROPIC_BASE_URL', fake_upstream.anthropic_url)
-    return fake_upstream
+def up(fake_providers): return fake_providers
 
 
 @pytest.fixture

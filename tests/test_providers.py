@@ -3,7 +3,7 @@ openai SDKs -> fake upstreams speaking each provider's wire format (tests/fakes)
 import json, time
 import openai, pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from fakes import FakeUpstream, Reply, fake_upstream  # noqa: F401  (fixture)
+from fakes import FakeUpstream, Reply, fake_upstream, fake_providers  # noqa: F401  (fixtures)
 from openpipe_lab.core import ProviderError, MissingAPIKeyError
 from openpipe_lab.store import tables
 
@@ -20,14 +20,7 @@ def camel(obj):
 
 
 @pytest.fixture
-def env(fake_upstream, monkeypatch):
-    "Provider keys and base URLs pointing at the fake."
-    monkeypatch.setenv('ANTHROPIC_API_KEY', 'sk-ant-test')
-    monkeypatch.setenv('ANTHROPIC_BASE_URL', fake_upstream.anthropic_url)
-    monkeypatch.setenv('GEMINI_API_KEY', 'gem-test')
-    monkeypatch.delenv('GOOGLE_API_KEY', raising=False)
-    monkeypatch.setenv('GOOGLE_GEMINI_BASE_URL', fake_upstream.gemini_url)
-    return fake_upstream
+def env(fake_providers): return fake_providers
 
 
 @pytest.fixture
