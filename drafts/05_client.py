@@ -376,6 +376,13 @@ class AsyncChunkStream(AsyncLoggedStream):
 
 # %%
 #| export
+def _unreachable(e, route):
+    "A connection error that names the model id, the URL and (for deployments) what to check."
+    if isinstance(e, openai.APITimeoutError): return e
+    hint = (f"; is deployment {route.deployment_id} still running? Deployment.list() shows it, "
+            f"Deployment([...]).start() starts a new one" if route.deployment_id else '')
+    return openai.APIConnectionError(message=f"{route.model}: cannot connect to {route.base_url} ({e}){hint}", request=e.request)
+
 def _attempt(comp, call, model, timeout):
     "One upstream call for `model`: returns (route, ChatCompletion or Stream)."
     route, body = call.prepare(model)
@@ -384,7 +391,8 @@ def _attempt(comp, call, model, timeout):
     if route.uses_client: return route, _SDKCompletions.create(comp, **body, **extra)
     if not route.translated:
         sdk = backend(route, client._backends, max_retries=client.max_retries)
-        return route, sdk.chat.completions.create(**body, **extra)
+        try: return route, sdk.chat.completions.create(**body, **extra)
+        except openai.APIConnectionError as e: raise _unreachable(e, route) from e
     out = backend(route, client._backends, max_retries=client.max_retries).create(body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (ChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
@@ -608,7 +616,8 @@ async def _aattempt(comp, call, model, timeout):
     if route.uses_client: return route, await _SDKAsyncCompletions.create(comp, **body, **extra)
     if not route.translated:
         sdk = backend(route, client._backends, async_=True, max_retries=client.max_retries)
-        return route, await sdk.chat.completions.create(**body, **extra)
+        try: return route, await sdk.chat.completions.create(**body, **extra)
+        except openai.APIConnectionError as e: raise _unreachable(e, route) from e
     out = await backend(route, client._backends, async_=True, max_retries=client.max_retries).acreate(
         body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (AsyncChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))

@@ -271,3 +271,13 @@ def test_openai_stream_with_n_choices_is_assembled(lab, env):
     assert {c.choices[0].index for c in chunks} == {0, 1}
     (log,) = logs(lab, prompt_id='n2')
     assert [c['message']['content'] for c in log['resp_payload']['choices']] == ['echo: two [0]', 'echo: two [1]']
+
+
+def test_dead_deployment_names_the_url_and_the_fix(lab, env):
+    with FakeUpstream() as gone: url = gone.openai_url
+    _deploy(lab, url)
+    client = lab.openai(api_key='sk-test', base_url=env.openai_url, max_retries=0)
+    with pytest.raises(openai.APIConnectionError, match=r"openpipe:pii-smol: cannot connect to http://127.0.0.1:\d+/v1 .*still running"):
+        client.chat.completions.create(model='openpipe:pii-smol', messages=[{'role': 'user', 'content': 'x'}], metadata={'prompt_id': 'dead'})
+    (log,) = logs(lab, prompt_id='dead')
+    assert 'cannot connect' in log['error_message'] and log['status_code'] is None
