@@ -224,7 +224,7 @@ def _pid_alive(pid) -> bool:
 
 def _iso(ms): return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms / 1000)) + f'.{ms % 1000:03d}Z'
 
-# %% ../nbs/07_finetune.ipynb #312a5cff
+# %% ../nbs/07_finetune.ipynb #22446d36
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 def _hf_cached(repo_id: str) -> bool:
@@ -250,7 +250,7 @@ class FineTune:
                  chat_template: str | None = None,  # override the base tokenizer's template
                  default_temperature: float | None = None,  # the spec's `defaultTemperature`
                  pruning_rules: list | None = None,  # None: inherit the dataset's rules
-                 checkpoint_every: float = 0.1,  # save a checkpoint every this fraction of steps (or every N steps if ≥ 1)
+                 checkpoint_every: float | None = None,  # checkpoint every this fraction of steps (< 1) or every N steps; None: 10%, at most every 5 min
                  seed: int = 0, description: str | None = None,
                  store=None,  # a LogStore; default: the dataset's, else the default lab
                  _kind: str = 'openpipe', _hyperparameters: dict | None = None):
@@ -283,7 +283,7 @@ class FineTune:
                             ('lora_alpha', lora_alpha, _positive(lora_alpha)),
                             ('lora_dropout', lora_dropout, _is_number(lora_dropout) and 0 <= lora_dropout < 1),
                             ('device', device, device in ('auto', 'cpu', 'cuda')),
-                            ('checkpoint_every', checkpoint_every, _positive(checkpoint_every)),
+                            ('checkpoint_every', checkpoint_every, checkpoint_every is None or _positive(checkpoint_every)),
                             ('default_temperature', default_temperature, default_temperature is None or (_is_number(default_temperature) and 0 <= default_temperature <= 2))):
             if not ok: problems.append(f"{name}: invalid value {v!r}")
         if problems: raise ConfigError(f"invalid fine-tune configuration for {slug!r}:" + ''.join(f"\n  - {p}" for p in problems))
@@ -588,7 +588,7 @@ def plot(self: FineTune, ax=None):
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_title(self.slug); ax.legend()
     return ax
 
-# %% ../nbs/07_finetune.ipynb #d4b5de48
+# %% ../nbs/07_finetune.ipynb #c6ec06da
 @patch
 def to_dict(self: FineTune) -> dict:
     "The model object of the `/models` API (`openpipe.status`, `baseModel`, `hyperparameters`, `errorMessage`...)."

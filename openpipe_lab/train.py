@@ -13,11 +13,13 @@ from .finetune import (BASE_LEARNING_RATES, default_epochs, tokenize_conversatio
                                    choose_chat_template, training_price, estimate_training_cost, _update_model, _model_row)
 
 # %% auto #0
-__all__ = ['VARLEN_ATTENTION', 'activation_bytes_per_token', 'plan_batches', 'register_varlen_attention', 'sft_dataset',
-           'preference_dataset', 'resolve_base', 'describe_error', 'run_sft', 'run_preference', 'run_reward', 'run_job',
-           'db_row_progress', 'main']
+__all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'VARLEN_ATTENTION', 'activation_bytes_per_token', 'plan_batches',
+           'register_varlen_attention', 'sft_dataset', 'preference_dataset', 'resolve_base', 'describe_error',
+           'run_sft', 'run_preference', 'run_reward', 'run_job', 'db_row_progress', 'main']
 
-# %% ../nbs/07a_train.ipynb #dbab9995
+# %% ../nbs/07a_train.ipynb #9864f657
+CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
+
 def activation_bytes_per_token(cfg, liger: bool) -> float:
     "Rough activation memory per trained token (bf16, no gradient checkpointing) for a decoder config."
     h = cfg.get('hidden_size', 1024); inter = cfg.get('intermediate_size', 4 * h)
@@ -42,7 +44,7 @@ def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free
     while n % per: per -= 1
     return dict(per_device=per, grad_accum=n // per, packing=False, gradient_checkpointing=fit_rows == 0)
 
-# %% ../nbs/07a_train.ipynb #98bae737
+# %% ../nbs/07a_train.ipynb #0de333c0
 VARLEN_ATTENTION = 'openpipe_varlen'
 
 def _varlen_call(q, k, v, cu, max_len, scale):
@@ -77,9 +79,10 @@ def register_varlen_attention() -> str | None:
         from transformers import AttentionInterface
         torch.manual_seed(0)
         lens = [5, 11]; cu = torch.tensor([0, 5, 16], dtype=torch.int32, device='cuda')
-        q = torch.randn(16, 4, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(16, 2, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(16, 2, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        # the layout the model hands over: (1, heads, tokens, dim), viewed as (tokens, heads, dim)
+        mk = lambda h: torch.randn(1, h, 16, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        q4, k4, v4 = mk(4), mk(2), mk(2)
+        q, k, v = (x[0].transpose(0, 1) for x in (q4, k4, v4))
         out = _varlen_call(q, k, v, cu, 11, 0.125)
         out.float().sum().backward()
         ref, s = [], 0
@@ -95,7 +98,7 @@ def register_varlen_attention() -> str | None:
         print(f"varlen attention unavailable ({type(e).__name__}: {e}); using sdpa", flush=True)
         return None
 
-# %% ../nbs/07a_train.ipynb #4e887851
+# %% ../nbs/07a_train.ipynb #f8511077
 def _callback_class():
     from transformers import TrainerCallback
     class StoreCallback(TrainerCallback):
@@ -127,6 +130,14 @@ def _callback_class():
                                                                   record=dumps(rec), created_at=now_ms()))
             self._progress(state, force=True)
         def on_train_end(self, args, state, control, **kw): self._progress(state, force=True)
+    class CheckpointThrottle(TrainerCallback):
+        "Skip a scheduled checkpoint when the last one is less than `min_interval` seconds old."
+        def __init__(self, min_interval): self.min_interval, self.last = min_interval, time.time()
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_save:
+                if time.time() - self.last < self.min_interval: control.should_save = False
+                else: self.last = time.time()
+    StoreCallback.Throttle = CheckpointThrottle
     return StoreCallback
 
 # %% ../nbs/07a_train.ipynb #7cb656f4
@@ -174,7 +185,7 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
         for o in out: del o['tools']
     return (datasets.Dataset.from_list(out) if out else None), {'rows': len(out), 'tokens': tokens}
 
-# %% ../nbs/07a_train.ipynb #3409a856
+# %% ../nbs/07a_train.ipynb #308fd51a
 def resolve_base(db, base: str) -> dict:
     "Where to load the base model from, and the adapter to continue from when `base` is a fine-tune's slug."
     t = tables.models
@@ -201,8 +212,14 @@ def describe_error(e, ctx: dict, log_path) -> str:
 def _lr(stage, method, mult): return BASE_LEARNING_RATES[(stage, method)] * float(mult)
 
 def _last_checkpoint(d):
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(str(d)) if Path(d).is_dir() else None
+    "The newest complete checkpoint in `d` (a worker killed while saving leaves a partial one: it is removed)."
+    d = Path(d)
+    if not d.is_dir(): return None
+    cks = sorted((p for p in d.glob('checkpoint-*') if p.name.split('-')[-1].isdigit()), key=lambda p: int(p.name.split('-')[-1]))
+    for p in reversed(cks):
+        if (p / 'trainer_state.json').exists(): return str(p)  # written last by the Trainer
+        shutil.rmtree(p, ignore_errors=True)
+    return None
 
 class _Job:
     "State of one worker run (not public): row, config, paths, device, tokenizer."
@@ -245,7 +262,7 @@ class _Job:
                 load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
             if cuda: kw['device_map'] = {'': 0}
-        if varlen and cuda and not reward:
+        if varlen and cuda and not reward and os.environ.get('OPENPIPE_LAB_ATTENTION', 'auto') != 'sdpa':
             self.attn = self.attn or register_varlen_attention()
             if self.attn: kw['attn_implementation'] = self.attn
         auto = transformers.AutoModelForSequenceClassification if reward else transformers.AutoModelForCausalLM
@@ -261,6 +278,9 @@ class _Job:
         peft = require('peft')
         if cfg['method'] == 'qlora':
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            if not cuda:  # bitsandbytes repacks 4-bit weights for CPU inference at the first eval, and that layout
+                for m in model.modules():  # then breaks the training step ('a view of a leaf Variable...'): keep it off
+                    if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False
         adapter = adapter or self.base['init_adapter']
         if adapter: return peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
         lc = peft.LoraConfig(r=self.lora['r'], lora_alpha=self.lora['alpha'], lora_dropout=self.lora['dropout'],
@@ -276,7 +296,7 @@ class _Job:
 
     def args(self, cls, stage, epochs, lr, plan, has_eval, **extra):
         cuda = self.device == 'cuda'
-        ce = self.cfg.get('checkpoint_every', 0.1)
+        ce = self.cfg.get('checkpoint_every') or 0.1
         kw = dict(output_dir=str(self.out / 'checkpoints' / stage), num_train_epochs=float(epochs),
                   per_device_train_batch_size=plan['per_device'], per_device_eval_batch_size=plan['per_device'],
                   gradient_accumulation_steps=plan['grad_accum'], learning_rate=lr, lr_scheduler_type='cosine',
@@ -290,7 +310,10 @@ class _Job:
         return cls(**kw)
 
     def callbacks(self, stage, offset, index, n):
-        return [_callback_class()(self.db, self.id, stage, offset, index, n)]
+        cb = _callback_class()
+        out = [cb(self.db, self.id, stage, offset, index, n)]
+        if self.cfg.get('checkpoint_every') is None: out.append(cb.Throttle(CHECKPOINT_MIN_INTERVAL_S))
+        return out
 
     def finish_stage(self, stage, trainer, model, stats, epochs, lr, plan):
         d = self.out / 'stages' / stage
@@ -309,7 +332,7 @@ def _stage_done(out, stage):
     p = out / 'stages' / stage / 'done.json'
     return json.loads(p.read_text()) if p.exists() else None
 
-# %% ../nbs/07a_train.ipynb #90e0d079
+# %% ../nbs/07a_train.ipynb #bd1f6473
 def _fault(stage):
     "Test hook: OPENPIPE_LAB_TRAIN_FAULT=oom:<stage> raises an out-of-memory error at that stage's start."
     f = os.environ.get('OPENPIPE_LAB_TRAIN_FAULT', '')
@@ -337,6 +360,7 @@ def run_sft(job, offset, index, n):
                         callbacks=job.callbacks('sft', offset, index, n))
     tr.train(resume_from_checkpoint=_last_checkpoint(job.out / 'checkpoints' / 'sft'))
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
+    plan = dict(plan, attention=job.attn or 'sdpa', liger=job.liger)
     return job.finish_stage('sft', tr, model, stats, epochs, lr, plan)
 
 def run_preference(job, offset, index, n, start_adapter=None):
@@ -395,7 +419,7 @@ def run_reward(job, offset, index, n):
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
     return job.finish_stage('reward', tr, model, stats, epochs, lr, plan)
 
-# %% ../nbs/07a_train.ipynb #72a0b8f8
+# %% ../nbs/07a_train.ipynb #0dbfb3ac
 def _copy_dir(src, dst):
     shutil.rmtree(dst, ignore_errors=True); shutil.copytree(src, dst)
 
@@ -474,9 +498,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1: print("usage: python -m openpipe_lab.train <model id>", file=sys.stderr); return 2
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')  # keep train.log readable
     db = Database(os.environ.get('OPENPIPE_LAB_DB') or default_db_url())
     return 0 if run_job(db, argv[0]) else 1
 
-# %% ../nbs/07a_train.ipynb #19bbcb55
-#| eval: false
-if __name__ == '__main__': sys.exit(main())
+# %% ../nbs/07a_train.ipynb #48e4446a
+if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())  # not when a notebook runs this cell
