@@ -134,9 +134,9 @@ def report(title, names, wall, cpu, total):
               f"{r['added_wall_p99']:+.1f} | {r['cpu_p50']:.0f} | {r['added_cpu_p50']:+.1f} | {r['added_cpu_p99']:+.1f} |")
     ours = next(r for r in rows if r['client'].startswith('openpipe_lab'))
     lite = next((r for r in rows if r['client'].startswith('litellm')), None)
-    if lite and ours['added_cpu_p50'] > 0:
-        print(f"\nLiteLLM's added caller CPU p50 / ours: {lite['added_cpu_p50'] / ours['added_cpu_p50']:.0f}x; "
-              f"added wall p50: {lite['added_wall_p50'] / max(ours['added_wall_p50'], 1e-9):.0f}x")
+    if lite:
+        ratio = lambda key: (f"{lite[key] / ours[key]:.0f}x" if ours[key] > 0 else "n/a (ours within noise of plain)")
+        print(f"\nLiteLLM's added caller CPU p50 / ours: {ratio('added_cpu_p50')}; added wall p50: {ratio('added_wall_p50')}")
     return rows
 
 

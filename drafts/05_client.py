@@ -166,7 +166,9 @@ class _Call:
     @cached_property
     def cache_key(self) -> str:
         "Hash of the model and every request field that can change the output."
-        return content_hash({k: v for k, v in self.request.items() if k not in _NOT_OUTPUT})
+        fields = {k: v for k, v in self.request.items() if k not in _NOT_OUTPUT}
+        if self.transport.get('extra_body'): fields['extra_body'] = self.transport['extra_body']  # e.g. vLLM's top_k
+        return content_hash(fields)
 
     def cache_get(self) -> dict | None:
         "The cached completion for this request, if any and not expired (counts the hit)."
@@ -691,16 +693,18 @@ test_eq(len(lab.filter(prompt_id='async')), 1)
 # ## What logging costs
 #
 # `bench/client_overhead.py` calls the plain `openai` client, this client and LiteLLM's `completion` with a logging
-# callback side by side (interleaved call by call) against a local fake upstream, and measures wall latency and the
-# CPU time of the calling thread per call. Measured on the 2-core development machine (load average ~5 from other
-# work, so wall figures are noisy; openai 3.57, litellm 1.110.2, 3000 calls per client):
+# callback side by side (interleaved call by call, shuffled) against a local fake upstream, and measures wall
+# latency and the CPU time of the calling thread per call. On the 2-core development machine (load average ~5
+# from other work, so figures move by ±30 µs between runs; openai 3.57, litellm 1.110.2, 3000 calls per client):
 #
-# | | added caller-thread CPU p50 | added wall p50 | calls/s (loopback) |
+# | | added caller-thread CPU p50 | added wall p50 | calls/s over loopback |
 # |---|---:|---:|---:|
-# | this client, our layer alone (SDK request stubbed) | 15 µs | | |
-# | this client, end to end (in-process transport / loopback HTTP) | 50 µs / 51 µs | +218 µs / −6 µs | 279 (plain: 285) |
-# | LiteLLM `completion` + callback (in-process / loopback) | 2723 µs / 2486 µs | +4263 µs / +2517 µs | 137 |
+# | this client: our layer alone (SDK request stubbed, warm caches) | 16 µs | | |
+# | this client, end to end (in-process transport / loopback HTTP) | 61 µs / 64 µs | +159 µs / −70 µs | 256 (plain 253) |
+# | LiteLLM `completion` + callback (in-process / loopback) | 2351 µs / 2647 µs | +2994 µs / +2847 µs | 122 |
 #
-# The plain `openai` 3.57 client itself spends ~1 ms of CPU per call, so the logging layer is a few percent of a
-# call and ~50× cheaper than LiteLLM's path end to end. The database write happens on the log writer's thread;
-# with one Python process and a GIL it still shares the CPU with the caller, which is what the wall figures show.
+# End to end our layer runs with caches cold from the SDK's ~1 ms of work per call, which is why it costs more than
+# alone; about 24 µs of it is `LogStore.record` serialising the request and enqueueing the row. The plain `openai`
+# client spends ~1 ms of CPU per call, so logging is a few percent of a call and ~40× cheaper than LiteLLM's path.
+# The database write itself happens on the log writer's thread; in one Python process it still shares the GIL and
+# the cores with the caller, which is part of what the wall figures show.

@@ -50,7 +50,7 @@ def _check_options(options, where: str) -> dict:
         raise ConfigError(f"{where}: openpipe['tags'] must be a dict of strings, got {type(out['tags']).__name__}")
     return out
 
-# %% ../nbs/05_client.ipynb #a3aae7b8
+# %% ../nbs/05_client.ipynb #24c98558
 _OMITTED = (openai.NotGiven, openai.Omit)
 
 def _plain(value):
@@ -125,7 +125,9 @@ class _Call:
     @cached_property
     def cache_key(self) -> str:
         "Hash of the model and every request field that can change the output."
-        return content_hash({k: v for k, v in self.request.items() if k not in _NOT_OUTPUT})
+        fields = {k: v for k, v in self.request.items() if k not in _NOT_OUTPUT}
+        if self.transport.get('extra_body'): fields['extra_body'] = self.transport['extra_body']  # e.g. vLLM's top_k
+        return content_hash(fields)
 
     def cache_get(self) -> dict | None:
         "The cached completion for this request, if any and not expired (counts the hit)."

@@ -152,12 +152,13 @@ def test_cache_modes_expiry_and_stream_replay(client, up, lab):
     r3 = client.chat.completions.create(**kw, openpipe={'cache': 'readWrite'}, metadata={'prompt_id': 'c2'})    # hit
     assert len(up.requests) == 2 and r3.id == r2.id != r1.id and type(r3) is ChatCompletion
     client.chat.completions.create(**{**kw, 'temperature': 1}, openpipe={'cache': 'readOnly'})                 # other key
-    assert len(up.requests) == 3
+    client.chat.completions.create(**kw, extra_body={'top_k': 5}, openpipe={'cache': 'readOnly'})             # other key
+    assert len(up.requests) == 4 and up.last.json['top_k'] == 5
     stream = client.chat.completions.create(**kw, stream=True, openpipe={'cache': 'readOnly'}, metadata={'prompt_id': 'c2'})
     assert isinstance(stream, openai.Stream) and ''.join(c.choices[0].delta.content or '' for c in stream) == 'echo: cache me'
-    assert len(up.requests) == 3
+    assert len(up.requests) == 4
     r4 = client.chat.completions.create(**kw, openpipe={'cache': 'writeOnly'})                                  # never reads
-    assert len(up.requests) == 4 and r4.id != r2.id
+    assert len(up.requests) == 5 and r4.id != r2.id
     assert client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'}).id == r4.id                    # ...but wrote
     hits = logs(lab, prompt_id='c2')
     assert [h['cache_hit'] for h in hits] == [True, True] and hits[1]['stream'] and hits[0]['completion_id'] == r2.id
@@ -165,7 +166,7 @@ def test_cache_modes_expiry_and_stream_replay(client, up, lab):
     with lab.db.connect() as c: assert c.execute(tables.cache.select()).first().hits == 1  # writeOnly replaced the entry
     with lab.db.begin() as c: c.execute(tables.cache.update().values(expires_at=1))   # a week has passed
     client.chat.completions.create(**kw, openpipe={'cache': 'readOnly'})
-    assert len(up.requests) == 5
+    assert len(up.requests) == 6
 
 
 def test_streamed_response_is_cached_for_non_streamed_readers(client, up, lab):
