@@ -349,10 +349,10 @@ cases = [
       'tool_choice': {'type': 'tool', 'name': 'json_output'}}),
 ]
 for req, want in cases: test_eq(to_anthropic({'model': 'claude', **req}), {'model': 'claude', **want})
-to_anthropic({'model': 'claude-3-5-sonnet-20241022', **cases[3][0]})['messages'][1:]  # tool calls and their results
 test_fail(lambda: to_anthropic({'model': 'c', 'messages': [u([{'type': 'input_audio', 'input_audio': {}}])]}), contains="content part 0 of type 'input_audio'")
 test_fail(lambda: to_anthropic({'model': 'c', 'messages': [{'role': 'assistant', 'tool_calls': [{'id': 'c', 'function': {'name': 'f', 'arguments': '{oops'}}]}]}),
           contains='messages[0]: tool call arguments are not valid JSON')
+to_anthropic({'model': 'claude-3-5-sonnet-20241022', **cases[3][0]})['messages'][1:]  # tool calls and their results
 
 # %% [md]
 # ### Anthropic responses back to OpenAI
@@ -607,8 +607,8 @@ cases = [
                  'tool_config': {'function_calling_config': {'mode': 'ANY'}}}}),
 ]
 for req, want in cases: test_eq(to_gemini({'model': 'gemini-1.5-flash-002', **req}), {'model': 'gemini-1.5-flash-002', **want})
-to_gemini({'model': 'gemini-1.5-flash-002', **cases[3][0]})['contents'][1:]  # a function call and its response
 test_fail(lambda: to_gemini({'model': 'g', 'messages': [{'role': 'tool', 'tool_call_id': 'zz', 'content': '1'}]}), contains="unknown tool_call_id 'zz'")
+to_gemini({'model': 'gemini-1.5-flash-002', **cases[3][0]})['contents'][1:]  # a function call and its response
 
 # %% [md]
 # ### Gemini responses back to OpenAI
