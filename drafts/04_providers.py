@@ -411,6 +411,96 @@ test_eq(anthropic_choice({'content': [{'type': 'tool_use', 'id': 't', 'name': JS
 test_eq(len(from_anthropic([msg, msg], 'anthropic:x')['choices']), 2)
 
 # %% [md]
+# ### Anthropic logs reported after the fact
+#
+# `LogStore.report_anthropic` records calls an application made with the Anthropic SDK itself. To keep one
+# shape in the lab (so such logs filter, export and become datasets like any other), the request and response
+# are translated the other way: a Messages API request becomes the equivalent chat-completions request, and the
+# `Message` becomes a `chat.completion` (via `from_anthropic`).
+
+# %%
+#| export
+def _openai_parts(blocks, where: str) -> tuple[list, list, list]:
+    "OpenAI content parts, tool calls and tool results from Anthropic content blocks."
+    parts, calls, results = [], [], []
+    for j, b in enumerate(blocks):
+        kind = b.get('type') if isinstance(b, dict) else None
+        if kind == 'text': parts.append({'type': 'text', 'text': b.get('text', '')})
+        elif kind == 'image':
+            src = b.get('source') or {}
+            url = src.get('url') if src.get('type') == 'url' else f"data:{src.get('media_type')};base64,{src.get('data')}"
+            parts.append({'type': 'image_url', 'image_url': {'url': url}})
+        elif kind == 'tool_use':
+            calls.append({'id': b.get('id'), 'type': 'function',
+                          'function': {'name': b.get('name'), 'arguments': json.dumps(b.get('input') or {})}})
+        elif kind == 'tool_result':
+            content = b.get('content')
+            text = content if isinstance(content, str) else ''.join(c.get('text', '') for c in content or [] if isinstance(c, dict))
+            results.append({'role': 'tool', 'tool_call_id': b.get('tool_use_id'), 'content': text})
+        elif kind in ('thinking', 'redacted_thinking'): continue
+        else: raise ValidationError(f"{where}.content[{j}]: unsupported Anthropic content block {kind!r}")
+    return parts, calls, results
+
+def anthropic_request_to_openai(body: dict  # an Anthropic Messages API request
+                               ) -> dict:
+    "The chat-completions request equivalent to an Anthropic Messages API request."
+    messages = []
+    system = body.get('system')
+    if system:
+        text = system if isinstance(system, str) else ''.join(b.get('text', '') for b in system if isinstance(b, dict))
+        messages.append({'role': 'system', 'content': text})
+    for i, m in enumerate(body.get('messages') or []):
+        where = f"req_payload.messages[{i}]"
+        if not isinstance(m, dict) or m.get('role') not in ('user', 'assistant'):
+            raise ValidationError(f"{where}: an Anthropic message needs role 'user' or 'assistant'")
+        content = m.get('content')
+        if isinstance(content, str): messages.append({'role': m['role'], 'content': content}); continue
+        parts, calls, results = _openai_parts(content or [], where)
+        messages.extend(results)  # tool results come first: they answer the previous assistant turn
+        if m['role'] == 'assistant':
+            msg = {'role': 'assistant', 'content': ''.join(p['text'] for p in parts if p['type'] == 'text') or None}
+            if calls: msg['tool_calls'] = calls
+            messages.append(msg)
+        elif parts:
+            only_text = all(p['type'] == 'text' for p in parts)
+            messages.append({'role': 'user', 'content': ''.join(p['text'] for p in parts) if only_text else parts})
+    out = {'model': body.get('model'), 'messages': messages}
+    if body.get('max_tokens') is not None: out['max_tokens'] = body['max_tokens']
+    for k in ('temperature', 'top_p', 'stream'):
+        if body.get(k) is not None: out[k] = body[k]
+    if body.get('stop_sequences'): out['stop'] = list(body['stop_sequences'])
+    if body.get('tools'):
+        out['tools'] = [{'type': 'function', 'function': {'name': t.get('name'), 'description': t.get('description', ''),
+                                                          'parameters': t.get('input_schema') or {'type': 'object', 'properties': {}}}}
+                        for t in body['tools']]
+    tc = body.get('tool_choice')
+    if isinstance(tc, dict):
+        out['tool_choice'] = ({'auto': 'auto', 'none': 'none', 'any': 'required'}.get(tc.get('type'))
+                              or {'type': 'function', 'function': {'name': tc.get('name')}})
+        if tc.get('disable_parallel_tool_use'): out['parallel_tool_calls'] = False
+    return out
+
+def anthropic_response_to_openai(message: dict  # an Anthropic `Message` (dict)
+                                ) -> dict:
+    "The `chat.completion` equivalent to an Anthropic `Message`."
+    return from_anthropic([message], message.get('model') or 'anthropic')
+
+# %% [md]
+# A round trip through both directions keeps system prompts, tool calls and tool results:
+
+# %%
+oa = {'model': 'claude-3-5-sonnet', 'max_tokens': 50, 'stop': ['END'],
+      'tools': [{'type': 'function', 'function': {'name': 'lookup', 'description': 'd', 'parameters': {'type': 'object', 'properties': {}}}}],
+      'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Weather?'},
+                   {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'toolu_1', 'type': 'function', 'function': {'name': 'lookup', 'arguments': '{"q": "sf"}'}}]},
+                   {'role': 'tool', 'tool_call_id': 'toolu_1', 'content': 'sunny'}]}
+back = anthropic_request_to_openai(to_anthropic(oa))
+test_eq(back['messages'], oa['messages'])
+test_eq((back['tools'], back['stop'], back['max_tokens']), (oa['tools'], ['END'], 50))
+test_eq(anthropic_response_to_openai(msg)['choices'][0], from_anthropic([msg], 'x')['choices'][0])
+test_fail(lambda: anthropic_request_to_openai({'messages': [{'role': 'robot', 'content': 'x'}]}), contains='req_payload.messages[0]')
+
+# %% [md]
 # ### Anthropic streams
 #
 # Anthropic streams typed events (`message_start`, `content_block_start`/`_delta`/`_stop`, `message_delta`,

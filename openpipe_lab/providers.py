@@ -13,9 +13,9 @@ from .store import tables, loads
 
 # %% auto #0
 __all__ = ['ANTHROPIC_ALIASES', 'GEMINI_ALIASES', 'ANTHROPIC_MAX_TOKENS', 'JSON_TOOL', 'ANTHROPIC_FINISH', 'GEMINI_FINISH',
-           'Route', 'resolve', 'to_anthropic', 'anthropic_choice', 'from_anthropic', 'AnthropicStream', 'to_gemini',
-           'from_gemini', 'GeminiStream', 'assemble_chunks', 'completion_chunks', 'to_openai_error', 'AnthropicBackend',
-           'GeminiBackend', 'backend']
+           'Route', 'resolve', 'to_anthropic', 'anthropic_choice', 'from_anthropic', 'anthropic_request_to_openai',
+           'anthropic_response_to_openai', 'AnthropicStream', 'to_gemini', 'from_gemini', 'GeminiStream',
+           'assemble_chunks', 'completion_chunks', 'to_openai_error', 'AnthropicBackend', 'GeminiBackend', 'backend']
 
 # %% ../nbs/04_providers.ipynb #e0249ab5
 @dataclass(frozen=True)
@@ -233,7 +233,73 @@ def from_anthropic(messages: list[dict],  # one Anthropic Message per choice (n 
             'choices': [anthropic_choice(m, i) for i, m in enumerate(messages)],
             'usage': _usage(sum(u.get('input_tokens') or 0 for u in usage), sum(u.get('output_tokens') or 0 for u in usage))}
 
-# %% ../nbs/04_providers.ipynb #179ed94b
+# %% ../nbs/04_providers.ipynb #89e4888c
+def _openai_parts(blocks, where: str) -> tuple[list, list, list]:
+    "OpenAI content parts, tool calls and tool results from Anthropic content blocks."
+    parts, calls, results = [], [], []
+    for j, b in enumerate(blocks):
+        kind = b.get('type') if isinstance(b, dict) else None
+        if kind == 'text': parts.append({'type': 'text', 'text': b.get('text', '')})
+        elif kind == 'image':
+            src = b.get('source') or {}
+            url = src.get('url') if src.get('type') == 'url' else f"data:{src.get('media_type')};base64,{src.get('data')}"
+            parts.append({'type': 'image_url', 'image_url': {'url': url}})
+        elif kind == 'tool_use':
+            calls.append({'id': b.get('id'), 'type': 'function',
+                          'function': {'name': b.get('name'), 'arguments': json.dumps(b.get('input') or {})}})
+        elif kind == 'tool_result':
+            content = b.get('content')
+            text = content if isinstance(content, str) else ''.join(c.get('text', '') for c in content or [] if isinstance(c, dict))
+            results.append({'role': 'tool', 'tool_call_id': b.get('tool_use_id'), 'content': text})
+        elif kind in ('thinking', 'redacted_thinking'): continue
+        else: raise ValidationError(f"{where}.content[{j}]: unsupported Anthropic content block {kind!r}")
+    return parts, calls, results
+
+def anthropic_request_to_openai(body: dict  # an Anthropic Messages API request
+                               ) -> dict:
+    "The chat-completions request equivalent to an Anthropic Messages API request."
+    messages = []
+    system = body.get('system')
+    if system:
+        text = system if isinstance(system, str) else ''.join(b.get('text', '') for b in system if isinstance(b, dict))
+        messages.append({'role': 'system', 'content': text})
+    for i, m in enumerate(body.get('messages') or []):
+        where = f"req_payload.messages[{i}]"
+        if not isinstance(m, dict) or m.get('role') not in ('user', 'assistant'):
+            raise ValidationError(f"{where}: an Anthropic message needs role 'user' or 'assistant'")
+        content = m.get('content')
+        if isinstance(content, str): messages.append({'role': m['role'], 'content': content}); continue
+        parts, calls, results = _openai_parts(content or [], where)
+        messages.extend(results)  # tool results come first: they answer the previous assistant turn
+        if m['role'] == 'assistant':
+            msg = {'role': 'assistant', 'content': ''.join(p['text'] for p in parts if p['type'] == 'text') or None}
+            if calls: msg['tool_calls'] = calls
+            messages.append(msg)
+        elif parts:
+            only_text = all(p['type'] == 'text' for p in parts)
+            messages.append({'role': 'user', 'content': ''.join(p['text'] for p in parts) if only_text else parts})
+    out = {'model': body.get('model'), 'messages': messages}
+    if body.get('max_tokens') is not None: out['max_tokens'] = body['max_tokens']
+    for k in ('temperature', 'top_p', 'stream'):
+        if body.get(k) is not None: out[k] = body[k]
+    if body.get('stop_sequences'): out['stop'] = list(body['stop_sequences'])
+    if body.get('tools'):
+        out['tools'] = [{'type': 'function', 'function': {'name': t.get('name'), 'description': t.get('description', ''),
+                                                          'parameters': t.get('input_schema') or {'type': 'object', 'properties': {}}}}
+                        for t in body['tools']]
+    tc = body.get('tool_choice')
+    if isinstance(tc, dict):
+        out['tool_choice'] = ({'auto': 'auto', 'none': 'none', 'any': 'required'}.get(tc.get('type'))
+                              or {'type': 'function', 'function': {'name': tc.get('name')}})
+        if tc.get('disable_parallel_tool_use'): out['parallel_tool_calls'] = False
+    return out
+
+def anthropic_response_to_openai(message: dict  # an Anthropic `Message` (dict)
+                                ) -> dict:
+    "The `chat.completion` equivalent to an Anthropic `Message`."
+    return from_anthropic([message], message.get('model') or 'anthropic')
+
+# %% ../nbs/04_providers.ipynb #d519559d
 class AnthropicStream:
     "Translate Anthropic stream events (dicts) for choice `index` into OpenAI chunk dicts."
     def __init__(self, model: str, index: int = 0, chunk_id: str | None = None):
@@ -283,7 +349,7 @@ class AnthropicStream:
         "The final chunk carrying the usage."
         return self._chunk(usage=_usage(self.prompt_tokens, self.completion_tokens))
 
-# %% ../nbs/04_providers.ipynb #a1b15ce6
+# %% ../nbs/04_providers.ipynb #43ff8c10
 def _gemini_parts(content, where: str) -> list:
     if content is None: return []
     if isinstance(content, str): return [{'text': content}] if content else []
@@ -357,7 +423,7 @@ def to_gemini(request: dict  # an OpenAI chat completions request
             config['tool_config'] = {'function_calling_config': fcc}
     return {'model': request['model'], 'contents': contents, 'config': config}
 
-# %% ../nbs/04_providers.ipynb #ce4dbef0
+# %% ../nbs/04_providers.ipynb #80e70953
 GEMINI_FINISH = {'STOP': 'stop', 'MAX_TOKENS': 'length', 'SAFETY': 'content_filter', 'RECITATION': 'content_filter',
                  'BLOCKLIST': 'content_filter', 'PROHIBITED_CONTENT': 'content_filter', 'SPII': 'content_filter',
                  'IMAGE_SAFETY': 'content_filter'}
@@ -426,7 +492,7 @@ class GeminiStream:
         return {'id': self.id, 'object': 'chat.completion.chunk', 'created': self.created, 'model': self.model,
                 'choices': [], 'usage': self.usage or _usage(0, 0)}
 
-# %% ../nbs/04_providers.ipynb #61bbdb5e
+# %% ../nbs/04_providers.ipynb #b22d6d61
 def assemble_chunks(chunks: list[dict],  # OpenAI chat.completion.chunk dicts, in order
                    ) -> dict:
     "The `chat.completion` dict a list of stream chunks adds up to."
@@ -476,7 +542,7 @@ def completion_chunks(completion: dict,  # a chat.completion dict
     if include_usage and completion.get('usage'): out.append({**base, 'choices': [], 'usage': completion['usage']})
     return out
 
-# %% ../nbs/04_providers.ipynb #4cd662d4
+# %% ../nbs/04_providers.ipynb #0903a747
 def _openai_status_error(status: int, message: str, body, url: str):
     import openai, httpx2
     classes = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
@@ -511,7 +577,7 @@ def to_openai_error(exc: Exception, route: Route) -> Exception:
         return openai.APIConnectionError(message=f"{route.model}: {exc}", request=httpx2.Request('POST', url))
     return exc
 
-# %% ../nbs/04_providers.ipynb #707b8342
+# %% ../nbs/04_providers.ipynb #46fd3e00
 def _dump(obj) -> dict:
     return obj if isinstance(obj, dict) else obj.model_dump(mode='json', exclude_none=True)
 
@@ -614,7 +680,7 @@ class GeminiBackend:
         except Exception as e: raise to_openai_error(e, self.route) from e
         yield tr.usage_chunk()
 
-# %% ../nbs/04_providers.ipynb #5248c3fd
+# %% ../nbs/04_providers.ipynb #7692f7e0
 def backend(route: Route,  # from `resolve`
             cache: dict | None = None,  # where clients are kept between calls (the calling client owns it)
             async_: bool = False,  # an async client

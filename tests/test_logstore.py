@@ -101,3 +101,24 @@ def test_logstore_api_on_postgres(pg_url, tmp_path):
 
 def test_logstore_api_on_sqlite(lab):
     _exercise(lab)
+
+def test_report_anthropic_is_stored_in_openai_shape_and_becomes_a_dataset(lab):
+    req = {'model': 'claude-3-5-sonnet-20241022', 'max_tokens': 100, 'system': 'Redact names.',
+           'metadata': {'user_id': 'u-1'},
+           'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'Ann called.'}]}]}
+    resp = {'id': 'msg_01', 'type': 'message', 'role': 'assistant', 'model': 'claude-3-5-sonnet-20241022',
+            'content': [{'type': 'text', 'text': '[NAME] called.'}], 'stop_reason': 'end_turn',
+            'usage': {'input_tokens': 12, 'output_tokens': 4}}
+    lab.report_anthropic(requested_at=1, received_at=5, req_payload=req, resp_payload=resp, status_code=200,
+                         metadata={'prompt_id': 'redact'})
+    (row,) = list(lab.filter(prompt_id='redact'))
+    assert row['model'] == 'anthropic:claude-3-5-sonnet-20241022' and row['completion_id'] == 'msg_01'
+    assert row['req_payload']['messages'] == [{'role': 'system', 'content': 'Redact names.'}, {'role': 'user', 'content': 'Ann called.'}]
+    assert row['resp_payload']['choices'][0]['message']['content'] == '[NAME] called.'
+    assert (row['prompt_tokens'], row['completion_tokens'], row['source']) == (12, 4, 'report_anthropic')
+    ds = lab.filter(prompt_id='redact').to_dataset('redact-v1')
+    assert len(ds) == 1 and not ds.errors
+    (entry,) = list(ds.rows())
+    assert entry['messages'][-1] == {'role': 'assistant', 'content': '[NAME] called.'}
+    with pytest.raises(ValidationError, match=r'req_payload.messages\[0\]'):
+        lab.report_anthropic(req_payload={'model': 'c', 'messages': [{'role': 'system', 'content': 'x'}]})
