@@ -210,7 +210,9 @@ test_fail(lambda: package_file('no_such_package_x', 'a.gguf'), contains='pip ins
 # tool calls, up to and including the end-of-turn token). Chat templates rarely carry TRL's `{% generation %}`
 # markers, so we compute the mask ourselves for any template: render the conversation up to the assistant turn
 # with the generation prompt, and up to the end of the turn; the characters in between are the assistant's, and
-# the tokens whose offsets start there are trained. This needs a *prefix-stable* template (rendering a prefix of
+# the tokens whose offsets start there are trained. `tools` are passed to the template (`tool_choice` and
+# `response_format` shape the output, which is trained as it is, so they are not rendered). This needs a
+# *prefix-stable* template (rendering a prefix of
 # the conversation gives a prefix of the text), which ChatML, Llama 3 and most others are; a template that
 # rewrites earlier turns is refused with a message saying so.
 
@@ -386,8 +388,10 @@ test_fail(lambda: choose_chat_template(tok_plain, True, chat_template=plain_chat
 # ## The job record
 #
 # A fine-tune is one row of the lab's `models` table, written by the notebook (configuration, `PENDING`) and then by
-# the worker (`TRAINING`, progress, per-step history, `DEPLOYED` with metrics, or `ERROR` with a message). Its
-# files live in `<lab dir>/models/<slug>/`:
+# the worker (`TRAINING`, progress, per-step history, `DEPLOYED` with metrics, or `ERROR` with a message). The
+# statuses are the API's: `PENDING` (job recorded, worker starting), `TRAINING` (worker running), `DEPLOYED` (adapter
+# and `serve.json` written: ready to serve), `ERROR` (`errorMessage` says what to change; `start()` resumes).
+# Its files live in `<lab dir>/models/<slug>/`:
 #
 # | path | what |
 # |---|---|

@@ -38,6 +38,10 @@ warnings.filterwarnings('ignore')
 
 # %%
 #| export
+def cpu_threads(n_params: int) -> int:
+    "Torch threads for CPU training: 1 for tiny models, else half the cores."
+    return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
+
 CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
 
 def activation_bytes_per_token(cfg, liger: bool) -> float:
@@ -65,6 +69,8 @@ def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free
     return dict(per_device=per, grad_accum=n // per, packing=False, gradient_checkpointing=fit_rows == 0)
 
 # %%
+test_eq(cpu_threads(1_000_000), 1)
+assert cpu_threads(135_000_000) == max(1, (os.cpu_count() or 2) // 2)
 qwen15 = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, vocab_size=151936)
 test_eq(plan_batches('auto', 'cuda', 2048, qwen15, free_bytes=140e9, weight_bytes=3e9, liger=True),
         dict(per_device=8, grad_accum=1, packing=True, gradient_checkpointing=False))
@@ -156,9 +162,9 @@ def register_varlen_attention() -> str | None:
 assert register_varlen_attention() is None  # no GPU here: SDPA
 
 # %% [md]
-# On CPU the worker uses one thread for models under 50M parameters (unless `OMP_NUM_THREADS` is set): for tiny
-# models, thread hand-offs cost more than they give, and on a shared machine a tiny model's step ran 5-10× faster on
-# one thread than on two.
+# On CPU the worker leaves half the cores to the notebook, the tokenizer and a model server, and uses one thread for
+# models under 50M parameters (unless `OMP_NUM_THREADS` is set): for tiny models thread hand-offs cost more than they
+# give, and on a busy 2-core machine a tiny model's step ran 5-10× faster on one thread than on two.
 #
 # ## Progress into the store
 #
@@ -392,8 +398,8 @@ class _Job:
         self.ctx['stage'] = None
         if reward: model.config.pad_token_id = self.tok.pad_token_id
         self.n_params = sum(p.numel() for p in model.parameters()) * (2 if cfg['method'] == 'qlora' else 1)
-        if not cuda and self.n_params < 50e6 and not os.environ.get('OMP_NUM_THREADS'):
-            torch.set_num_threads(1)  # tiny models: thread start-up and contention cost more than they give (5-10x here)
+        if not cuda and not os.environ.get('OMP_NUM_THREADS'):
+            torch.set_num_threads(cpu_threads(self.n_params))
         if cfg['method'] == 'full': return model
         peft = require('peft')
         if cfg['method'] == 'qlora':

@@ -13,11 +13,15 @@ from .finetune import (BASE_LEARNING_RATES, default_epochs, tokenize_conversatio
                                    choose_chat_template, training_price, estimate_training_cost, _update_model, _model_row)
 
 # %% auto #0
-__all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'VARLEN_ATTENTION', 'activation_bytes_per_token', 'plan_batches',
+__all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'VARLEN_ATTENTION', 'cpu_threads', 'activation_bytes_per_token', 'plan_batches',
            'register_varlen_attention', 'sft_dataset', 'preference_dataset', 'resolve_base', 'describe_error',
            'run_sft', 'run_preference', 'run_reward', 'run_job', 'db_row_progress', 'main']
 
-# %% ../nbs/07a_train.ipynb #9864f657
+# %% ../nbs/07a_train.ipynb #740d64a2
+def cpu_threads(n_params: int) -> int:
+    "Torch threads for CPU training: 1 for tiny models, else half the cores."
+    return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
+
 CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
 
 def activation_bytes_per_token(cfg, liger: bool) -> float:
@@ -185,7 +189,7 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
         for o in out: del o['tools']
     return (datasets.Dataset.from_list(out) if out else None), {'rows': len(out), 'tokens': tokens}
 
-# %% ../nbs/07a_train.ipynb #308fd51a
+# %% ../nbs/07a_train.ipynb #7cca2c70
 def resolve_base(db, base: str) -> dict:
     "Where to load the base model from, and the adapter to continue from when `base` is a fine-tune's slug."
     t = tables.models
@@ -272,8 +276,8 @@ class _Job:
         self.ctx['stage'] = None
         if reward: model.config.pad_token_id = self.tok.pad_token_id
         self.n_params = sum(p.numel() for p in model.parameters()) * (2 if cfg['method'] == 'qlora' else 1)
-        if not cuda and self.n_params < 50e6 and not os.environ.get('OMP_NUM_THREADS'):
-            torch.set_num_threads(1)  # tiny models: thread start-up and contention cost more than they give (5-10x here)
+        if not cuda and not os.environ.get('OMP_NUM_THREADS'):
+            torch.set_num_threads(cpu_threads(self.n_params))
         if cfg['method'] == 'full': return model
         peft = require('peft')
         if cfg['method'] == 'qlora':
