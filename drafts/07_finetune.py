@@ -13,18 +13,22 @@ from __future__ import annotations
 import json, os, sys, re, math, time, signal, shutil, hashlib, difflib, subprocess
 from pathlib import Path
 import sqlalchemy as sa
+from fastcore.basics import patch
 from openpipe_lab.core import *
 from openpipe_lab.store import tables, dumps, loads
 
 # %%
 #| hide
 from fastcore.test import *
-import tempfile, types, warnings
+import tempfile, types, warnings, logging
 import transformers
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+# %%
+#| hide
 transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
-warnings.filterwarnings('ignore')
+warnings.filterwarnings('ignore'); logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
 %matplotlib inline
-import logging; logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
 
 # %% [md]
 # ## Hyperparameters
@@ -44,6 +48,9 @@ import logging; logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
 # | `variant` | `"DPO"` | `"DPO"` (sigmoid loss) or `"APO Zero"` (TRL's `apo_zero` loss) |
 # | `training_beta` | `0.1` | the DPO/APO β: how far the policy may move from the reference |
 # | `adapter_weight` | `1.0` | weight of the preference-tuned adapter against the one it started from: the served LoRA delta is `(1 - w)·Δ_start + w·Δ_preference` (`w = 1` keeps the preference adapter as trained) |
+#
+# In code: `SFT_DEFAULTS`, `PREFERENCE_DEFAULTS` and `REWARD_DEFAULTS` (`num_epochs: None` means "by size"),
+# `BASE_LEARNING_RATES` per (stage, method), `METHODS` and `STATUSES`.
 #
 # `"auto"` batch size: on a GPU the step holds ~16k tokens (8 packed rows of 2,048), fewer when the estimated
 # activation memory would not fit in 60% of free GPU memory; on CPU it is 4 packed rows. Packing uses TRL's
@@ -122,7 +129,9 @@ test_eq([default_epochs(n) for n in (10, 5000, 50000)], [3, 2, 1])
 #
 # The hosted product charges training per million tokens by model size ("Pricing"), and per-token inference for a
 # few base models. We report the same estimate next to the tokens trained, so a local run can be compared with a
-# hosted one. Sizes between categories round up (a 12B model is priced as a 14B one).
+# hosted one. Sizes between categories round up (a 12B model is priced as a 14B one). The tables are
+# `TRAINING_PRICES` (size limit, category, $ per 1M training tokens) and `INFERENCE_PRICES` ($ per 1M input/output
+# tokens, used for the model object's `pricing`).
 
 # %%
 #| export
@@ -266,9 +275,11 @@ def tokenize_conversation(tokenizer, messages: list, tools=None, chat_template=N
 
 # %%
 #| hide
-sys.path.insert(0, str(Path('../tests').resolve()))
+sys.path.insert(0, str(Path('../tests').resolve()))  # tests/tiny_model.py builds the tiny models the tests share
 from tiny_model import build_tiny_model
-from transformers import AutoTokenizer
+
+# %%
+#| hide
 _tiny = Path(tempfile.gettempdir()) / 'openpipe_lab_nb' / 'tiny-chatml'
 _tiny_llama = Path(tempfile.gettempdir()) / 'openpipe_lab_nb' / 'tiny-llama3'
 build_tiny_model(_tiny, 'chatml'); build_tiny_model(_tiny_llama, 'llama3');
@@ -694,8 +705,6 @@ def _check_hardware(cfg):
         if importlib.util.find_spec(m) is None:
             raise MissingDependencyError(f"fine-tuning needs {m}: pip install \"openpipe-lab[train]\"")
 
-from fastcore.basics import patch
-
 @patch
 def start(self: FineTune,
           background: bool = True):  # False: train in this process (blocks; tracebacks show here), for debugging
@@ -1074,7 +1083,6 @@ def answer(model, q):
     ids = tok2.apply_chat_template([{'role': 'user', 'content': q}], add_generation_prompt=True, return_tensors='pt', return_dict=True)
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     return tok2.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)
-from transformers import AutoModelForCausalLM
 base = AutoModelForCausalLM.from_pretrained(_tiny).eval()
 print(answer(model, 'Capital of France?'), '|', answer(base, 'Capital of France?'))
 test_eq(answer(model, 'Capital of France?'), 'Paris')

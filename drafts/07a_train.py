@@ -23,6 +23,10 @@ from openpipe_lab.finetune import (BASE_LEARNING_RATES, default_epochs, tokenize
 from fastcore.test import *
 import tempfile, types, warnings
 import transformers
+from transformers import AutoTokenizer
+
+# %%
+#| hide
 transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
 warnings.filterwarnings('ignore')
 
@@ -68,6 +72,10 @@ def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free
     while n % per: per -= 1
     return dict(per_device=per, grad_accum=n // per, packing=False, gradient_checkpointing=fit_rows == 0)
 
+# %% [md]
+# Checkpoints: every 10% of the steps by default, but at most once per `CHECKPOINT_MIN_INTERVAL_S` (5 minutes), so
+# short jobs do not spend their time writing optimizer states; an explicit `checkpoint_every` is followed exactly.
+
 # %%
 test_eq(cpu_threads(1_000_000), 1)
 assert cpu_threads(135_000_000) == max(1, (os.cpu_count() or 2) // 2)
@@ -88,7 +96,8 @@ test_eq(plan_batches('auto', 'cpu', 512, qwen15)['per_device'], 4)
 # mask over the whole row: attention cost grows with the square of the *step* length (16k tokens) instead of each
 # conversation's. We register a small attention function that calls PyTorch's flash-attention `varlen_attn` with
 # those boundaries (no extra package: flash-attn wheels are not needed). It is checked against SDPA on the GPU at
-# start; when the check fails, training uses SDPA (as it does with `OPENPIPE_LAB_ATTENTION=sdpa`).
+# start; when the check fails, training uses SDPA (as it does with `OPENPIPE_LAB_ATTENTION=sdpa`). The function is
+# registered with transformers under the name `VARLEN_ATTENTION` (`"openpipe_varlen"`).
 #
 # Measured with `bench/train_throughput.py` on one H200, Qwen2.5-1.5B shape, LoRA r16 all-linear, seq 2048,
 # chat-length rows (median 357 tokens), non-padding tokens/s, one run:
@@ -284,9 +293,11 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
 
 # %%
 #| hide
-sys.path.insert(0, str(Path('../tests').resolve()))
+sys.path.insert(0, str(Path('../tests').resolve()))  # tests/tiny_model.py builds the tiny models the tests share
 from tiny_model import build_tiny_model
-from transformers import AutoTokenizer
+
+# %%
+#| hide
 _tiny = build_tiny_model(Path(tempfile.gettempdir()) / 'openpipe_lab_nb' / 'tiny-chatml', 'chatml')
 
 # %%

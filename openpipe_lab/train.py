@@ -17,7 +17,7 @@ __all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'VARLEN_ATTENTION', 'cpu_threads', 'acti
            'register_varlen_attention', 'sft_dataset', 'preference_dataset', 'resolve_base', 'describe_error',
            'run_sft', 'run_preference', 'run_reward', 'run_job', 'db_row_progress', 'main']
 
-# %% ../nbs/07a_train.ipynb #740d64a2
+# %% ../nbs/07a_train.ipynb #a9aa1450
 def cpu_threads(n_params: int) -> int:
     "Torch threads for CPU training: 1 for tiny models, else half the cores."
     return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
@@ -48,7 +48,7 @@ def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free
     while n % per: per -= 1
     return dict(per_device=per, grad_accum=n // per, packing=False, gradient_checkpointing=fit_rows == 0)
 
-# %% ../nbs/07a_train.ipynb #0de333c0
+# %% ../nbs/07a_train.ipynb #957b8c46
 VARLEN_ATTENTION = 'openpipe_varlen'
 
 def _varlen_call(q, k, v, cu, max_len, scale):
@@ -102,7 +102,7 @@ def register_varlen_attention() -> str | None:
         print(f"varlen attention unavailable ({type(e).__name__}: {e}); using sdpa", flush=True)
         return None
 
-# %% ../nbs/07a_train.ipynb #f8511077
+# %% ../nbs/07a_train.ipynb #dfc03297
 def _callback_class():
     from transformers import TrainerCallback
     class StoreCallback(TrainerCallback):
@@ -144,7 +144,7 @@ def _callback_class():
     StoreCallback.Throttle = CheckpointThrottle
     return StoreCallback
 
-# %% ../nbs/07a_train.ipynb #7cb656f4
+# %% ../nbs/07a_train.ipynb #d9e2498b
 def _read_rows(path):
     p = Path(path)
     return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
@@ -189,7 +189,7 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
         for o in out: del o['tools']
     return (datasets.Dataset.from_list(out) if out else None), {'rows': len(out), 'tokens': tokens}
 
-# %% ../nbs/07a_train.ipynb #7cca2c70
+# %% ../nbs/07a_train.ipynb #5272666c
 def resolve_base(db, base: str) -> dict:
     "Where to load the base model from, and the adapter to continue from when `base` is a fine-tune's slug."
     t = tables.models
@@ -336,7 +336,7 @@ def _stage_done(out, stage):
     p = out / 'stages' / stage / 'done.json'
     return json.loads(p.read_text()) if p.exists() else None
 
-# %% ../nbs/07a_train.ipynb #bd1f6473
+# %% ../nbs/07a_train.ipynb #c2fc4899
 def _fault(stage):
     "Test hook: OPENPIPE_LAB_TRAIN_FAULT=oom:<stage> raises an out-of-memory error at that stage's start."
     f = os.environ.get('OPENPIPE_LAB_TRAIN_FAULT', '')
@@ -423,7 +423,7 @@ def run_reward(job, offset, index, n):
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
     return job.finish_stage('reward', tr, model, stats, epochs, lr, plan)
 
-# %% ../nbs/07a_train.ipynb #0dbfb3ac
+# %% ../nbs/07a_train.ipynb #c8c584b1
 def _copy_dir(src, dst):
     shutil.rmtree(dst, ignore_errors=True); shutil.copytree(src, dst)
 
@@ -506,5 +506,5 @@ def main(argv=None):
     db = Database(os.environ.get('OPENPIPE_LAB_DB') or default_db_url())
     return 0 if run_job(db, argv[0]) else 1
 
-# %% ../nbs/07a_train.ipynb #48e4446a
+# %% ../nbs/07a_train.ipynb #337210ee
 if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())  # not when a notebook runs this cell
