@@ -1059,11 +1059,10 @@ def merge(self: FineTune, dtype: str = 'bfloat16') -> Path:
 
 @patch
 def deploy(self: FineTune, **kwargs):
-    "Serve this model: `Deployment([slug], store=...)` started (see 08_deployment)."
+    "Serve this model: a started `Deployment` of it in this lab (see 08_deployment; kwargs go to `Deployment`)."
     _require_deployed(self)
     from openpipe_lab.deployment import Deployment
-    dep = Deployment([self.slug], store=self.store, **kwargs)
-    return dep.start() if hasattr(dep, 'start') else dep
+    return Deployment.from_finetune(self, **kwargs).start()
 
 # %%
 d = ft.to_dict()

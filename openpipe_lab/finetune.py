@@ -587,7 +587,7 @@ def plot(self: FineTune, ax=None):
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_title(self.slug); ax.legend()
     return ax
 
-# %% ../nbs/07_finetune.ipynb #c296173b
+# %% ../nbs/07_finetune.ipynb #4648b2f4
 @patch
 def to_dict(self: FineTune) -> dict:
     "The model object of the `/models` API (`openpipe.status`, `baseModel`, `hyperparameters`, `errorMessage`...)."
@@ -698,8 +698,7 @@ def merge(self: FineTune, dtype: str = 'bfloat16') -> Path:
 
 @patch
 def deploy(self: FineTune, **kwargs):
-    "Serve this model: `Deployment([slug], store=...)` started (see 08_deployment)."
+    "Serve this model: a started `Deployment` of it in this lab (see 08_deployment; kwargs go to `Deployment`)."
     _require_deployed(self)
     from openpipe_lab.deployment import Deployment
-    dep = Deployment([self.slug], store=self.store, **kwargs)
-    return dep.start() if hasattr(dep, 'start') else dep
+    return Deployment.from_finetune(self, **kwargs).start()

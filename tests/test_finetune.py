@@ -211,7 +211,7 @@ def test_lifecycle_kill_and_resume(lab, tiny_model_dir):
     assert any(p.name.startswith('checkpoint-') for p in (ft.output_dir / 'checkpoints' / 'sft').iterdir())
     ft2 = FineTune.get('life', store=lab)  # any process can reopen it
     ft2.start()
-    ft2.wait(progress=False)
+    ft2.wait()  # with the progress bar
     assert ft2.status == 'DEPLOYED' and ft2.to_dict()['openpipe']['errorMessage'] is None
     assert ft2.progress_['resumed_from_step'] >= 3
     assert ft2.history_['stage_step'].max() == ft2.metrics_['stages']['sft']['steps']
