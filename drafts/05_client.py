@@ -10,7 +10,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, time
+import json, os, time
 from functools import cached_property
 import openai
 from openai.resources.chat import Chat as _SDKChat, AsyncChat as _SDKAsyncChat
@@ -385,12 +385,26 @@ def _unreachable(e, route):
             f"Deployment([...]).start() starts a new one" if route.deployment_id else '')
     return openai.APIConnectionError(message=f"{route.model}: cannot connect to {route.base_url} ({e}){hint}", request=e.request)
 
+_NO_KEY = 'openpipe-lab-no-openai-key'
+
+def _default_key(kwargs: dict) -> dict:
+    "Let a client be built without OPENAI_API_KEY: only calls that really go to OpenAI need it (checked per call)."
+    if kwargs.get('api_key') is None and not os.environ.get('OPENAI_API_KEY'): kwargs['api_key'] = _NO_KEY
+    return kwargs
+
+def _check_openai_key(client, model):
+    if client.api_key == _NO_KEY and 'api.openai.com' in str(client.base_url):
+        raise MissingAPIKeyError(f"model {model!r} is sent to OpenAI, but OPENAI_API_KEY is not set: export OPENAI_API_KEY=sk-... "
+                                 "(or pass api_key=, or base_url= for an OpenAI-compatible server)")
+
 def _attempt(comp, call, model, timeout):
     "One upstream call for `model`: returns (route, ChatCompletion or Stream)."
     route, body = call.prepare(model)
     extra = {**call.transport, 'timeout': timeout}
     client = comp._client
-    if route.uses_client: return route, _SDKCompletions.create(comp, **body, **extra)
+    if route.uses_client:
+        _check_openai_key(client, model)
+        return route, _SDKCompletions.create(comp, **body, **extra)
     if not route.translated:
         sdk = backend(route, client._backends, max_retries=client.max_retries)
         try: return route, sdk.chat.completions.create(**body, **extra)
@@ -481,7 +495,7 @@ class OpenAI(_LabClient, openai.OpenAI):
                  openpipe: dict | None = None,  # default options for every call: cache, fallback, store, tags
                  fallback_client=None,  # an OpenAI-compatible client for fallback attempts
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_default_key(kwargs))
         self._lab_init(store, openpipe, fallback_client)
 
     @cached_property
@@ -615,7 +629,9 @@ async def _aattempt(comp, call, model, timeout):
     route, body = call.prepare(model)
     extra = {**call.transport, 'timeout': timeout}
     client = comp._client
-    if route.uses_client: return route, await _SDKAsyncCompletions.create(comp, **body, **extra)
+    if route.uses_client:
+        _check_openai_key(client, model)
+        return route, await _SDKAsyncCompletions.create(comp, **body, **extra)
     if not route.translated:
         sdk = backend(route, client._backends, async_=True, max_retries=client.max_retries)
         try: return route, await sdk.chat.completions.create(**body, **extra)
@@ -666,7 +682,7 @@ class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
                  openpipe: dict | None = None,  # default options for every call: cache, fallback, store, tags
                  fallback_client=None,  # an OpenAI-compatible (async) client for fallback attempts
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**_default_key(kwargs))
         self._lab_init(store, openpipe, fallback_client)
 
     @cached_property
@@ -688,6 +704,21 @@ async def demo():
 test_eq(await demo(), 'echo: async hi')
 lab.flush()
 test_eq(len(lab.filter(prompt_id='async')), 1)
+
+# %% [md]
+# ### No OpenAI key needed for local models
+#
+# A lab client is often used only for `openpipe:<slug>` deployments, Anthropic or Gemini, so it can be built
+# without `OPENAI_API_KEY`; only a call that really goes to api.openai.com needs the key, and says so:
+
+# %%
+saved = os.environ.pop('OPENAI_API_KEY', None)
+try:
+    keyless = lab.openai()
+    test_fail(lambda: keyless.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}]),
+              contains='OPENAI_API_KEY is not set')
+finally:
+    if saved is not None: os.environ['OPENAI_API_KEY'] = saved
 
 # %% [md]
 # ## What logging costs
