@@ -72,7 +72,8 @@ class Route:
 
 # %% [md]
 # The spec lists "abbreviated" model names that always mean the latest version of a family. We map them to the
-# dated ids the spec lists, so a log says exactly which model answered; anything else passes through unchanged.
+# dated ids the spec lists (`ANTHROPIC_ALIASES`, `GEMINI_ALIASES`), so a log says exactly which model answered;
+# anything else passes through unchanged.
 
 # %%
 #| export
@@ -359,7 +360,8 @@ to_anthropic({'model': 'claude-3-5-sonnet-20241022', **cases[3][0]})['messages']
 #
 # A `Message` becomes one choice: text blocks join into `content`, `tool_use` blocks become `tool_calls` (with the
 # input re-serialised as the `arguments` string), the stop reason maps to a finish reason and `input_tokens`/
-# `output_tokens` to `usage`. The emulated JSON tool turns back into plain content. The completion's `model` is
+# `output_tokens` to `usage` (the stop-reason table is `ANTHROPIC_FINISH`). The emulated JSON tool turns back into
+# plain content. The completion's `model` is
 # the id the caller asked for, as in the spec's log export.
 
 # %%
@@ -706,7 +708,7 @@ to_gemini({'model': 'gemini-1.5-flash-002', **cases[3][0]})['contents'][1:]  # a
 # Each candidate becomes a choice. Gemini function calls carry no id, so we mint `call_<hex>` ids (the assistant
 # message that goes back in the next turn carries them, and `to_gemini` maps results back by name). `STOP` is
 # `tool_calls` when the candidate called a function; `MAX_TOKENS` is `length`; the safety family is
-# `content_filter`. Usage comes from `usage_metadata`. Responses are handled as the SDK's
+# `content_filter` (the table is `GEMINI_FINISH`). Usage comes from `usage_metadata`. Responses are handled as the SDK's
 # `model_dump(exclude_none=True)` dicts (snake_case).
 
 # %%
