@@ -45,7 +45,8 @@ from fastcore.test import *
 #
 # Metadata tags come from the request's `metadata` (as in the spec's examples) merged over `openpipe["tags"]` and the
 # constructor's tags. `metadata` is not forwarded upstream unless the request also sets OpenAI's own `store=True`
-# (OpenAI rejects `metadata` without it). `openpipe={"store": False}` records nothing.
+# (OpenAI rejects `metadata` without it). `openpipe={"store": False}` records nothing. The cache modes the options
+# accept are `CACHE_MODES`; cached answers live for `CACHE_TTL_MS` (one week, as the spec says).
 
 # %%
 #| export
@@ -282,7 +283,7 @@ _SDK_TAGS = {'$sdk': 'python', '$sdk.version': f'openpipe_lab-{__version__}'}
 # caller did not ask for it, the extra usage-only chunk is swallowed, so they see exactly what OpenAI would send.
 
 # %%
-#| export
+#| exporti
 def _hidden(chunk, include_usage) -> bool:
     return not include_usage and not chunk.choices and chunk.usage is not None
 
@@ -454,6 +455,9 @@ def _provider_of(model) -> str | None:
 #| export
 class Completions(_SDKCompletions):
     "`chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
+    def __init__(self, client  # the lab `OpenAI` client
+                ): super().__init__(client)
+
     @delegates(_SDKCompletions.create)
     def create(self, *, openpipe: dict | None = None,  # {'cache', 'fallback', 'store', 'tags'} for this call
                **kwargs):
@@ -461,6 +465,10 @@ class Completions(_SDKCompletions):
         return _create(self, kwargs, openpipe)
 
 class Chat(_SDKChat):
+    "`client.chat`: the SDK's chat resource with our `completions`."
+    def __init__(self, client  # the lab `OpenAI` client
+                ): super().__init__(client)
+
     @cached_property
     def completions(self) -> Completions: return Completions(self._client)
 
@@ -665,6 +673,9 @@ async def _acreate(comp, kwargs, openpipe):
 
 class AsyncCompletions(_SDKAsyncCompletions):
     "Async `chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
+    def __init__(self, client  # the lab `AsyncOpenAI` client
+                ): super().__init__(client)
+
     @delegates(_SDKAsyncCompletions.create)
     async def create(self, *, openpipe: dict | None = None,  # {'cache', 'fallback', 'store', 'tags'} for this call
                      **kwargs):
@@ -672,6 +683,10 @@ class AsyncCompletions(_SDKAsyncCompletions):
         return await _acreate(self, kwargs, openpipe)
 
 class AsyncChat(_SDKAsyncChat):
+    "`client.chat` of the async client, with our `completions`."
+    def __init__(self, client  # the lab `AsyncOpenAI` client
+                ): super().__init__(client)
+
     @cached_property
     def completions(self) -> AsyncCompletions: return AsyncCompletions(self._client)
 

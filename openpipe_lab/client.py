@@ -21,8 +21,7 @@ from .formats import content_hash, apply_pruning_rules
 from .providers import resolve, backend, assemble_chunks, completion_chunks
 
 # %% auto #0
-__all__ = ['CACHE_MODES', 'CACHE_TTL_MS', 'LoggedStream', 'AsyncLoggedStream', 'ChunkStream', 'AsyncChunkStream', 'Completions',
-           'Chat', 'OpenAI', 'AsyncCompletions', 'AsyncChat', 'AsyncOpenAI']
+__all__ = ['CACHE_MODES', 'CACHE_TTL_MS', 'Completions', 'Chat', 'OpenAI', 'AsyncCompletions', 'AsyncChat', 'AsyncOpenAI']
 
 # %% ../nbs/05_client.ipynb #87af7594
 CACHE_MODES = ('readWrite', 'readOnly', 'writeOnly')
@@ -228,7 +227,7 @@ class _Assembled:
 
 _SDK_TAGS = {'$sdk': 'python', '$sdk.version': f'openpipe_lab-{__version__}'}
 
-# %% ../nbs/05_client.ipynb #e99fbd63
+# %% ../nbs/05_client.ipynb #0ce96f41
 def _hidden(chunk, include_usage) -> bool:
     return not include_usage and not chunk.choices and chunk.usage is not None
 
@@ -380,9 +379,12 @@ def _provider_of(model) -> str | None:
     prefix, sep, _ = model.partition(':')
     return prefix if sep else 'openai'
 
-# %% ../nbs/05_client.ipynb #84bd176b
+# %% ../nbs/05_client.ipynb #32d84087
 class Completions(_SDKCompletions):
     "`chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
+    def __init__(self, client  # the lab `OpenAI` client
+                ): super().__init__(client)
+
     @delegates(_SDKCompletions.create)
     def create(self, *, openpipe: dict | None = None,  # {'cache', 'fallback', 'store', 'tags'} for this call
                **kwargs):
@@ -390,6 +392,10 @@ class Completions(_SDKCompletions):
         return _create(self, kwargs, openpipe)
 
 class Chat(_SDKChat):
+    "`client.chat`: the SDK's chat resource with our `completions`."
+    def __init__(self, client  # the lab `OpenAI` client
+                ): super().__init__(client)
+
     @cached_property
     def completions(self) -> Completions: return Completions(self._client)
 
@@ -433,7 +439,7 @@ class OpenAI(_LabClient, openai.OpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
-# %% ../nbs/05_client.ipynb #e28c1585
+# %% ../nbs/05_client.ipynb #4e48393a
 async def _aattempt(comp, call, model, timeout):
     "One async upstream call for `model`: returns (route, ChatCompletion or AsyncStream)."
     route, body = call.prepare(model)
@@ -475,6 +481,9 @@ async def _acreate(comp, kwargs, openpipe):
 
 class AsyncCompletions(_SDKAsyncCompletions):
     "Async `chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
+    def __init__(self, client  # the lab `AsyncOpenAI` client
+                ): super().__init__(client)
+
     @delegates(_SDKAsyncCompletions.create)
     async def create(self, *, openpipe: dict | None = None,  # {'cache', 'fallback', 'store', 'tags'} for this call
                      **kwargs):
@@ -482,6 +491,10 @@ class AsyncCompletions(_SDKAsyncCompletions):
         return await _acreate(self, kwargs, openpipe)
 
 class AsyncChat(_SDKAsyncChat):
+    "`client.chat` of the async client, with our `completions`."
+    def __init__(self, client  # the lab `AsyncOpenAI` client
+                ): super().__init__(client)
+
     @cached_property
     def completions(self) -> AsyncCompletions: return AsyncCompletions(self._client)
 
