@@ -225,7 +225,7 @@ def _pid_alive(pid) -> bool:
 
 def _iso(ms): return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms / 1000)) + f'.{ms % 1000:03d}Z'
 
-# %% ../nbs/07_finetune.ipynb #7f16b472
+# %% ../nbs/07_finetune.ipynb #0014be03
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 def _hf_cached(repo_id: str) -> bool:
@@ -252,6 +252,7 @@ class FineTune:
                  default_temperature: float | None = None,  # the spec's `defaultTemperature`
                  pruning_rules: list | None = None,  # None: inherit the dataset's rules
                  checkpoint_every: float | None = None,  # checkpoint every this fraction of steps (< 1) or every N steps; None: 10%, at most every 5 min
+                 eval_every: float | int = 0.25,  # TEST-split eval loss every this fraction of steps (< 1) or every N steps; 0: only at the end
                  seed: int = 0, description: str | None = None,
                  store=None,  # a LogStore; default: the dataset's, else the default lab
                  _kind: str = 'openpipe', _hyperparameters: dict | None = None):
@@ -285,6 +286,7 @@ class FineTune:
                             ('lora_dropout', lora_dropout, _is_number(lora_dropout) and 0 <= lora_dropout < 1),
                             ('device', device, device in ('auto', 'cpu', 'cuda')),
                             ('checkpoint_every', checkpoint_every, checkpoint_every is None or _positive(checkpoint_every)),
+                            ('eval_every', eval_every, eval_every == 0 or _positive(eval_every)),
                             ('default_temperature', default_temperature, default_temperature is None or (_is_number(default_temperature) and 0 <= default_temperature <= 2))):
             if not ok: problems.append(f"{name}: invalid value {v!r}")
         if problems: raise ConfigError(f"invalid fine-tune configuration for {slug!r}:" + ''.join(f"\n  - {p}" for p in problems))
@@ -296,7 +298,7 @@ class FineTune:
         self.config = {'provider': _kind, 'baseModel': base_model, **hp, 'defaultTemperature': default_temperature,
                        'method': method, 'max_length': max_length, 'device': device, 'chat_template': chat_template,
                        'lora': {'r': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout, 'target_modules': target_modules},
-                       'checkpoint_every': checkpoint_every, 'seed': seed, 'description': description}
+                       'checkpoint_every': checkpoint_every, 'eval_every': eval_every, 'seed': seed, 'description': description}
         self.pruning_rules = pruning_rules
         self.id, self._proc = None, None
 

@@ -189,7 +189,7 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
         for o in out: del o['tools']
     return (datasets.Dataset.from_list(out) if out else None), {'rows': len(out), 'tokens': tokens}
 
-# %% ../nbs/07a_train.ipynb #5272666c
+# %% ../nbs/07a_train.ipynb #f0ca7bde
 def resolve_base(db, base: str) -> dict:
     "Where to load the base model from, and the adapter to continue from when `base` is a fine-tune's slug."
     t = tables.models
@@ -301,12 +301,13 @@ class _Job:
     def args(self, cls, stage, epochs, lr, plan, has_eval, **extra):
         cuda = self.device == 'cuda'
         ce = self.cfg.get('checkpoint_every') or 0.1
+        ee = self.cfg.get('eval_every', 0.25)  # 0: evaluate only once, at the end
         kw = dict(output_dir=str(self.out / 'checkpoints' / stage), num_train_epochs=float(epochs),
                   per_device_train_batch_size=plan['per_device'], per_device_eval_batch_size=plan['per_device'],
                   gradient_accumulation_steps=plan['grad_accum'], learning_rate=lr, lr_scheduler_type='cosine',
                   warmup_steps=0.03, logging_steps=1, logging_first_step=True,
                   save_strategy='steps', save_steps=ce if ce < 1 else int(ce), save_total_limit=2,
-                  eval_strategy='steps' if has_eval else 'no', eval_steps=0.25 if has_eval else None,
+                  eval_strategy='steps' if has_eval and ee else 'no', eval_steps=(ee if ee < 1 else int(ee)) if has_eval and ee else None,
                   report_to='none', seed=int(self.cfg.get('seed') or 0), bf16=cuda, use_cpu=not cuda,
                   gradient_checkpointing=plan['gradient_checkpointing'], dataloader_num_workers=0,
                   disable_tqdm=True, max_length=self.max_length, use_liger_kernel=self.liger)
