@@ -12,13 +12,14 @@ from .core import *
 # %% auto #0
 __all__ = ['PROMPT_ID', 'TEACHER_MODEL', 'SYSTEM_PROMPT', 'BASE_GGUF', 'BASE_NAME', 'SLUG', 'customer_message',
            'production_traffic', 'redaction_score', 'record_traffic', 'check_requirements', 'fresh_lab_dir',
-           'pick_port', 'DemoReport', 'run_demo']
+           'pick_port', 'base_model_cache', 'DemoReport', 'run_demo']
 
-# %% ../nbs/13_demo.ipynb #dda8d409
+# %% ../nbs/13_demo.ipynb #639c17d3
 PROMPT_ID = 'pii-redact'
 TEACHER_MODEL = 'gpt-4o-mini'
 SYSTEM_PROMPT = ("Redact the personal information in the customer's message. Replace every person's name with [NAME], "
-                 "every email address with [EMAIL] and every phone number with [PHONE]. Keep all other text unchanged. "
+                 "every email address with [EMAIL], every phone number with [PHONE] and every street address with "
+                 "[ADDRESS]. Order numbers are not personal: keep them, and keep all other text unchanged. "
                  "Reply with the redacted message only.")
 _FIRST = ['James', 'Maria', 'Robert', 'Aisha', 'Wei', 'Olivia', 'Carlos', 'Priya', 'Liam', 'Sofia', 'Noah', 'Fatima',
           'Lucas', 'Emma', 'Hiroshi', 'Chloe', 'Mateo', 'Grace', 'Ivan', 'Zoe', 'Daniel', 'Amara', 'Ethan', 'Nina']
@@ -28,7 +29,10 @@ _DOMAINS = ['gmail.com', 'outlook.com', 'yahoo.com', 'proton.me', 'icloud.com', 
 _PHONES = ['({a}) {b}-{c}', '{a}-{b}-{c}', '+1 {a} {b} {c}', '{a}.{b}.{c}']
 _OPEN = ['Hi, this is {name}.', '{name} here.', 'Hello, my name is {name}.', 'Hi there,', 'Hello,',
          'Good morning, {name} speaking.']
-_ISSUE = ["My order hasn't arrived yet.", 'I was charged twice this month.', "I can't log in to my account.",
+_STREETS = ['Elm Street', 'Oak Avenue', 'Maple Drive', 'Harbor Road', 'Pine Lane', 'Cedar Court', 'Main Street']
+_CITIES = ['Springfield', 'Portland', 'Austin', 'Denver', 'Madison', 'Raleigh']
+_ISSUE = ["My order hasn't arrived yet.", "Order {order} hasn't arrived yet.", "Order {order} arrived damaged.",
+          "Please ship order {order} to {address} instead.", "I moved to {address}, please update my account.", 'I was charged twice this month.', "I can't log in to my account.",
           'The headphones I bought arrived broken.', "I'd like to cancel my subscription.",
           'My package went to the wrong address.', 'Can I change my delivery date?',
           "The discount code didn't work at checkout.", 'I need a copy of my last invoice.',
@@ -46,10 +50,12 @@ def customer_message(rng: random.Random) -> tuple:
     while True:
         opening, contact = rng.choice(_OPEN), rng.choice(_CONTACT)
         if not ('{name}' in opening and '{name}' in contact): break
+    address = f"{rng.randint(2, 999)} {rng.choice(_STREETS)}, {rng.choice(_CITIES)}"
+    order = f"#{rng.choice('ABCKMX')}{rng.randint(10000, 99999)}"
     template = ' '.join([opening, rng.choice(_ISSUE), contact])
-    pii = [v for k, v in (('name', name), ('email', email), ('phone', phone)) if '{' + k + '}' in template]
-    return (template.format(name=name, email=email, phone=phone),
-            template.format(name='[NAME]', email='[EMAIL]', phone='[PHONE]'), pii)
+    pii = [v for k, v in (('name', name), ('email', email), ('phone', phone), ('address', address)) if '{' + k + '}' in template]
+    return (template.format(name=name, email=email, phone=phone, address=address, order=order),
+            template.format(name='[NAME]', email='[EMAIL]', phone='[PHONE]', address='[ADDRESS]', order=order), pii)
 
 def production_traffic(n: int,  # how many requests
                        seed: int = 0  # same seed, same traffic
@@ -171,9 +177,13 @@ def pick_port(port: int | None, say=print) -> int | None:
     say(f"port {port} is in use: serving on another free port instead")
     return None
 
-# %% ../nbs/13_demo.ipynb #76bd18e7
+# %% ../nbs/13_demo.ipynb #bea83d79
 BASE_NAME = 'SmolLM2-135M-Instruct'
 SLUG = 'pii-smol'
+
+def base_model_cache() -> Path:
+    "Where converted base models are kept across labs and runs: `$XDG_CACHE_HOME/openpipe_lab/base_models`."
+    return Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'openpipe_lab' / 'base_models'
 
 @dataclass
 class DemoReport:
@@ -212,7 +222,8 @@ class DemoReport:
         for s in self.scores:
             lines.append(f"| {s['model']} | {s['grader']} | {f(s['mean'])} | [{f(s['ci_low'])}, {f(s['ci_high'])}] | {s['n']} | {s['errors']} |")
         if self.scores:
-            lines += ['', f"Fine-tuned minus base (redaction_score): **{self.score('fine-tuned') - self.score('base'):+.2f}**"]
+            lines += ['', "Fine-tuned minus base: " + ', '.join(
+                f"**{self.score('fine-tuned', g) - self.score('base', g):+.2f}** ({g})" for g in ('redaction_score', 'exact_match'))]
         if self.examples:
             lines += ['', '## Examples', '']
             for e in self.examples:
@@ -223,9 +234,9 @@ class DemoReport:
         lines += ['', '![scores](scores.png) ![loss](loss.png)', '']
         return '\n'.join(lines)
 
-# %% ../nbs/13_demo.ipynb #376c5e46
-_SIZES = {False: {'rows': 300, 'steps': 60}, True: {'rows': 60, 'steps': 24}}
-_BATCH, _LR_MULTIPLIER = 8, 5.0
+# %% ../nbs/13_demo.ipynb #cb3d4746
+_SIZES = {False: {'rows': 300, 'steps': 20}, True: {'rows': 100, 'steps': 12}}
+_BATCH, _LR_MULTIPLIER = 8, 8.0
 
 def _stage(report: DemoReport, name: str, say):
     "Context manager timing one stage into `report.timings`."
@@ -270,15 +281,21 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
             say(f"      {report.counts}")
         with _stage(report, 'build the dataset', say):
             ds = logs.filter(prompt_id=PROMPT_ID).to_dataset(PROMPT_ID).split(test_fraction=0.1)
+            ds.add_pruning_rule(SYSTEM_PROMPT)
             report.rows = {'train': len(ds.train), 'test': len(ds.test)}
-            say(f"      {report.rows['train']} train / {report.rows['test']} test entries")
+            say(f"      {report.rows['train']} train / {report.rows['test']} test entries; pruning rule: the system prompt")
         with _stage(report, 'prepare the base model', say):
-            base = prepare_base_model(package_file(*BASE_GGUF), dest=lab / 'base_models' / BASE_NAME)
+            if not progress:
+                import transformers
+                transformers.utils.logging.disable_progress_bar()
+            base = prepare_base_model(package_file(*BASE_GGUF), dest=base_model_cache() / BASE_NAME)
         with _stage(report, 'fine-tune', say):
-            epochs = round(steps * _BATCH / max(1, report.rows['train']), 3)
-            ft = FineTune(ds, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
+            train_rows = list(ds.train.rows(apply_pruning=True))
+            epochs = round(steps * _BATCH / max(1, len(train_rows)), 3)
+            ft = FineTune(train_rows, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
                           sft={'num_epochs': epochs, 'batch_size': _BATCH, 'learning_rate_multiplier': _LR_MULTIPLIER},
-                          checkpoint_every=0.5, device='cpu')
+                          pruning_rules=ds.pruning_rules, checkpoint_every=0.5, device='cpu', store=logs,
+                          description=f"demo: {steps} steps on dataset {PROMPT_ID!r} ({ds.snapshot()[:12]})")
             ft.train(progress=progress)
             m = ft.metrics_
             h = ft.history_
@@ -307,12 +324,12 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
         with _stage(report, 'write the report', say):
             import matplotlib
             matplotlib.use('Agg')
-            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split').savefig(lab / 'scores.png', dpi=110)
+            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split')
             ax = ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(lab / 'loss.png', dpi=110)
-            report.timings['total'] = round(time.perf_counter() - t_start, 1)
-            report.path = str(lab / 'report.md')
-            Path(report.path).write_text(report.to_markdown())
-            (lab / 'report.json').write_text(json.dumps(report.__dict__, indent=1, default=str))
+        report.timings['total'] = round(time.perf_counter() - t_start, 1)
+        report.path = str(lab / 'report.md')
+        Path(report.path).write_text(report.to_markdown())
+        (lab / 'report.json').write_text(json.dumps(report.__dict__, indent=1, default=str))
     finally:
         if dep is not None: dep.stop()
         if ft is not None and ft.status in ('PENDING', 'TRAINING'): ft.cancel()
