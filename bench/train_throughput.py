@@ -142,6 +142,8 @@ def run_finetune():
         epochs = min(1.0, (a.steps + 2) / steps_per_epoch_guess)
         ft = FineTune(rows, str(base), 'bench', sft={'num_epochs': round(epochs, 4)}, max_length=MAXLEN, store=lab)
         t = time.time()
+        import openpipe_lab.train as _worker
+        _worker._IN_WORKER = True  # this benchmark process plays the worker: Liger may patch it, as in a real job
         ft.train(background=False, progress=False)
         plan = ft.metrics_['stages']['sft']['plan']
         r = result('FT', timer, box['cc'].counts, total_s=round(time.time() - t, 1), plan=plan)

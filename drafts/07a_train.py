@@ -46,6 +46,7 @@ def cpu_threads(n_params: int) -> int:
     "Torch threads for CPU training: 1 for tiny models, else half the cores."
     return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
 
+_IN_WORKER = False  # True in `python -m openpipe_lab.train` (a process of its own), False for start(background=False)
 CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
 
 def activation_bytes_per_token(cfg, liger: bool) -> float:
@@ -382,7 +383,10 @@ class _Job:
         self.tok.chat_template = self.template
         self.context_window = self.model_cfg.get('max_position_embeddings') or 4096
         self.max_length = int(cfg.get('max_length') or min(self.context_window, 4096))
-        self.liger = self.device == 'cuda' and importlib.util.find_spec('liger_kernel') is not None
+        # Liger patches transformers' model classes for the whole process, so it is used only inside the worker
+        # process (which exits after the job) and not for reward models (its fused loss expects an LM head).
+        self.liger = (self.device == 'cuda' and _IN_WORKER and cfg['provider'] != 'openpipeReward'
+                      and importlib.util.find_spec('liger_kernel') is not None)
         self.attn = None
         self.lora = dict(cfg['lora'])
         if self.base['init_adapter']:
@@ -654,8 +658,10 @@ def _count_params(job):
 
 def main(argv=None):
     "Entry point: `python -m openpipe_lab.train <model id>`."
+    global _IN_WORKER
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1: print("usage: python -m openpipe_lab.train <model id>", file=sys.stderr); return 2
+    _IN_WORKER = True
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')  # keep train.log readable
     db = Database(os.environ.get('OPENPIPE_LAB_DB') or default_db_url())

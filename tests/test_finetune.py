@@ -80,7 +80,9 @@ def test_sft_llama3_template_auto_batch_packs(lab, tiny_llama3_dir):
                   sft={'num_epochs': 10, 'learning_rate_multiplier': 30})
     timed(lambda: ft.train(background=False, progress=False))
     res = ft.metrics_['stages']['sft']
-    assert res['plan']['packing'] is True and res['plan']['per_device'] == 4
+    import torch
+    # CPU: the fixed small plan; GPU: rows per device sized from free memory
+    assert res['plan']['packing'] is True and (res['plan']['per_device'] == 4 if not torch.cuda.is_available() else res['plan']['per_device'] > 4)
     decreased(losses(ft))
     model, tok = ft.load()
     q = [{'role': 'system', 'content': 'Answer with the city.'}, {'role': 'user', 'content': 'Capital of Sweden?'}]
