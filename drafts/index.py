@@ -171,7 +171,10 @@ test_eq(ev.scores_.set_index(["model", "grader"]).loc[("echo", "redaction_score"
 # | `dataset` (the teacher's outputs) | 1.00 | 1.00 |
 #
 # The base model often rewrites the greeting, adds placeholders that were not there, or repeats the instructions;
-# the fine-tuned one learned the exact convention from 265 examples in 21 steps.
+# the fine-tuned one learned the exact convention from 265 examples in 21 steps. Over three runs the fine-tuned
+# model scored 1.00 / 0.90–0.93 every time, the base 0.67–0.78 / 0.24–0.31 (vLLM batches requests differently from
+# run to run, which moves a few greedy base outputs). A run on an empty cache (GGUF conversion included) took
+# 5 min 51 s.
 
 # %% [md]
 # ## What is in the box
