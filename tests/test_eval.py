@@ -66,3 +66,12 @@ def test_tool_call_graders_through_the_client(lab, fake_upstream, fake_model):
     s = ev.results_[ev.results_.model == fake_model].set_index('grader').score
     assert s['argument_comparison'] == 1.0        # same arguments, parsed
     assert s['exact_match'] in (0.0, 1.0)         # depends on the fake's JSON spacing; must be a clean score either way
+
+
+def test_an_openai_model_without_a_key_is_an_error_on_its_rows_only(lab, monkeypatch):
+    monkeypatch.delenv('OPENAI_API_KEY', raising=False)
+    data = [{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]}]
+    ev = Eval(data, models=['gpt-4o-mini'], store=lab, progress=False).code('exact_match').run()
+    err = ev.results_.set_index('model').loc['gpt-4o-mini', 'error']
+    assert err.startswith('generation failed: MissingAPIKeyError') and 'OPENAI_API_KEY' in err
+    assert ev.scores_.set_index('model').loc['dataset', 'mean'] == 1.0
