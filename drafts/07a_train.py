@@ -101,16 +101,17 @@ test_eq(plan_batches('auto', 'cpu', 512, qwen15)['per_device'], 4)
 # registered with transformers under the name `VARLEN_ATTENTION` (`"openpipe_varlen"`).
 #
 # Measured with `bench/train_throughput.py` on one H200, Qwen2.5-1.5B shape, LoRA r16 all-linear, seq 2048,
-# chat-length rows (median 357 tokens), non-padding tokens/s, one run:
+# chat-length rows (median 357 tokens), non-padding tokens/s; two runs on two H200 machines (run 2 after Liger was
+# limited to the worker process, the benchmark playing the worker):
 #
-# | config | tokens/s | padding | peak GPU memory |
-# |---|---|---|---|
-# | FineTune defaults (`batch_size: "auto"`: 8 packed rows, varlen attention, Liger) | **38,435** | 0% | 43.0 GB |
-# | TRL defaults (A: padded batches of 8) | 9,065 | 59% | 44.8 GB |
-# | TRL packing (B: 2 packed rows) | 18,724 | 0% | 14.1 GB |
-# | TRL packing + Liger (C) | 8,496 | 0% | 14.1 GB |
+# | config | run 1 tokens/s | run 2 tokens/s | padding | peak GPU memory |
+# |---|---|---|---|---|
+# | FineTune defaults (`batch_size: "auto"`: 8 packed rows, varlen attention, Liger) | **38,435** | **39,296** | 0% | 43.0 GB |
+# | TRL defaults (A: padded batches of 8) | 9,065 | 8,138 | 59% | 44.8 GB |
+# | TRL packing (B: 2 packed rows) | 18,724 | 16,104 | 0% | 14.1 GB |
+# | TRL packing + Liger (C) | 8,496 | 16,593 | 0% | 14.1 GB |
 #
-# That is 4.5× C and 2.1× the best raw TRL configuration (B) in that run. (The anchor measurement in
+# FineTune's default is 4.5× / 2.4× C and 2.1× / 2.4× the best raw TRL configuration in each run. (The anchor measurement in
 # `../shared/bench/trl_anchor.py` found C faster than B on another H200; absolute figures swing between machines.)
 
 # %%
