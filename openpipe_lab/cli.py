@@ -10,15 +10,15 @@ from .core import *
 # %% auto #0
 __all__ = ['main']
 
-# %% ../nbs/12_cli.ipynb #2c89a759
+# %% ../nbs/12_cli.ipynb #26cb5546
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='openpipe-lab', description='The OpenPipe workflow on your own machine.')
     p.add_argument('--lab', metavar='DIR', help='lab directory (default: $OPENPIPE_LAB_DIR or ./.openpipe_lab)')
     sub = p.add_subparsers(dest='command', metavar='command')
     d = sub.add_parser('demo', help='run the end-to-end demo: logs -> dataset -> fine-tune -> deployment -> eval')
-    d.add_argument('--dir', help='lab directory for the demo (default: ./openpipe_lab_demo); re-runs start afresh')
-    d.add_argument('--rows', type=int, help='request logs to generate (default 300; --small: 60)')
-    d.add_argument('--steps', type=int, help='training steps (default: sized to the rows)')
+    d.add_argument('--dir', help='lab directory for the demo (default: ./.openpipe_lab/demo); each run starts afresh')
+    d.add_argument('--rows', type=int, help='request logs to generate (default 300; --small: 100)')
+    d.add_argument('--steps', type=int, help='LoRA training steps of 8 conversations (default 20; --small: 12)')
     d.add_argument('--small', action='store_true', help='a reduced run (fewer rows and steps): the same code path, for tests')
     d.add_argument('--port', type=int, help='port for the model server (default: a free one)')
     d.add_argument('--quiet', action='store_true', help='no progress bars')
