@@ -161,19 +161,23 @@ def test_crash_is_detected_and_restart_recovers(lab, fake_python):
         assert lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}]).model == 'openpipe:ft-a'
     finally: dep.stop()
 
-def test_crash_seen_from_another_process(lab, fake_python, tmp_path):
-    "A RUNNING row whose server died is marked CRASHED by Deployment.list() in any process on the host."
-    add_finetune(lab, 'ft-a')
+def start_owner(lab, fake_python, tmp_path):
+    "Another Python process that starts a (stand-in) deployment of 'ft-a', prints the server pid and waits."
     script = tmp_path / 'owner.py'
     script.write_text(textwrap.dedent(f'''
-        import os, sys, time
+        import time
         from openpipe_lab.logstore import LogStore
         from openpipe_lab.deployment import Deployment
         dep = Deployment('ft-a', python={fake_python!r}, store=LogStore({lab.url!r}), progress=False).start()
         print(dep.process_.pid, flush=True)
         time.sleep(3600)
     '''))
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+
+def test_crash_seen_from_another_process(lab, fake_python, tmp_path):
+    "A RUNNING row whose server died is marked CRASHED by Deployment.list() in any process on the host."
+    add_finetune(lab, 'ft-a')
+    owner = start_owner(lab, fake_python, tmp_path)
     try:
         server_pid = int(owner.stdout.readline())
         df = Deployment.list(lab)
@@ -189,16 +193,7 @@ def test_crash_seen_from_another_process(lab, fake_python, tmp_path):
 def test_owner_killed_leaves_no_server(lab, fake_python, tmp_path):
     "SIGKILL of the Python that started a deployment: the server gets SIGTERM (PR_SET_PDEATHSIG) and exits."
     add_finetune(lab, 'ft-a')
-    script = tmp_path / 'owner.py'
-    script.write_text(textwrap.dedent(f'''
-        import time
-        from openpipe_lab.logstore import LogStore
-        from openpipe_lab.deployment import Deployment
-        dep = Deployment('ft-a', python={fake_python!r}, store=LogStore({lab.url!r}), progress=False).start()
-        print(dep.process_.pid, flush=True)
-        time.sleep(3600)
-    '''))
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
+    owner = start_owner(lab, fake_python, tmp_path)
     server_pid = int(owner.stdout.readline())
     owner.kill(); owner.wait()
     assert wait_until(lambda: not _pid_alive(server_pid))

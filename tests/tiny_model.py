@@ -17,30 +17,9 @@ from __future__ import annotations
 import json, os
 from pathlib import Path
 
-NL = "{{ '\\n' }}"  # a newline right after a block tag would be eaten by jinja's trim_blocks (transformers sets it)
-
-CHATML_TEMPLATE = (
-    "{% if tools %}<|im_start|>system" + NL +
-    "{% if messages[0].role == 'system' %}{{ messages[0].content }}" + NL + NL + "{% endif %}"
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-    "{% for tool in tools %}" + NL + "{{ tool | tojson }}{% endfor %}" + NL + "</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
-    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
-    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>" + NL + "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message.role == 'system' and loop.first %}"
-    "{% elif message.role == 'assistant' %}<|im_start|>assistant" + NL +
-    "{% if message.content %}{{ message.content }}{% endif %}"
-    "{% for tc in message.tool_calls or [] %}{% if message.content or not loop.first %}" + NL + "{% endif %}"
-    "<tool_call>\n{\"name\": \"{{ tc.function.name }}\", \"arguments\": "
-    "{% if tc.function.arguments is string %}{{ tc.function.arguments }}{% else %}{{ tc.function.arguments | tojson }}{% endif %}"
-    "}\n</tool_call>{% endfor %}<|im_end|>" + NL +
-    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response><|im_end|>" + NL +
-    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>" + NL + "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant" + NL + "{% endif %}"
-)
+# The ChatML template (Qwen2.5-style, renders tools, tool calls and tool results) is the library's own: the one the
+# trainer falls back to when a base model's template cannot render tools.
+from openpipe_lab.finetune import CHATML_TOOLS_TEMPLATE as CHATML_TEMPLATE, _NL as NL
 
 LLAMA3_TEMPLATE = (
     "<|begin_of_text|>"
