@@ -99,6 +99,42 @@ tables = SimpleNamespace(
     deployment_models=_table('deployment_models',
         sa.Column('deployment_id', _s(40), nullable=False, index=True),
         sa.Column('slug', _s(128), nullable=False, index=True), sa.Column('served_name', _s(255), nullable=False)),
+    # -- wave 2: criteria, alignment labels, stored evals, server keys ----------------------------------------------
+    criteria=_table('criteria',                              # one row per criterion version: name@v<version>
+        sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(128), nullable=False, index=True),
+        sa.Column('version', sa.Integer, nullable=False),
+        sa.Column('kind', _s(16), nullable=False),             # llm | reward_model
+        sa.Column('prompt', _t), sa.Column('judge_model', _t), sa.Column('fields', _t),  # fields: JSON list
+        sa.Column('config', _t),                               # JSON: scoring mode, samples, reward-model slug, ...
+        sa.Column('config_hash', _s(64), nullable=False),      # content hash of what defines the version
+        sa.Column('created_at', _i, nullable=False),
+        sa.UniqueConstraint('name', 'version', name='uq_criteria_name_version')),
+    criterion_rows=_table('criterion_rows',                  # alignment set rows + human labels: belong to the *name*
+        sa.Column('id', _s(40), primary_key=True), sa.Column('criterion', _s(128), nullable=False),
+        sa.Column('position', _i, nullable=False),
+        sa.Column('messages', _t, nullable=False), sa.Column('tools', _t), sa.Column('tool_choice', _t),
+        sa.Column('output', _t, nullable=False),               # JSON assistant message judged
+        sa.Column('judgement', _s(8)),                         # PASS | FAIL | SKIP | NULL (unlabeled)
+        sa.Column('source', _t),                               # JSON: dataset/entry id, jsonl file:line, output model
+        sa.Column('row_hash', _s(64), nullable=False),
+        sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False),
+        sa.Index('ix_criterion_rows_name_position', 'criterion', 'position'),
+        sa.UniqueConstraint('criterion', 'row_hash', name='uq_criterion_rows_hash')),
+    evals=_table('evals',
+        sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(255), nullable=False, unique=True),
+        sa.Column('status', _s(16), nullable=False),           # RUNNING | COMPLETE | ERROR
+        sa.Column('config', _t, nullable=False),               # JSON: models, graders, criteria, judge, options
+        sa.Column('data_name', _t), sa.Column('dataset_id', _s(40)), sa.Column('dataset_snapshot', _s(64)),
+        sa.Column('summary', _t),                              # JSON: headline figures for Eval.list()
+        sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False)),
+    eval_results=_table('eval_results',                      # one row per stored frame of an eval
+        sa.Column('eval_id', _s(40), primary_key=True), sa.Column('name', _s(64), primary_key=True),  # e.g. outputs_, judgements_
+        sa.Column('payload', _t, nullable=False)),             # JSON (records orient)
+    api_keys=_table('api_keys',                              # bearer keys of `openpipe-lab serve`, stored hashed
+        sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(255)),
+        sa.Column('key_hash', _s(64), nullable=False, unique=True),  # sha256 hex of the key
+        sa.Column('prefix', _s(16), nullable=False),           # first characters, to recognise a key in a list
+        sa.Column('created_at', _i, nullable=False), sa.Column('revoked_at', _i), sa.Column('last_used_at', _i)),
 )
 
 # %% ../nbs/02_store.ipynb #0c7bcaff

@@ -13,7 +13,8 @@ One server answers all three APIs on one port:
 `Reply` fields: `text`, `tool_calls` ([{"name":..., "arguments": {...}}]), `status` (an HTTP error such as
 429/500 with the provider's own error body), `delay` (seconds before answering: timeouts), `finish_reason`
 (OpenAI spelling; translated per provider), `usage` ((prompt, completion) tokens), `body` (raw JSON to return
-as is). Without a script every call gets the default reply: text "echo: <last user text>".
+as is), `logprobs` (OpenAI `choice.logprobs.content`). `FakeUpstream(responder=fn)` answers each request with
+`fn(received)` when the script is empty (thread-safe per-request replies, e.g. a verdict per judged row). Without a script every call gets the default reply: text "echo: <last user text>".
 """
 from __future__ import annotations
 import json, re, threading, time, uuid, itertools
@@ -36,6 +37,7 @@ class Reply:
     body: dict | None = None            # raw JSON body to send instead of a generated one
     message: str = 'scripted failure'   # error message for status >= 400
     stream_error_after: int | None = None  # OpenAI SSE: send an error event (as OpenAI does) after this many chunks
+    logprobs: list | None = None        # OpenAI `choice.logprobs.content` entries, sent as is (non-streaming replies)
 
 
 @dataclass
@@ -68,8 +70,9 @@ class FakeUpstream:
     "A loopback HTTP server speaking the OpenAI, Anthropic and Gemini wire formats (see module docstring)."
     api = None
 
-    def __init__(self, default: Reply | None = None):
-        self.default = default
+    def __init__(self, default: Reply | None = None,
+                 responder=None):  # callable(Received) -> Reply | None, asked when the script is empty (per-row verdicts)
+        self.default, self.responder = default, responder
         self.requests: list[Received] = []
         self._script: list[Reply] = []
         self._lock = threading.Lock()
@@ -124,6 +127,9 @@ class FakeUpstream:
         with self._lock:
             self.requests.append(req)
             if self._script: return self._script.pop(0)
+        if self.responder is not None:
+            reply = self.responder(req)
+            if reply is not None: return reply
         return self.default or Reply()
 
     def _new_id(self, prefix): return f"{prefix}{next(self._ids):04d}{uuid.uuid4().hex[:8]}"
@@ -220,7 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not b.get('stream'):
             choices = [{'index': i, 'message': {'role': 'assistant', 'content': t, 'refusal': None,
                                                  **({'tool_calls': tcs} if tcs else {})},
-                        'logprobs': None, 'finish_reason': finish} for i, t in enumerate(texts)]
+                        'logprobs': {'content': reply.logprobs, 'refusal': None} if reply.logprobs is not None else None,
+                        'finish_reason': finish} for i, t in enumerate(texts)]
             return self._json(200, {'id': cid, 'object': 'chat.completion', 'created': created, 'model': model,
                                     'choices': choices, 'system_fingerprint': 'fp_fake',
                                     'usage': {'prompt_tokens': pt, 'completion_tokens': ct, 'total_tokens': pt + ct}})
