@@ -11,7 +11,7 @@ from openai.resources.chat import Chat as _SDKChat, AsyncChat as _SDKAsyncChat
 from openai.resources.chat.completions import Completions as _SDKCompletions, AsyncCompletions as _SDKAsyncCompletions
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from fastcore.meta import delegates
-import httpx2
+import importlib
 import sqlalchemy as sa
 from . import __version__
 from .core import *
@@ -21,9 +21,13 @@ from .formats import content_hash, apply_pruning_rules
 from .providers import resolve, backend, assemble_chunks, completion_chunks
 
 # %% auto #0
-__all__ = ['CACHE_MODES', 'CACHE_TTL_MS', 'Completions', 'Chat', 'OpenAI', 'AsyncCompletions', 'AsyncChat', 'AsyncOpenAI']
+__all__ = ['CACHE_MODES', 'CACHE_TTL_MS', 'OP_HEADERS', 'Completions', 'Chat', 'OpenAI', 'AsyncCompletions', 'AsyncChat',
+           'AsyncOpenAI']
 
 # %% ../nbs/05_client.ipynb #87af7594
+# the HTTP library this openai release is built on (httpx up to openai 2.x, its fork httpx2 in 3.x), found through
+# openai's own public client class, so the package imports with every supported openai
+_http = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split('.')[0])
 CACHE_MODES = ('readWrite', 'readOnly', 'writeOnly')
 CACHE_TTL_MS = 7 * 24 * 3600 * 1000  # cached responses expire after one week (spec: Caching)
 _OPTION_KEYS = {'cache', 'fallback', 'store', 'tags'}
@@ -47,6 +51,47 @@ def _check_options(options, where: str) -> dict:
         raise ConfigError(f"{where}: openpipe['fallback'] must be a dict like {{'model': 'gpt-4o-mini', 'timeout': 20}}, got {fb!r}")
     if out.get('tags') is not None and not isinstance(out['tags'], dict):
         raise ConfigError(f"{where}: openpipe['tags'] must be a dict of strings, got {type(out['tags']).__name__}")
+    return out
+
+# %% ../nbs/05_client.ipynb #b87c5322
+OP_HEADERS = ('op-cache', 'op-log-request', 'op-tags', 'op-criteria')
+
+def _op_headers(transport: dict) -> dict:
+    "Take the `op-*` headers out of `transport['extra_headers']` (they are never sent upstream): {lowercase name: value}."
+    headers = transport.get('extra_headers')
+    if not headers: return {}
+    found = {k.lower(): v for k, v in headers.items() if isinstance(k, str) and k.lower() in OP_HEADERS}
+    if found:
+        rest = {k: v for k, v in headers.items() if not (isinstance(k, str) and k.lower() in OP_HEADERS)}
+        if rest: transport['extra_headers'] = rest
+        else: del transport['extra_headers']
+    return {k: v for k, v in found.items() if not isinstance(v, (openai.NotGiven, openai.Omit))}
+
+def _json_header(name, value, kind, where, example):
+    try: parsed = json.loads(value) if isinstance(value, str) else value
+    except ValueError: parsed = None
+    if not isinstance(parsed, kind): raise ConfigError(f"{where}: header {name} must be a JSON {kind.__name__} like {example}, got {value!r}")
+    return parsed
+
+def _header_options(found: dict, where: str) -> dict:
+    "`openpipe={...}`-style options (plus `criteria`) from the `op-*` header values."
+    out = {}
+    if 'op-cache' in found:
+        v = str(found['op-cache']).strip()
+        mode = {'true': 'readWrite', 'false': False, '': False}.get(v.lower(), v)
+        if mode is not False and mode not in CACHE_MODES:
+            raise ConfigError(f"{where}: header op-cache must be one of {list(CACHE_MODES)} or 'false', got {v!r}")
+        out['cache'] = mode
+    if 'op-log-request' in found:
+        v = str(found['op-log-request']).strip().lower()
+        if v not in ('true', 'false'): raise ConfigError(f"{where}: header op-log-request must be 'true' or 'false', got {found['op-log-request']!r}")
+        if v == 'false': out['store'] = False
+    if 'op-tags' in found: out['tags'] = _check_tags(_json_header('op-tags', found['op-tags'], dict, where, '{"prompt_id": "pii"}'), 'op-tags')
+    if 'op-criteria' in found:
+        ids = _json_header('op-criteria', found['op-criteria'], list, where, '["no-pii@v1", "tone"]')
+        if not ids or not all(isinstance(i, str) and i for i in ids):
+            raise ConfigError(f"{where}: header op-criteria must list criterion ids (strings) like [\"no-pii@v1\", \"tone\"], got {found['op-criteria']!r}")
+        out['criteria'] = ids
     return out
 
 # %% ../nbs/05_client.ipynb #24c98558
@@ -73,13 +118,15 @@ def _seconds(timeout) -> float | None:
 class _Call:
     "The state of one `chat.completions.create` call: request, options, attempts and their logs."
     def __init__(self, client, kwargs: dict, openpipe):
-        opts = client.openpipe_options
-        if openpipe is not None:
-            call_opts = _check_options(openpipe, 'chat.completions.create')
+        self.transport = {k: kwargs.pop(k) for k in _TRANSPORT if k in kwargs}
+        opts, self.criteria = client.openpipe_options, None
+        headers = _op_headers(self.transport)
+        for call_opts in (_header_options(headers, 'chat.completions.create'),
+                          _check_options(openpipe, 'chat.completions.create') if openpipe is not None else {}):
             if opts.get('tags') and call_opts.get('tags'): call_opts['tags'] = {**opts['tags'], **call_opts['tags']}
+            self.criteria = call_opts.pop('criteria', self.criteria)
             opts = {**opts, **call_opts}
         self.client, self.opts = client, opts
-        self.transport = {k: kwargs.pop(k) for k in _TRANSPORT if k in kwargs}
         req = kwargs  # a fresh dict (**kwargs): ours to change
         for k in [k for k, v in req.items() if isinstance(v, _OMITTED)]: del req[k]
         msgs = req.get('messages')
@@ -89,7 +136,10 @@ class _Call:
             if k in req and not isinstance(req[k], (str, dict, type(None))): req[k] = _plain(req[k])
         self.request, self.stream = req, bool(req.get('stream'))
         self.include_usage = bool((req.get('stream_options') or {}).get('include_usage'))
-        self.record_on = opts.get('store') is not False
+        self.record_on = opts.get('store') is not False and req.get('store') is not False
+        if self.criteria and self.stream:
+            raise ConfigError("chat.completions.create: the op-criteria header needs a non-streamed request (choices are "
+                              "judged and sorted once they are complete): drop stream=True or the header")
         if self.record_on:
             tags = req.get('metadata') or {}
             if opts.get('tags'): tags = {**opts['tags'], **tags}
@@ -285,8 +335,8 @@ class AsyncLoggedStream(openai.AsyncStream):
         if log is not None: await self._iterator.aclose(); log.closed()
         await super().close()
 
-def _fake_response(url: str) -> httpx2.Response:
-    return httpx2.Response(200, request=httpx2.Request('POST', url or 'http://openpipe-lab.local'))
+def _fake_response(url: str) -> _http.Response:
+    return _http.Response(200, request=_http.Request('POST', url or 'http://openpipe-lab.local'))
 
 class ChunkStream(LoggedStream):
     "An `openai.Stream` of `ChatCompletionChunk` fed from chunk dicts (translated providers, cache replays)."
@@ -361,6 +411,11 @@ def _raw_split(result, stream_type):
 
 def _create(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
+    criteria = _load_criteria(comp._client, call.criteria) if call.criteria else None  # unknown ids fail before generating
+    if criteria: return _judge_choices(_create_plain(comp, call), call.request, criteria)
+    return _create_plain(comp, call)
+
+def _create_plain(comp, call):
     hit = call.cached_answer(ChunkStream)
     if hit is not None: return hit
     requested_at = now_ms()
@@ -439,6 +494,62 @@ class OpenAI(_LabClient, openai.OpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
+# %% ../nbs/05_client.ipynb #406458fb
+def _judge_client(client):
+    "The sync lab client judgements go through: the calling client itself, or a sync twin of an async one."
+    if isinstance(client, openai.OpenAI): return client
+    twin = getattr(client, '_judge_twin', None)
+    if twin is None:
+        twin = client._judge_twin = OpenAI(store=client.store, api_key=client.api_key, base_url=client.base_url, timeout=client.timeout,
+                                           max_retries=client.max_retries, openpipe=client.openpipe_options or None)
+    return twin
+
+def _load_criteria(client, ids: list) -> list:
+    "The criteria named in op-criteria (a reward model slug becomes its criterion); `NotFoundError` for an unknown id."
+    from openpipe_lab.criterion import Criterion
+    out, judge = [], _judge_client(client)
+    for cid in ids:
+        try: out.append(Criterion.get(cid, store=client.store, client=judge))
+        except NotFoundError:
+            from openpipe_lab.finetune import _model_row
+            row = _model_row(client.store, slug=cid)
+            if row is None or row['kind'] != 'openpipeReward': raise
+            out.append(Criterion.from_reward_model(cid, store=client.store))
+    return out
+
+def _combined(results: dict) -> float | None:
+    "The combined score of one choice: the mean of its successful criteria scores (None when none succeeded)."
+    scores = [r['score'] for r in results.values() if r['status'] == 'success']
+    return sum(scores) / len(scores) if scores else None
+
+def _judge_choices(completion, request: dict, criteria: list):
+    "The completion with `criteria_results` on every choice, sorted by combined score (highest first)."
+    if not isinstance(completion, ChatCompletion):
+        raise ConfigError("the op-criteria header cannot be combined with with_raw_response / with_streaming_response")
+    from concurrent.futures import ThreadPoolExecutor
+    names = [c.name for c in criteria]
+    keys = [c.version if names.count(c.name) > 1 else c.name for c in criteria]
+    choices, req = completion.choices, {k: request.get(k) for k in ('messages', 'tools', 'tool_choice')}
+    def one(job):
+        i, k = job
+        try: return i, k, criteria[k].judge(choices[i].message, req['messages'], req['tools'], req['tool_choice']), None
+        except Exception as e: return i, k, None, e
+    jobs = [(i, k) for i in range(len(choices)) for k in range(len(criteria))]
+    with ThreadPoolExecutor(min(16, max(len(jobs), 1))) as pool: done = list(pool.map(one, jobs))
+    results, usage = [{} for _ in choices], {key: {'total_tokens': 0} for key in keys}
+    for i, k, r, e in done:
+        if e is None:
+            results[i][keys[k]] = {'status': 'success', 'score': r['score'], 'explanation': r['explanation']}
+            usage[keys[k]]['total_tokens'] += (r.get('usage') or {}).get('total_tokens') or 0
+        else:
+            code = getattr(e.__cause__, 'status_code', None) or getattr(e, 'status_code', None) or 500
+            results[i][keys[k]] = {'status': 'error', 'errorCode': code, 'errorMessage': str(e)}
+    order = sorted(range(len(choices)), key=lambda i: (_combined(results[i]) is None, -(_combined(results[i]) or 0), i))
+    data = completion.model_dump(mode='json', exclude_unset=True)
+    data['choices'] = [{**data['choices'][i], 'index': pos, 'criteria_results': results[i]} for pos, i in enumerate(order)]
+    if data.get('usage') is not None: data['usage']['criteria'] = usage
+    return ChatCompletion.model_validate(data)
+
 # %% ../nbs/05_client.ipynb #4e48393a
 async def _aattempt(comp, call, model, timeout):
     "One async upstream call for `model`: returns (route, ChatCompletion or AsyncStream)."
@@ -465,6 +576,14 @@ async def _afallback_attempt(comp, call, timeout):
 
 async def _acreate(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
+    if call.criteria:
+        import asyncio
+        criteria = _load_criteria(comp._client, call.criteria)
+        result = await _acreate_plain(comp, call)
+        return await asyncio.to_thread(_judge_choices, result, call.request, criteria)
+    return await _acreate_plain(comp, call)
+
+async def _acreate_plain(comp, call):
     hit = call.cached_answer(AsyncChunkStream)
     if hit is not None: return hit
     requested_at = now_ms()
