@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_eval.ipynb #a4025271
 from __future__ import annotations
-import json, math, os, numbers, random, traceback, functools
+import json, math, os, numbers, random, traceback, functools, time
 import multiprocessing as mp
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fastcore.basics import patch
@@ -12,7 +12,8 @@ from .core import *
 from .formats import split_output
 
 # %% auto #0
-__all__ = ['exact_match', 'argument_comparison', 'bootstrap_ci', 'Eval']
+__all__ = ['MAX_GRADER_FAILURES', 'PRICES', 'exact_match', 'argument_comparison', 'bootstrap_ci', 'Eval', 'wilson_interval',
+           'judge_rates', 'corrected_pass_rate', 'price_of']
 
 # %% ../nbs/10_eval.ipynb #9804b3b8
 def _tool_calls(message: dict | None) -> list | None:
@@ -170,7 +171,7 @@ class Eval:
         self.models = self._check_models(models)
         self.name, self.concurrency, self.temperature, self.max_tokens = name, concurrency, temperature, max_tokens
         self.cache, self.progress = cache, progress
-        self.graders = []
+        self.graders, self.criteria, self.head_to_heads = [], [], []
 
     @staticmethod
     def _check_models(models) -> list:
@@ -191,7 +192,7 @@ class Eval:
     def __repr__(self):
         state = f"{len(self.results_)} results" if hasattr(self, 'results_') else 'not run'
         return (f"Eval({self.name or _data_name(self.data)!r}, models={self.model_names}, "
-                f"graders={[g['name'] for g in self.graders]}, {state})")
+                f"graders={[g['name'] for g in self.graders] + [c['name'] for c in self.criteria]}, {state})")
 
 def _model_name(model) -> str: return model if isinstance(model, str) else _grader_name(model)
 
@@ -235,6 +236,22 @@ def _lab_client(self: Eval):
     return self.client
 
 @patch
+def _generation_request(self: Eval, model: str, entry: dict) -> tuple:
+    "(request kwargs, openpipe options) of the generation call for `model` on `entry` (also what `plan()` looks up)."
+    req = dict(model=model, messages=entry['messages'], temperature=self.temperature)
+    for k in ('tools', 'tool_choice', 'response_format'):
+        if entry[k] is not None: req[k] = entry[k]
+    if self.max_tokens: req['max_tokens'] = self.max_tokens
+    return req, self._call_options('generate')
+
+@patch
+def _call_options(self: Eval, stage: str) -> dict:
+    "The lab client's `openpipe=` options for this eval's calls: tags `eval=<name>`, `eval_stage=<stage>`; the cache."
+    opts = {'tags': {'eval': self.name or _data_name(self.data), 'eval_stage': stage}}
+    if self.cache: opts['cache'] = 'readWrite'
+    return opts
+
+@patch
 def _generate(self: Eval, model, entry: dict) -> dict:
     "One output: {'output': message dict or None, 'error': str or None, 'duration_ms': int}."
     t0 = now_ms()
@@ -243,12 +260,7 @@ def _generate(self: Eval, model, entry: dict) -> dict:
         elif callable(model):
             msg = _message_dict(model(entry['messages'], entry['tools'], entry['tool_choice'], entry['response_format']))
         else:
-            req = dict(model=model, messages=entry['messages'], temperature=self.temperature)
-            for k in ('tools', 'tool_choice', 'response_format'):
-                if entry[k] is not None: req[k] = entry[k]
-            if self.max_tokens: req['max_tokens'] = self.max_tokens
-            opts = {'tags': {'eval': self.name or _data_name(self.data)}}
-            if self.cache: opts['cache'] = 'readWrite'
+            req, opts = self._generation_request(model, entry)
             resp = self._lab_client().chat.completions.create(**req, openpipe=opts)
             msg = _message_dict(resp.choices[0].message)
         return {'output': msg, 'error': None, 'duration_ms': now_ms() - t0}
@@ -270,24 +282,228 @@ def _generate_all(self: Eval, entries: list) -> list:
             results[futures[f]] = f.result(); bar.update(1)
     return [{'entry': e['id'], 'model': _model_name(m), **r} for (e, m), r in zip(jobs, results)]
 
+# %% ../nbs/10_eval.ipynb #5892dafc
+@patch
+def criterion(self: Eval, crit,  # a `Criterion`, or the name of a stored one ('no-pii' or 'no-pii@v2')
+              concurrency: int = 16  # judge calls in flight at once
+             ) -> Eval:
+    "Add a criterion evaluation: every model's outputs judged PASS/FAIL by `crit` (pass rate per model); returns self."
+    if isinstance(crit, str):
+        from openpipe_lab.criterion import Criterion
+        crit = Criterion.get(crit)
+    if not callable(getattr(crit, 'judge_many', None)) or not isinstance(getattr(crit, 'version', None), str):
+        raise ConfigError(f"criterion() needs a Criterion (or a stored criterion's name), got {type(crit).__name__}")
+    name = crit.version
+    if name in [g['name'] for g in self.graders] + [c['name'] for c in self.criteria]:
+        raise ConfigError(f"this Eval already has a grader named {name!r}")
+    self.criteria.append({'kind': 'criterion', 'name': name, 'crit': crit, 'concurrency': int(concurrency),
+                          'judge_model': getattr(crit, 'judge_model', None)})
+    return self
+
+# %% ../nbs/10_eval.ipynb #d6b24e4f
+@patch
+def _judge_criteria(self: Eval, entries: list, outputs: list) -> list:
+    "One results_ row per (criterion, output): score (the judge's 0..1), error, explanation."
+    by_id, rows = {e['id']: e for e in entries}, []
+    for c in self.criteria:
+        todo = [o for o in outputs if o['error'] is None]
+        judged = c['crit'].judge_many([{'output': o['output'], 'messages': by_id[o['entry']]['messages'],
+                                        'tools': by_id[o['entry']]['tools'], 'tool_choice': by_id[o['entry']]['tool_choice']}
+                                       for o in todo], concurrency=c['concurrency'], progress=self.progress) if todo else []
+        verdicts = {id(o): j for o, j in zip(todo, judged)}
+        for o in outputs:
+            j = verdicts.get(id(o))
+            if j is None: score, error, why = None, f"generation failed: {o['error']}", None
+            else:
+                error = j.get('error')
+                score = None if error or j.get('score') is None else float(j['score'])
+                why = j.get('explanation')
+            rows.append({'entry': o['entry'], 'model': o['model'], 'grader': c['name'], 'score': score, 'error': error,
+                         'explanation': why})
+    return rows
+
+# %% ../nbs/10_eval.ipynb #ad1333ee
+def wilson_interval(passes: int,  # outputs that passed
+                    n: int,  # outputs judged
+                    level: float = 0.95  # coverage of the interval
+                   ) -> tuple:
+    "(rate, low, high): the pass rate and its Wilson score interval (NaNs when n is 0)."
+    from scipy.stats import norm
+    if n <= 0: return (math.nan, math.nan, math.nan)
+    z, p = norm.ppf(1 - (1 - level) / 2), passes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (p, max(0.0, centre - half), min(1.0, centre + half))
+
+def judge_rates(confusion: dict  # {'tp', 'fp', 'fn', 'tn'} with FAIL as the positive class (a criterion's `stats_['confusion']`)
+               ) -> tuple:
+    "(se, sp): the judge's rate of PASS on truly passing outputs and of FAIL on truly failing ones (NaN if unmeasured)."
+    tp, fp, fn, tn = (int(confusion.get(k) or 0) for k in ('tp', 'fp', 'fn', 'tn'))
+    return (tn / (tn + fp) if tn + fp else math.nan, tp / (tp + fn) if tp + fn else math.nan)
+
+def corrected_pass_rate(passes: int,  # outputs the judge passed
+                        n: int,  # outputs judged
+                        confusion: dict,  # the judge's alignment confusion matrix (FAIL positive)
+                        level: float = 0.95,  # coverage of the interval
+                        draws: int = 4000,  # Monte Carlo draws for the interval
+                        seed: int = 0  # same inputs + seed -> same interval
+                       ) -> tuple:
+    "(rate, low, high): the Rogan–Gladen pass rate corrected for the judge's error rates, with its widened interval."
+    import numpy as np
+    se, sp = judge_rates(confusion)
+    if n <= 0 or se != se or sp != sp or se + sp <= 1: return (math.nan, math.nan, math.nan)
+    rate = min(1.0, max(0.0, (passes / n + sp - 1) / (se + sp - 1)))
+    tp, fp, fn, tn = (int(confusion.get(k) or 0) for k in ('tp', 'fp', 'fn', 'tn'))
+    rng = np.random.default_rng(seed)
+    p_ = rng.beta(passes + .5, n - passes + .5, draws)
+    se_, sp_ = rng.beta(tn + .5, fp + .5, draws), rng.beta(tp + .5, fn + .5, draws)
+    j = se_ + sp_ - 1
+    alpha = (1 - level) / 2
+    if (j <= 0).mean() > alpha: return (rate, 0.0, 1.0)
+    pi = np.clip((p_[j > 0] + sp_[j > 0] - 1) / j[j > 0], 0, 1)
+    low, high = np.quantile(pi, [alpha, 1 - alpha])
+    return (rate, float(low), float(high))
+
+# %% ../nbs/10_eval.ipynb #4ffdf28e
+_CORRECTED = ['corrected', 'corrected_low', 'corrected_high']
+
+@patch
+def _scores_frame(self: Eval):
+    "scores_: code graders (mean, bootstrap CI) then criteria (pass rate, Wilson CI, judge-corrected rate and CI)."
+    import pandas as pd
+    res = self.results_
+    code = _summarise(res, self.model_names, [g['name'] for g in self.graders])
+    if not self.criteria: return code
+    rows = []
+    for c in self.criteria:
+        stats = getattr(c['crit'], 'stats_', None) or {}
+        conf = stats.get('confusion') if isinstance(stats, dict) else None
+        for m in self.model_names:
+            sub = res[(res.model == m) & (res.grader == c['name'])]
+            ok = sub.score.dropna()
+            passes, n = int((ok >= 0.5).sum()), int(len(ok))
+            rate, low, high = wilson_interval(passes, n)
+            corr = corrected_pass_rate(passes, n, conf) if conf else (math.nan,) * 3
+            rows.append({'model': m, 'grader': c['name'], 'mean': rate, 'ci_low': low, 'ci_high': high, 'n': n,
+                         'errors': int(sub.error.notna().sum()), **dict(zip(_CORRECTED, corr))})
+    crit = pd.DataFrame(rows, columns=_SCORE_COLUMNS + _CORRECTED)
+    return pd.concat([code.assign(**{k: math.nan for k in _CORRECTED}), crit], ignore_index=True) if len(code) else crit
+
+# %% ../nbs/10_eval.ipynb #0adf0a89
+def _jsonable(v):
+    if hasattr(v, 'item') and not isinstance(v, (list, dict, str)): v = v.item()
+    if isinstance(v, float) and v != v: return None
+    return v
+
+def _frame_payload(df) -> dict:
+    "A DataFrame as JSON-ready dict (columns, dtypes, rows, and the index unless it is the default range)."
+    import pandas as pd
+    index = None if isinstance(df.index, pd.RangeIndex) else [_jsonable(i) for i in df.index]
+    return {'frame': {'columns': [str(c) for c in df.columns], 'dtypes': {str(c): str(t) for c, t in df.dtypes.items()},
+                      'index': index, 'rows': [[_jsonable(v) for v in r] for r in df.itertuples(index=False, name=None)]}}
+
+def _frame_from(payload: dict):
+    import pandas as pd
+    f = payload['frame']
+    df = pd.DataFrame(f['rows'], columns=f['columns'], index=f['index'])
+    for c, t in f['dtypes'].items():
+        if t.startswith('float'): df[c] = df[c].astype(float)
+        elif (t.startswith('int') or t == 'bool') and not df[c].isna().any(): df[c] = df[c].astype(t)
+    return df
+
+_STORED = ['outputs_', 'results_', 'scores_', 'timings_']  # the pairwise module adds its frames
+
+@patch
+def _lab_store(self: Eval):
+    "The LogStore this eval is saved in: `store=`, else the data's, else the default lab."
+    if self.store is None:
+        from openpipe_lab.logstore import get_store
+        self.store = getattr(self.data, 'store', None) or get_store()
+    return self.store
+
+def _data_identity(data, entries: list) -> tuple:
+    "(dataset id, snapshot hash) of what the eval ran on; a list of entries is hashed as given."
+    from openpipe_lab.dataset import Dataset
+    from openpipe_lab.formats import content_hash
+    if isinstance(data, Dataset): data = data.test
+    if hasattr(data, 'snapshot') and hasattr(data, 'dataset'): return data.dataset.id, data.snapshot()
+    return None, content_hash([{k: e[k] for k in ('messages', 'output', 'tools', 'tool_choice', 'response_format')} for e in entries])
+
+@patch
+def _config(self: Eval, entries: list) -> dict:
+    return {'models': self.model_names, 'n_entries': len(entries),
+            'graders': [{'kind': 'code', 'name': g['name'], 'timeout': g['timeout']} for g in self.graders],
+            'criteria': [{'name': c['name'], 'judge_model': c['judge_model']} for c in self.criteria],
+            'head_to_head': [{k: v for k, v in h.items() if k != 'fn'} for h in self.head_to_heads],
+            **{k: getattr(self, k) for k in ('temperature', 'max_tokens', 'cache', 'concurrency')}}
+
+@patch
+def _summary(self: Eval) -> dict:
+    out = {}
+    if hasattr(self, 'scores_'): out['scores'] = _frame_payload(self.scores_[_SCORE_COLUMNS])['frame']['rows']
+    if hasattr(self, 'win_rates_'): out['win_rates'] = _frame_payload(self.win_rates_)['frame']['rows']
+    return out
+
+@patch
+def _save(self: Eval, status: str, entries: list, error: str | None = None):
+    "Write this eval's row (and, once COMPLETE, its result frames) to the lab."
+    import sqlalchemy as sa
+    from openpipe_lab.store import tables, dumps
+    t, r, store, now = tables.evals, tables.eval_results, self._lab_store(), now_ms()
+    name = self.name or _data_name(self.data)
+    config = {**self._config(entries), 'error': error}
+    with store.db.begin() as c:
+        if status == 'RUNNING':
+            dataset_id, snapshot = _data_identity(self.data, entries)
+            old = c.execute(sa.select(t.c.id).where(t.c.name == name)).scalar()
+            values = dict(status=status, config=dumps(config), data_name=self.data_name_, dataset_id=dataset_id,
+                          dataset_snapshot=snapshot, summary=None, updated_at=now)
+            if old is None:
+                self.id_ = new_id('eval')
+                c.execute(t.insert().values(id=self.id_, name=name, created_at=now, **values))
+            else:
+                self.id_ = old
+                c.execute(r.delete().where(r.c.eval_id == old))
+                c.execute(t.update().where(t.c.id == old).values(**values))
+            return
+        c.execute(t.update().where(t.c.id == self.id_).values(status=status, config=dumps(config),
+                                                               summary=dumps(self._summary()), updated_at=now))
+        if status != 'COMPLETE': return
+        for attr in dict.fromkeys(_STORED):
+            v = getattr(self, attr, None)
+            if v is None: continue
+            payload = _frame_payload(v) if hasattr(v, 'itertuples') else {'value': v}
+            c.execute(r.insert().values(eval_id=self.id_, name=attr, payload=dumps(payload)))
+    self.status_ = status
+
 # %% ../nbs/10_eval.ipynb #29eb1e1c
+MAX_GRADER_FAILURES = 3  # consecutive timeouts/crashes after which a grader is not called again in this run
+_WORKER_FAILURES = ('grader timed out', 'grader process died')
+
 @patch
 def _score_all(self: Eval, entries: list, outputs: list) -> list:
     by_id = {e['id']: e for e in entries}
     rows = []
     for g in self.graders:
-        worker = _GraderWorker(g['fn'], g['timeout'])
+        worker, failures, stopped = _GraderWorker(g['fn'], g['timeout']), 0, None
         try:
             for o in outputs:
                 e = by_id[o['entry']]
                 if o['error'] is not None: score, error = None, f"generation failed: {o['error']}"
                 elif e['output'] is None: score, error = None, 'the entry has no dataset output to compare with'
+                elif stopped: score, error = None, stopped
                 else:
                     score, error = worker.score(dict(messages=e['messages'], tools=e['tools'], tool_choice=e['tool_choice'],
                                                      generated_output=o['output'], dataset_output=e['output']))
+                    failures = failures + 1 if error and error.startswith(_WORKER_FAILURES) else 0
+                    if failures >= MAX_GRADER_FAILURES:
+                        stopped = (f"grader not called: it failed {failures} times in a row (last: {error}); "
+                                   f"fix it and re-run (generations are cached)")
                 rows.append({'entry': o['entry'], 'model': o['model'], 'grader': g['name'], 'score': score, 'error': error})
         finally: worker.close()
     return rows
+
+_RESULT_COLUMNS = ['entry', 'model', 'grader', 'score', 'error', 'explanation']
 
 def _summarise(results, models: list, graders: list, level: float = 0.95):
     import pandas as pd
@@ -301,23 +517,42 @@ def _summarise(results, models: list, graders: list, level: float = 0.95):
                         'n': int(len(ok)), 'errors': int(sub.error.notna().sum())})
     return pd.DataFrame(out, columns=_SCORE_COLUMNS)
 
+class _Timer:
+    "Context manager adding the seconds a stage took to `timings[name]`."
+    def __init__(self, timings: dict, name: str): self.timings, self.name = timings, name
+    def __enter__(self): self.t0 = time.perf_counter(); return self
+    def __exit__(self, *exc): self.timings[self.name] = round(self.timings.get(self.name, 0) + time.perf_counter() - self.t0, 3)
+
 @patch
 def run(self: Eval) -> Eval:
-    "Generate every model's output for every entry, score them with every grader; returns self."
+    "Generate every model's output for every entry; score with the code graders, criteria and head-to-head judge; store the eval; returns self."
     import pandas as pd
-    if not self.graders: raise ConfigError("this Eval has no grader: add one with .code('exact_match') or .code(my_grader)")
+    if not (self.graders or self.criteria or self.head_to_heads):
+        raise ConfigError("this Eval has nothing to score with: add .code('exact_match'), .criterion(crit) or .head_to_head(judge_model=...)")
+    if self.data is None and hasattr(self, 'id_'):
+        raise ConfigError(f"eval {self.name!r} was reloaded from the lab (Eval.get): it keeps its results, not its data or "
+                          "grader functions; build a new Eval(data, models=...) to run it again (cached calls are not repaid)")
     self.data_name_, entries = _eval_entries(self.data)
     if not entries: raise EvalError(f"{_data_name(self.data)} has no entries to evaluate (a dataset's TEST split may be empty: ds.split(test_fraction=0.1))")
-    t0 = now_ms()
-    outputs = self._generate_all(entries)
-    self.outputs_ = pd.DataFrame([{**o, 'content': (o['output'] or {}).get('content')} for o in outputs],
-                                 columns=['entry', 'model', 'content', 'output', 'error', 'duration_ms'])
-    self.generation_s_ = (now_ms() - t0) / 1000
-    t1 = now_ms()
-    self.results_ = pd.DataFrame(self._score_all(entries, outputs), columns=['entry', 'model', 'grader', 'score', 'error'])
-    self.results_['score'] = self.results_['score'].astype(float)
-    self.scoring_s_ = (now_ms() - t1) / 1000
-    self.scores_ = _summarise(self.results_, self.model_names, [g['name'] for g in self.graders])
+    self.timings_ = {}
+    self._save('RUNNING', entries)
+    try:
+        with _Timer(self.timings_, 'generate'): outputs = self._generate_all(entries)
+        self.outputs_ = pd.DataFrame([{**o, 'content': (o['output'] or {}).get('content')} for o in outputs],
+                                     columns=['entry', 'model', 'content', 'output', 'error', 'duration_ms'])
+        with _Timer(self.timings_, 'code graders'): rows = self._score_all(entries, outputs)
+        with _Timer(self.timings_, 'criteria'): rows += self._judge_criteria(entries, outputs)
+        self.results_ = pd.DataFrame(rows, columns=_RESULT_COLUMNS)
+        self.results_['score'] = self.results_['score'].astype(float)
+        self.scores_ = self._scores_frame()
+        if self.head_to_heads:
+            with _Timer(self.timings_, 'head-to-head'): self._run_head_to_head(entries, outputs)
+    except BaseException as e:
+        self._save('ERROR', entries, error=f"{type(e).__name__}: {e}"[:1000])
+        raise
+    self.generation_s_ = self.timings_['generate']
+    self.scoring_s_ = round(sum(v for k, v in self.timings_.items() if k != 'generate'), 3)
+    self._save('COMPLETE', entries)
     return self
 
 # %% ../nbs/10_eval.ipynb #2ac82e76
@@ -362,3 +597,137 @@ def to_markdown(self: Eval, digits: int = 2) -> str:
 
 @patch
 def _repr_markdown_(self: Eval): return f"`{self!r}`\n\n" + (self.to_markdown() if hasattr(self, 'scores_') else '')
+
+# %% ../nbs/10_eval.ipynb #0a0a761c
+PRICES = {  # USD per 1M tokens (input, output): providers' list prices, 2025; check yours before relying on them
+    'gpt-4o-mini': (0.15, 0.60), 'gpt-4o': (2.50, 10.00), 'gpt-4.1-nano': (0.10, 0.40), 'gpt-4.1-mini': (0.40, 1.60),
+    'gpt-4.1': (2.00, 8.00), 'o3-mini': (1.10, 4.40), 'o4-mini': (1.10, 4.40), 'gpt-3.5-turbo': (0.50, 1.50),
+    'claude-3-5-haiku': (0.80, 4.00), 'claude-3-haiku': (0.25, 1.25), 'claude-3-5-sonnet': (3.00, 15.00),
+    'claude-3-7-sonnet': (3.00, 15.00), 'claude-sonnet-4': (3.00, 15.00), 'claude-3-opus': (15.00, 75.00),
+    'gemini-1.5-flash': (0.075, 0.30), 'gemini-1.5-pro': (1.25, 5.00), 'gemini-2.0-flash': (0.10, 0.40),
+    'gemini-2.5-flash': (0.30, 2.50), 'gemini-2.5-pro': (1.25, 10.00)}
+
+def price_of(model: str  # a model id the lab client routes
+            ) -> tuple | None:
+    "(input, output) USD per 1M tokens for `model`: (0, 0) for a local deployment (`openpipe:<slug>`), None if unknown."
+    if not isinstance(model, str): return (0.0, 0.0)
+    prefix, sep, name = model.partition(':')
+    if sep and prefix == 'openpipe': return None if '/' in name else (0.0, 0.0)
+    name = name if sep else model
+    keys = [k for k in PRICES if name == k or name.startswith(k + '-')]
+    return PRICES[max(keys, key=len)] if keys else None
+
+# %% ../nbs/10_eval.ipynb #00549e97
+def _tokens(obj) -> int:
+    "A rough token count: characters of its JSON / 4."
+    from openpipe_lab.formats import canonical_json
+    return max(1, len(obj if isinstance(obj, str) else canonical_json(obj)) // 4)
+
+@patch
+def _cached_completion(self: Eval, request: dict, options: dict) -> dict | None:
+    "The lab cache's answer to this call if it has one (not counted as a hit; nothing is sent)."
+    client = self._lab_client()
+    if not hasattr(client, 'openpipe_options') or not options.get('cache'): return None
+    import sqlalchemy as sa
+    from openpipe_lab.client import _Call
+    from openpipe_lab.store import tables, loads
+    key = _Call(client, dict(request), options).cache_key
+    with client.store.db.connect() as c:
+        text = c.execute(sa.select(tables.cache.c.response).where(tables.cache.c.key == key, tables.cache.c.expires_at > now_ms())).scalar()
+    return loads(text)
+
+def _plan_row(stage: str, model: str, calls: int, cached: int, tokens_in: int, tokens_out: int, note: str = '') -> dict:
+    price = price_of(model)
+    cost = math.nan if price is None else (tokens_in * price[0] + tokens_out * price[1]) / 1e6
+    return {'stage': stage, 'model': model, 'calls': calls, 'cached': cached, 'new': calls - cached,
+            'new_input_tokens': tokens_in, 'new_output_tokens': tokens_out, 'new_cost_usd': cost, 'note': note}
+
+@patch
+def plan(self: Eval) -> 'pd.DataFrame':
+    "The calls `run()` would make, per stage and model: how many, how many are cached, new tokens and cost where priced."
+    import pandas as pd
+    _, entries = _eval_entries(self.data)
+    rows, known = [], {}
+    for m in self.models:
+        name = _model_name(m)
+        if m == 'dataset':
+            known.update({(e['id'], name): e['output'] for e in entries}); continue
+        if callable(m):
+            rows.append(_plan_row('generate', name, len(entries), 0, 0, 0, 'a Python callable: run locally, free')); continue
+        cached, t_in, t_out = 0, 0, 0
+        for e in entries:
+            req, opts = self._generation_request(m, e)
+            hit = self._cached_completion(req, opts)
+            if hit is not None:
+                cached += 1
+                known[(e['id'], name)] = _message_dict(hit['choices'][0]['message'])
+            else:
+                t_in += _tokens(req['messages']) + (_tokens(req['tools']) if req.get('tools') else 0)
+                t_out += self.max_tokens or _tokens((e['output'] or {}).get('content') or '') or 256
+        rows.append(_plan_row('generate', name, len(entries), cached, t_in, t_out))
+    for c in self.criteria:
+        n = len(entries) * len(self.models)
+        t_in = sum(_tokens(e['messages']) + (_tokens(e['output']) if e['output'] else 0) for e in entries) * len(self.models)
+        rows.append(_plan_row(f"criterion {c['name']}", c['judge_model'] or c['name'], n, 0, t_in, 100 * n,
+                              'at most: cached verdicts are not looked up ahead'))
+    if self.head_to_heads: rows += self._plan_head_to_head(entries, known)
+    return pd.DataFrame(rows, columns=['stage', 'model', 'calls', 'cached', 'new', 'new_input_tokens',
+                                       'new_output_tokens', 'new_cost_usd', 'note'])
+
+# %% ../nbs/10_eval.ipynb #4ac862f7
+@patch(cls_method=True)
+def get(cls: Eval, name: str,  # the eval's name (`Eval(..., name=)`, default the data's name)
+        store=None  # the lab to read; None: the default lab
+       ) -> Eval:
+    "A stored eval reloaded with its results (nothing is called); `NotFoundError` lists the evals there are."
+    import sqlalchemy as sa
+    from openpipe_lab.logstore import get_store
+    from openpipe_lab.store import tables, loads
+    store = get_store(store)
+    t, r = tables.evals, tables.eval_results
+    with store.db.connect() as c:
+        row = c.execute(sa.select(t).where(t.c.name == name)).mappings().first()
+        if row is None:
+            names = c.execute(sa.select(t.c.name).order_by(t.c.created_at)).scalars().all()
+            raise NotFoundError(f"no eval named {name!r} in {store.db._safe_url()}; stored evals: {names or 'none'} "
+                                "(an eval is stored when .run() starts)")
+        frames = c.execute(sa.select(r.c.name, r.c.payload).where(r.c.eval_id == row['id'])).all()
+    config = loads(row['config'])
+    ev = cls.__new__(cls)
+    ev.data, ev.store, ev.client, ev.name, ev.progress = None, store, None, row['name'], False
+    ev.models = list(config['models'])
+    for k in ('temperature', 'max_tokens', 'cache', 'concurrency'): setattr(ev, k, config.get(k))
+    ev.graders = [{**g, 'fn': None} for g in config['graders']]
+    ev.criteria = [{**c, 'kind': 'criterion', 'crit': None} for c in config['criteria']]
+    ev.head_to_heads = list(config.get('head_to_head') or [])
+    ev.id_, ev.status_, ev.error_ = row['id'], row['status'], config.get('error')
+    ev.data_name_, ev.dataset_id_, ev.dataset_snapshot_ = row['data_name'], row['dataset_id'], row['dataset_snapshot']
+    ev.created_at_, ev.updated_at_ = row['created_at'], row['updated_at']
+    for fname, payload in frames:
+        p = loads(payload)
+        setattr(ev, fname, _frame_from(p) if 'frame' in p else p['value'])
+    return ev
+
+@patch(cls_method=True, nm='list')
+def _list(cls: Eval, store=None  # the lab to read; None: the default lab
+        ) -> 'pd.DataFrame':
+    "The lab's stored evals, newest first: name, status, data, models, graders, entries, dataset snapshot, times."
+    import pandas as pd, sqlalchemy as sa
+    from openpipe_lab.logstore import get_store
+    from openpipe_lab.store import tables, loads
+    t = tables.evals
+    with get_store(store).db.connect() as c:
+        rows = c.execute(sa.select(t).order_by(t.c.created_at.desc())).mappings().all()
+    out = []
+    for row in rows:
+        cfg = loads(row['config'])
+        out.append({'name': row['name'], 'status': row['status'], 'data': row['data_name'], 'models': cfg['models'],
+                    'graders': [g['name'] for g in cfg['graders']] + [c['name'] for c in cfg['criteria']] +
+                               [f"head-to-head ({h['judge_model']})" for h in cfg.get('head_to_head') or []],
+                    'entries': cfg.get('n_entries'), 'dataset_snapshot': row['dataset_snapshot'], 'error': cfg.get('error'),
+                    'created_at': pd.to_datetime(row['created_at'], unit='ms'), 'updated_at': pd.to_datetime(row['updated_at'], unit='ms')})
+    return pd.DataFrame(out, columns=['name', 'status', 'data', 'models', 'graders', 'entries', 'dataset_snapshot', 'error',
+                                      'created_at', 'updated_at'])
+
+# %% ../nbs/10_eval.ipynb #abec5e3a
+from . import pairwise as _pairwise  # noqa: E402,F401  (registers Eval.head_to_head)
