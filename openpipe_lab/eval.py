@@ -290,7 +290,7 @@ def criterion(self: Eval, crit,  # a `Criterion`, or the name of a stored one ('
     "Add a criterion evaluation: every model's outputs judged PASS/FAIL by `crit` (pass rate per model); returns self."
     if isinstance(crit, str):
         from openpipe_lab.criterion import Criterion
-        crit = Criterion.get(crit)
+        crit = Criterion.get(crit, store=self._lab_store())
     if not callable(getattr(crit, 'judge_many', None)) or not isinstance(getattr(crit, 'version', None), str):
         raise ConfigError(f"criterion() needs a Criterion (or a stored criterion's name), got {type(crit).__name__}")
     name = crit.version
@@ -624,9 +624,9 @@ def _tokens(obj) -> int:
     return max(1, len(obj if isinstance(obj, str) else canonical_json(obj)) // 4)
 
 @patch
-def _cached_completion(self: Eval, request: dict, options: dict) -> dict | None:
+def _cached_completion(self: Eval, request: dict, options: dict, client=None) -> dict | None:
     "The lab cache's answer to this call if it has one (not counted as a hit; nothing is sent)."
-    client = self._lab_client()
+    client = client or self._lab_client()
     if not hasattr(client, 'openpipe_options') or not options.get('cache'): return None
     import sqlalchemy as sa
     from openpipe_lab.client import _Call
@@ -665,14 +665,32 @@ def plan(self: Eval) -> 'pd.DataFrame':
                 t_in += _tokens(req['messages']) + (_tokens(req['tools']) if req.get('tools') else 0)
                 t_out += self.max_tokens or _tokens((e['output'] or {}).get('content') or '') or 256
         rows.append(_plan_row('generate', name, len(entries), cached, t_in, t_out))
-    for c in self.criteria:
-        n = len(entries) * len(self.models)
-        t_in = sum(_tokens(e['messages']) + (_tokens(e['output']) if e['output'] else 0) for e in entries) * len(self.models)
-        rows.append(_plan_row(f"criterion {c['name']}", c['judge_model'] or c['name'], n, 0, t_in, 100 * n,
-                              'at most: cached verdicts are not looked up ahead'))
+    for c in self.criteria: rows.append(self._plan_criterion(c, entries, known))
     if self.head_to_heads: rows += self._plan_head_to_head(entries, known)
     return pd.DataFrame(rows, columns=['stage', 'model', 'calls', 'cached', 'new', 'new_input_tokens',
                                        'new_output_tokens', 'new_cost_usd', 'note'])
+
+# %% ../nbs/10_eval.ipynb #0332f73a
+@patch
+def _plan_criterion(self: Eval, c: dict, entries: list, known: dict) -> dict:
+    "The plan() row of one criterion."
+    crit, n = c['crit'], len(entries) * len(self.models)
+    if getattr(crit, 'kind', 'llm') != 'llm' or not hasattr(crit, 'judge_request'):
+        return _plan_row(f"criterion {c['name']}", c['name'], n, 0, 0, 0, 'scored in this process, free') | {'new_cost_usd': 0.0}
+    cached = t_in = t_out = 0
+    unknown = False
+    for e in entries:
+        for m in self.model_names:
+            out = known.get((e['id'], m))
+            if out is None:
+                unknown = True
+                t_in += _tokens(e['messages']) + (self.max_tokens or 256); t_out += 100
+                continue
+            req = crit.judge_request(out, e['messages'], e['tools'], e['tool_choice'])
+            if self._cached_completion(req, {'cache': 'readWrite'}, client=crit.client) is not None: cached += 1
+            else: t_in += _tokens(req['messages']); t_out += (crit.config or {}).get('max_tokens') or 100
+    return _plan_row(f"criterion {c['name']}", crit.judge_model, n, cached, t_in, t_out,
+                     'at most: some outputs are not generated yet' if unknown else '')
 
 # %% ../nbs/10_eval.ipynb #4ac862f7
 @patch(cls_method=True)

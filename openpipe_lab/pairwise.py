@@ -106,7 +106,7 @@ def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the la
                                'structured': bool(structured)})
     return self
 
-# %% ../nbs/10a_pairwise.ipynb #d3175427
+# %% ../nbs/10a_pairwise.ipynb #45723640
 def _same_output(a: dict | None, b: dict | None) -> bool:
     "Identical content and tool calls (names and arguments; call ids ignored)."
     calls = lambda m: [((tc.get('function') or {}).get('name'), (tc.get('function') or {}).get('arguments')) for tc in (m or {}).get('tool_calls') or []]
@@ -115,8 +115,11 @@ def _same_output(a: dict | None, b: dict | None) -> bool:
 @patch
 def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> tuple:
     "(request kwargs, openpipe options) of one judge call."
+    from openpipe_lab.providers import resolve
     req = dict(model=cfg['judge_model'], messages=judge_messages(entry, output_a, output_b, cfg['instructions']),
                temperature=0, max_tokens=cfg['max_tokens'])
+    # the installed anthropic SDK (2.x) has no `temperature` parameter: the translated call would fail (request filed)
+    if resolve(cfg['judge_model'], self._lab_store()).api == 'anthropic': del req['temperature']
     if cfg['structured']: req['response_format'] = VERDICT_SCHEMA
     return req, self._call_options('head-to-head')
 
