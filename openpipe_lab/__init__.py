@@ -7,9 +7,9 @@ _LAZY = {'LogStore': 'logstore', 'LogQuery': 'logstore', 'get_store': 'logstore'
          'OpenPipeLabError': 'core'}
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(f'openpipe_lab.{_LAZY[name]}'), name)
+    if name in _LAZY:   # a missing module or dependency is our MissingDependencyError (see core.lazy_attr)
+        from .core import lazy_attr
+        return lazy_attr(__name__, name, _LAZY[name])
     raise AttributeError(f"module 'openpipe_lab' has no attribute {name!r}")
 
 def __dir__(): return sorted(list(globals()) + list(_LAZY))

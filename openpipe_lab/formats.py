@@ -490,6 +490,22 @@ def functions_to_tools(obj):
 def _not_json_constant(name): raise ValueError(f"{name} is not valid JSON")
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_not_json_constant)
 
+_SURROGATE_ESCAPE = re.compile(rb'\\u[dD][89a-fA-F]')
+
+def _lone_surrogate(o, path: str = '') -> str | None:
+    "The path of the first string holding a lone UTF-16 surrogate (valid JSON, not valid text), or None."
+    if isinstance(o, str):
+        try: o.encode('utf-8')
+        except UnicodeEncodeError: return path
+        return None
+    items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+    for k, v in items:
+        sub = _field(path, k) if isinstance(k, str) else f"{path}[{k}]"
+        if isinstance(k, str) and _lone_surrogate(k) is not None: return sub
+        found = _lone_surrogate(v, sub)
+        if found is not None: return found
+    return None
+
 def _iter_jsonl(path: Path):
     decode = _STRICT_DECODER.decode
     with open(path, 'rb') as f:
@@ -506,6 +522,9 @@ def _iter_jsonl(path: Path):
                 yield n, Problem('', f"not valid JSON ({e})", n); continue
             if obj.__class__ is not dict:
                 yield n, Problem('', f"must be a JSON object, got {_kind(obj)}", n); continue
+            if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)) is not None:
+                yield n, Problem(where, "contains a lone UTF-16 surrogate escape (\\udXXX without its pair): not valid text; "
+                                        "fix or remove that escape", n); continue
             yield n, obj
 
 def read_jsonl(path  # a .jsonl file: one JSON object per line

