@@ -56,6 +56,12 @@ def _payload_text(obj) -> str | None:
         return obj
     return dumps(_jsonable(obj))
 
+class _Durable:
+    "A marker in the writer's queue: `callback(error)` runs once every row queued before it is committed (group commit)."
+    __slots__ = ('callback', 'error')
+    def __init__(self, callback): self.callback, self.error = callback, None
+    def set(self): self.callback(self.error)
+
 class _Writer:
     def __init__(self, store, batch_size=5000, linger=0.005):
         self.store, self.batch_size, self.linger = weakref.proxy(store), batch_size, linger
@@ -76,18 +82,21 @@ class _Writer:
             batch, events = [], []
             while True:
                 if item is None: return self._write(batch)
-                (events if isinstance(item, threading.Event) else batch).append(item)
+                (batch if isinstance(item, dict) else events).append(item)
                 if len(batch) >= self.batch_size: break
                 try: item = self.q.get_nowait()
                 except queue.Empty: break
-            if batch: self._write(batch)
-            for e in events: e.set()
+            err = self._write(batch) if batch else None
+            for e in events:
+                if err is not None and isinstance(e, _Durable): e.error = err
+                e.set()
 
     def _write(self, batch):
-        if not batch: return
+        "Insert a batch (retrying); None when it is in the database, else the error (rows go to a fallback file)."
+        if not batch: return None
         for attempt in range(6):
-            try: return self.store._insert_rows(batch)
-            except ReferenceError: return
+            try: self.store._insert_rows(batch); return None
+            except ReferenceError: return None
             except Exception as e:
                 err = e; time.sleep(0.05 * 2 ** attempt)
         try:
@@ -97,6 +106,7 @@ class _Writer:
             warnings.warn(f"openpipe_lab could not write {len(batch)} logs to the database ({err}); saved them to {path}")
         except Exception as e2:
             warnings.warn(f"openpipe_lab lost {len(batch)} logs: database error {err}; fallback file error {e2}")
+        return err
 
     def close(self):
         if self.thread.is_alive(): self.q.put(None); self.thread.join(30)
@@ -191,6 +201,11 @@ class LogStore:
         w, self._writer = self._writer, None
         if w is not None: w.close()
 
+    def when_durable(self, callback  # called as `callback(error)` from the writer thread; error is None on success
+                    ):
+        "Call `callback` once every log enqueued so far is committed: one transaction serves many waiters (group commit)."
+        self._get_writer().put(_Durable(callback))
+
     def __del__(self):
         try: self.close()
         except Exception: pass
@@ -276,7 +291,7 @@ class LogQuery:
     def filter(self, since=None,  # only logs requested at/after this (ms or datetime)
                until=None,  # only logs requested before this (ms or datetime)
                contains: str | None = None,  # text that must appear in the request or the response
-               **equals) -> 'LogQuery':  # field or metadata tag (also as "metadata.name") = value
+               **equals) -> 'LogQuery':  # field or metadata tag (also as "metadata.name" or "tags.name") = value
         "A narrower query: every condition here ANDed with the existing ones."
         t, conds, desc = tables.logs, list(self._conditions), list(self._description)
         when = sa.func.coalesce(t.c.requested_at, t.c.created_at)
@@ -295,10 +310,11 @@ class LogQuery:
     def _condition(key: str, value):
         t, tt = tables.logs, tables.log_tags
         key = _FIELD_ALIASES.get(key, key)
-        if key in _FIELDS and not key.startswith('metadata.'):
+        if key in _FIELDS:
             return t.c[key].is_(None) if value is None else t.c[key] == value
-        name = key[len('metadata.'):] if key.startswith('metadata.') else key
-        if not name: raise ConfigError("filter: 'metadata.' needs a tag name, e.g. filter(**{'metadata.prompt_id': 'pii'})")
+        prefix = next((p for p in ('metadata.', 'tags.') if key.startswith(p)), '')
+        name = key[len(prefix):]
+        if not name: raise ConfigError(f"filter: {key!r} needs a tag name, e.g. filter(**{{'metadata.prompt_id': 'pii'}}) or 'tags.prompt_id'")
         has = sa.select(tt.c.log_id).where(tt.c.key == name)
         if value is None: return t.c.id.not_in(has)
         if not isinstance(value, (str, int, float, bool)):
@@ -487,6 +503,15 @@ def dataset(self: LogStore, name: str):
     "Open the dataset called `name` in this lab."
     from openpipe_lab.dataset import Dataset
     return Dataset.open(name, store=self)
+
+@patch
+def serve(self: LogStore, port: int = 0,  # 0: a free port
+          host: str = '127.0.0.1',  # interface to listen on
+          api_key: str | None = None,  # a key clients must send; None: a new one, revoked at `stop()`
+          **kwargs):  # passed to `openpipe_lab.server.create_app` (e.g. max_body_bytes)
+    "Serve this lab's hosted API (`/api/v1`) from a background thread; returns the running `Server` (`.url`, `.api_key`, `.stop()`)."
+    from openpipe_lab.server import Server
+    return Server(self, host=host, port=port, api_key=api_key, **kwargs).start()
 
 @patch
 def _repr_markdown_(self: LogStore):

@@ -211,39 +211,67 @@ def _usage(prompt, completion) -> dict:
 
 def anthropic_choice(message: dict, index: int = 0) -> dict:
     "An OpenAI choice from an Anthropic `Message` (as a dict)."
-    texts, calls = [], []
+    texts, calls, thinking, kept = [], [], [], []
     for b in message.get('content') or []:
-        if b['type'] == 'text': texts.append(b['text'])
-        elif b['type'] == 'tool_use':
-            if b['name'] == JSON_TOOL: texts.append(json.dumps(b['input']))
-            else: calls.append({'id': b['id'], 'type': 'function', 'function': {'name': b['name'], 'arguments': json.dumps(b['input'])}})
+        kind = b.get('type') if isinstance(b, dict) else None
+        if kind == 'text':
+            texts.append(b.get('text', ''))
+            if b.get('citations'): kept.append(b)
+        elif kind == 'tool_use':
+            if b.get('name') == JSON_TOOL: texts.append(json.dumps(b.get('input')))
+            else: calls.append({'id': b.get('id'), 'type': 'function', 'function': {'name': b.get('name'), 'arguments': json.dumps(b.get('input') or {})}})
+        elif kind == 'thinking': thinking.append(b.get('thinking', ''))
+        else: kept.append(b)  # redacted thinking, server tool use and results: no OpenAI equivalent, kept as sent
     finish = ANTHROPIC_FINISH.get(message.get('stop_reason'), 'stop')
     if finish == 'tool_calls' and not calls: finish = 'stop'
     msg = {'role': 'assistant', 'content': ''.join(texts) if texts else None, 'refusal': None}
     if calls: msg['tool_calls'] = calls
+    if thinking: msg['reasoning_content'] = ''.join(thinking)
+    if kept: msg['anthropic_content'] = kept
     return {'index': index, 'message': msg, 'logprobs': None, 'finish_reason': finish}
+
+def _anthropic_usage(usages: list[dict]) -> dict:
+    "OpenAI usage from Anthropic usages: cached prompt tokens count as prompt tokens, as OpenAI counts them."
+    total = lambda k: sum((u.get(k) or 0) for u in usages)
+    read, created = total('cache_read_input_tokens'), total('cache_creation_input_tokens')
+    out = _usage(total('input_tokens') + read + created, total('output_tokens'))
+    if read or created:
+        out['prompt_tokens_details'] = {'cached_tokens': read}
+        out['cache_creation_input_tokens'], out['cache_read_input_tokens'] = created, read
+    return out
 
 def from_anthropic(messages: list[dict],  # one Anthropic Message per choice (n calls when n > 1)
                    model: str,  # the model id to report, e.g. 'anthropic:claude-3-5-sonnet'
                   ) -> dict:
     "An OpenAI `chat.completion` dict from Anthropic `Message` dicts."
-    usage = [m.get('usage') or {} for m in messages]
     return {'id': messages[0].get('id') or f"chatcmpl-{uuid.uuid4().hex}", 'object': 'chat.completion',
             'created': int(time.time()), 'model': model,
             'choices': [anthropic_choice(m, i) for i, m in enumerate(messages)],
-            'usage': _usage(sum(u.get('input_tokens') or 0 for u in usage), sum(u.get('output_tokens') or 0 for u in usage))}
+            'usage': _anthropic_usage([m.get('usage') or {} for m in messages])}
 
 # %% ../nbs/04_providers.ipynb #89e4888c
-def _openai_parts(blocks, where: str) -> tuple[list, list, list]:
-    "OpenAI content parts, tool calls and tool results from Anthropic content blocks."
-    parts, calls, results = [], [], []
+def _document_part(b: dict) -> dict:
+    "An OpenAI `file` part for a base64 PDF document block; other documents (text, url, content) are kept as sent."
+    src = b.get('source') or {}
+    if src.get('type') == 'base64':
+        return {'type': 'file', 'file': {'file_data': f"data:{src.get('media_type')};base64,{src.get('data')}",
+                                         'filename': b.get('title') or 'document.pdf'}}
+    return b
+
+def _openai_parts(blocks, where: str) -> tuple[list, list, list, list]:
+    "OpenAI content parts, tool calls, tool results and reasoning texts from Anthropic content blocks."
+    parts, calls, results, thinking = [], [], [], []
+    if not isinstance(blocks, list): raise ValidationError(f"{where}.content: must be a string or a list of content blocks")
     for j, b in enumerate(blocks):
         kind = b.get('type') if isinstance(b, dict) else None
-        if kind == 'text': parts.append({'type': 'text', 'text': b.get('text', '')})
+        if not isinstance(kind, str): raise ValidationError(f"{where}.content[{j}]: a content block must be an object with a 'type'")
+        if kind == 'text':
+            parts.append({'type': 'text', 'text': b.get('text', '')} | ({'citations': b['citations']} if b.get('citations') else {}))
         elif kind == 'image':
             src = b.get('source') or {}
             url = src.get('url') if src.get('type') == 'url' else f"data:{src.get('media_type')};base64,{src.get('data')}"
             parts.append({'type': 'image_url', 'image_url': {'url': url}})
+        elif kind == 'document': parts.append(_document_part(b))
         elif kind == 'tool_use':
             calls.append({'id': b.get('id'), 'type': 'function',
                           'function': {'name': b.get('name'), 'arguments': json.dumps(b.get('input') or {})}})
@@ -251,9 +279,9 @@ def _openai_parts(blocks, where: str) -> tuple[list, list, list]:
             content = b.get('content')
             text = content if isinstance(content, str) else ''.join(c.get('text', '') for c in content or [] if isinstance(c, dict))
             results.append({'role': 'tool', 'tool_call_id': b.get('tool_use_id'), 'content': text})
-        elif kind in ('thinking', 'redacted_thinking'): continue
-        else: raise ValidationError(f"{where}.content[{j}]: unsupported Anthropic content block {kind!r}")
-    return parts, calls, results
+        elif kind == 'thinking': thinking.append(b.get('thinking', ''))
+        else: parts.append(b)  # redacted thinking, server tool use / results, newer block types: kept as sent
+    return parts, calls, results, thinking
 
 def anthropic_request_to_openai(body: dict  # an Anthropic Messages API request
                                ) -> dict:
@@ -269,14 +297,17 @@ def anthropic_request_to_openai(body: dict  # an Anthropic Messages API request
             raise ValidationError(f"{where}: an Anthropic message needs role 'user' or 'assistant'")
         content = m.get('content')
         if isinstance(content, str): messages.append({'role': m['role'], 'content': content}); continue
-        parts, calls, results = _openai_parts(content or [], where)
+        parts, calls, results, thinking = _openai_parts(content or [], where)
         messages.extend(results)  # tool results come first: they answer the previous assistant turn
+        plain = all(p['type'] == 'text' and set(p) == {'type', 'text'} for p in parts)
         if m['role'] == 'assistant':
-            msg = {'role': 'assistant', 'content': ''.join(p['text'] for p in parts if p['type'] == 'text') or None}
+            text = ''.join(p['text'] for p in parts if p['type'] == 'text') or None
+            msg = {'role': 'assistant', 'content': text if plain else parts}
             if calls: msg['tool_calls'] = calls
+            if thinking: msg['reasoning_content'] = ''.join(thinking)
             messages.append(msg)
         elif parts:
-            only_text = all(p['type'] == 'text' for p in parts)
+            only_text = plain
             messages.append({'role': 'user', 'content': ''.join(p['text'] for p in parts) if only_text else parts})
     out = {'model': body.get('model'), 'messages': messages}
     if body.get('max_tokens') is not None: out['max_tokens'] = body['max_tokens']
