@@ -238,7 +238,7 @@ def disagreements_(self: Criterion) -> 'pd.DataFrame':
     if getattr(self, 'alignment_', None) is None: raise EvalError(f"criterion {self.name!r} is not aligned yet: call crit.align()")
     return self.alignment_[self.alignment_['agree'] == False]  # noqa: E712 (None means 'not comparable')
 
-# %% ../nbs/09a_alignment.ipynb #fd27d120
+# %% ../nbs/09a_alignment.ipynb #745645df
 @patch
 def compare(self: Criterion, other: Criterion,  # another version of the same criterion (same name, same labels)
             alpha: float = 0.05,  # significance level for `better`
@@ -250,7 +250,7 @@ def compare(self: Criterion, other: Criterion,  # another version of the same cr
     for c in (self, other):
         if getattr(c, 'alignment_', None) is None or getattr(c, 'aligned_version_', None) != c.version: c.align(progress=progress)
     a, b = (c.alignment_.set_index('row_id') for c in (self, other))
-    both = a.join(b[['verdict']], rsuffix='_b', how='inner')
+    both = a.join(b[['verdict']].rename(columns={'verdict': 'verdict_b'}), how='inner')
     both = both[both['judgement'].isin(['PASS', 'FAIL']) & both['verdict'].notna() & both['verdict_b'].notna()]
     right_a, right_b = both['verdict'] == both['judgement'], both['verdict_b'] == both['judgement']
     only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())

@@ -115,6 +115,10 @@ def _seconds(timeout) -> float | None:
     if isinstance(timeout, (int, float)): return float(timeout)
     return getattr(timeout, 'read', None) or getattr(timeout, 'connect', None)
 
+# a cache hit is one statement: count it and read the response (built once; SQLite >= 3.35 and Postgres have RETURNING)
+_CACHE_HIT = (tables.cache.update().where(tables.cache.c.key == sa.bindparam('cache_key'), tables.cache.c.expires_at > sa.bindparam('now_ms'))
+              .values(hits=tables.cache.c.hits + 1).returning(tables.cache.c.response))
+
 class _Call:
     "The state of one `chat.completions.create` call: request, options, attempts and their logs."
     def __init__(self, client, kwargs: dict, openpipe):
@@ -181,12 +185,8 @@ class _Call:
     def cache_get(self) -> dict | None:
         "The cached completion for this request, if any and not expired (counts the hit)."
         if self.cache not in ('readWrite', 'readOnly'): return None
-        t = tables.cache
-        with self.store.db.begin() as c:
-            text = c.execute(sa.select(t.c.response).where(t.c.key == self.cache_key, t.c.expires_at > now_ms())).scalar()
-            if text is None: return None
-            c.execute(t.update().where(t.c.key == self.cache_key).values(hits=t.c.hits + 1))
-        return loads(text)
+        with self.store.db.begin() as c: text = c.execute(_CACHE_HIT, {'cache_key': self.cache_key, 'now_ms': now_ms()}).scalar()
+        return None if text is None else loads(text)
 
     def cache_put(self, completion: dict):
         "Store a completion under this request's key for one week."

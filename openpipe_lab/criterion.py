@@ -234,7 +234,7 @@ def judge_messages(self: Criterion, output, messages=None, tools=None, tool_choi
         user = '\n\n'.join(parts)
     return [{'role': 'system', 'content': JUDGE_INSTRUCTIONS}, {'role': 'user', 'content': user}]
 
-# %% ../nbs/09_criterion.ipynb #219a8ebf
+# %% ../nbs/09_criterion.ipynb #a420a5d0
 _TOOL = {'type': 'function', 'function': {'name': VERDICT_TOOL, 'description': 'Record the verdict on the output.',
                                           'parameters': VERDICT_SCHEMA}}
 
@@ -260,8 +260,8 @@ def judge_request(self: Criterion, output, messages=None, tools=None, tool_choic
     api, cfg = self._route_api(), self.config
     k = cfg.get('samples') or 1
     temp = cfg.get('temperature')
-    req = {'model': self.judge_model, 'messages': self.judge_messages(output, messages, tools, tool_choice),
-           'temperature': temp if temp is not None else (0 if k == 1 else 1)}
+    req = {'model': self.judge_model, 'messages': self.judge_messages(output, messages, tools, tool_choice)}
+    if api != 'anthropic': req['temperature'] = temp if temp is not None else (0 if k == 1 else 1)  # anthropic 2.x's SDK takes none
     if k > 1: req['n'] = k
     if cfg.get('max_tokens'): req['max_tokens'] = cfg['max_tokens']
     if api in ('anthropic', 'gemini'):
@@ -377,7 +377,7 @@ def judge_many(self: Criterion, rows: list,  # dicts with `output` and optionall
                 for f in as_completed([pool.submit(one, i) for i in range(len(rows))]): f.result(); bar.update()
     return out
 
-# %% ../nbs/09_criterion.ipynb #efa73757
+# %% ../nbs/09_criterion.ipynb #6223ab58
 _REWARD_MODELS: dict = {}
 _REWARD_LOCK = threading.Lock()
 
@@ -398,7 +398,7 @@ def _describe(mapping) -> str:
     return (f"logistic fitted on {mapping['labels']} alignment labels" if mapping.get('kind') == 'logistic'
             else 'sigmoid (no PASS and FAIL alignment labels to fit on)')
 
-# %% ../nbs/09_criterion.ipynb #262f3d6d
+# %% ../nbs/09_criterion.ipynb #d4d26b3a
 @patch(cls_method=True)
 def from_reward_model(cls: Criterion, slug: str,  # a DEPLOYED `FineTune.reward_model(...)` in this lab
                       store=None,  # LogStore; None: the default lab
@@ -460,5 +460,5 @@ def _reward_judge(self: Criterion, output, messages=None, tools=None, tool_choic
     return {'score': map_reward(reward, mapping), 'explanation': f"reward {reward:.4f}, mapped by a {_describe(mapping)}",
             'usage': {'total_tokens': n}}
 
-# %% ../nbs/09_criterion.ipynb #8d95e7ed
+# %% ../nbs/09_criterion.ipynb #5cb53c74
 from . import alignment as _alignment  # noqa: E402,F401 (adds the alignment methods to Criterion)

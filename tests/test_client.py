@@ -269,3 +269,117 @@ def test_async_client_end_to_end(lab, up):
     assert [r['status_code'] for r in rows] == [200, 200, 200, 429, 200, None]
     assert rows[2]['resp_payload']['choices'][0]['message']['content'] == 'echo: hi' and rows[4]['parent_id'] == rows[3]['id']
     assert len(logs(lab, prompt_id='many')) == 10
+
+
+# -- the hosted SDK's headers, store: false, best of N (op-criteria) ------------------------------------------------
+import math, re
+from openpipe_lab.core import NotFoundError
+from openpipe_lab.criterion import Criterion
+
+def _tok(t, p, alts=None):
+    return {'token': t, 'logprob': math.log(p), 'bytes': None,
+            'top_logprobs': [{'token': a, 'logprob': math.log(q), 'bytes': None} for a, q in ({t: p} | (alts or {})).items()]}
+
+def _verdict(v, p_pass=None):
+    content = json.dumps({'explanation': f'{v} by the script', 'verdict': v})
+    if p_pass is None: return Reply(text=content)
+    head, tail = content.rsplit(v, 1)
+    other, mine = ('FAIL', p_pass) if v == 'PASS' else ('PASS', 1 - p_pass)
+    return Reply(text=content, logprobs=[_tok(head, 1.0), _tok(v, mine, {other: 1 - mine}), _tok(tail, 1.0)])
+
+C1 = {'answer [0]': 0.2, 'answer [1]': 0.9, 'answer [2]': 0.6}           # P(PASS) by criterion c1 (logprobs)
+C2 = {'answer [0]': 'PASS', 'answer [1]': 'FAIL', 'answer [2]': 'PASS'}  # verdicts of criterion c2 (verdict scoring)
+
+def best_of_n_responder(broken=()):
+    def reply(req):
+        body = req.json
+        if 'response_format' not in body: return Reply(text='answer')           # the generation: 'answer [i]' per choice
+        user = body['messages'][1]['content']
+        out = json.loads(re.search(r'<output>\n(.*?)\n</output>', user, re.S).group(1))['content']
+        if ('C1' if 'C1' in user else 'C2', out) in broken: return Reply(text='no verdict here')
+        if 'C1' in user: return _verdict('PASS' if C1[out] >= 0.5 else 'FAIL', C1[out])
+        return _verdict(C2[out])
+    return reply
+
+def criteria(lab):
+    Criterion('c1', prompt='C1: mark it failed if it is wrong; passed otherwise.', store=lab).version
+    Criterion('c2', prompt='C2: an older prompt; mark it failed if rude.', scoring='verdict', store=lab).version
+    return Criterion('c2', prompt='C2: mark it failed if rude; passed otherwise.', scoring='verdict', store=lab).version  # c2@v2
+
+
+def test_best_of_n_judges_every_choice_and_sorts(client, up, lab):
+    assert criteria(lab) == 'c2@v2'
+    up.responder = best_of_n_responder()
+    headers = {'op-criteria': '["c1@v1", "c2"]', 'op-cache': 'readWrite', 'x-keep': 'yes'}
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=HI, n=3, extra_headers=headers, metadata={'prompt_id': 'bon'})
+    gen = [q for q in up.requests if 'response_format' not in q.json]
+    assert len(gen) == 1 and gen[0].headers.get('x-keep') == 'yes'
+    assert not any(k.startswith('op-') for q in up.requests for k in q.headers)     # never forwarded upstream
+    combined = {o: (C1[o] + (C2[o] == 'PASS')) / 2 for o in C1}                    # the documented rule, computed here
+    want = sorted(C1, key=lambda o: -combined[o])
+    assert [c.message.content for c in r.choices] == want == ['answer [2]', 'answer [0]', 'answer [1]']
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    best = r.choices[0].criteria_results
+    assert best['c1']['status'] == 'success' and best['c1']['score'] == pytest.approx(0.6) and best['c2'] == \
+        {'status': 'success', 'score': 1.0, 'explanation': 'PASS by the script'}
+    assert r.usage.criteria == {'c1': {'total_tokens': 54}, 'c2': {'total_tokens': 54}}
+    judged = [q for q in up.requests if 'response_format' in q.json]
+    assert len(judged) == 6 and sum('C2: mark it failed if rude' in q.json['messages'][1]['content'] for q in judged) == 3   # 'c2' = latest
+    n = len(up.requests)
+    again = client.chat.completions.create(model='gpt-4o-mini', messages=HI, n=3, extra_headers=headers, metadata={'prompt_id': 'bon'})
+    assert len(up.requests) == n and [c.message.content for c in again.choices] == want    # op-cache + the judges' cache
+    rows = logs(lab, prompt_id='bon')
+    assert [x['cache_hit'] for x in rows] == [False, True]
+    assert len(logs(lab, criterion='c1@v1')) == 6 and len(logs(lab, criterion='c2@v2')) == 6
+
+
+def test_best_of_n_failed_judgement_is_an_error_result_and_left_out(client, up, lab):
+    criteria(lab)
+    up.responder = best_of_n_responder(broken={('C2', 'answer [1]')})
+    r = client.chat.completions.create(model='gpt-4o-mini', messages=HI, n=3, extra_headers={'op-criteria': '["c1", "c2"]'})
+    assert [c.message.content for c in r.choices] == ['answer [1]', 'answer [2]', 'answer [0]']   # 0.9 (c1 alone), 0.8, 0.6
+    err = r.choices[0].criteria_results['c2']
+    assert err['status'] == 'error' and err['errorCode'] == 500 and 'not a PASS/FAIL verdict' in err['errorMessage']
+
+
+def test_unknown_criterion_fails_before_generating(client, up, lab):
+    criteria(lab)
+    with pytest.raises(NotFoundError, match=r"no criterion 'tone'.*known criteria: c1@v1, c2 \(v1-v2\)"):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, n=3, extra_headers={'op-criteria': '["c1", "tone"]'})
+    with pytest.raises(NotFoundError): client.chat.completions.create(model='gpt-4o-mini', messages=HI, extra_headers={'op-criteria': '["c1@v7"]'})
+    with pytest.raises(ConfigError, match='needs a non-streamed request'):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, stream=True, extra_headers={'op-criteria': '["c1"]'})
+    with pytest.raises(ConfigError, match='op-criteria must be a JSON list'):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, extra_headers={'op-criteria': 'c1'})
+    assert up.requests == []
+
+
+def test_op_headers_and_store_false_body(client, up, lab):
+    client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'h'},
+                                   extra_headers={'op-log-request': 'false'})
+    client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'h'}, store=False)
+    client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'h2'},
+                                   extra_headers={'op-tags': '{"team": "ml", "prompt_id": "ignored"}', 'op-log-request': 'true'})
+    assert len(logs(lab, prompt_id='h')) == 0 and up.requests[1].json['store'] is False      # store: false still goes upstream
+    (tagged,) = logs(lab, prompt_id='h2')
+    assert tagged['tags']['team'] == 'ml' and tagged['tags']['prompt_id'] == 'h2'             # metadata wins over op-tags
+    assert all(not k.startswith('op-') for q in up.requests for k in q.headers)
+    client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'c'}], extra_headers={'op-cache': 'readWrite'})
+    client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'c'}], extra_headers={'op-cache': 'readOnly'})
+    client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'c'}], extra_headers={'op-cache': 'false'})
+    assert len(up.requests) == 5                                                                # the readOnly call was a hit
+    with pytest.raises(ConfigError, match="header op-log-request must be 'true' or 'false'"):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, extra_headers={'op-log-request': 'no'})
+    with pytest.raises(ConfigError, match='header op-tags must be a JSON dict'):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, extra_headers={'op-tags': '["a"]'})
+
+
+def test_async_best_of_n(lab, up):
+    criteria(lab)
+    up.responder = best_of_n_responder()
+    async def main():
+        c = lab.async_openai(api_key='k', base_url=up.openai_url, max_retries=0)
+        return await c.chat.completions.create(model='gpt-4o-mini', messages=HI, n=3, extra_headers={'op-criteria': '["c1", "c2"]'})
+    r = asyncio.run(main())
+    assert [c.message.content for c in r.choices] == ['answer [2]', 'answer [0]', 'answer [1]']
+    assert not any(k.startswith('op-') for q in up.requests for k in q.headers)
