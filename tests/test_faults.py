@@ -285,7 +285,12 @@ def test_stall_mid_stream_times_out_and_the_log_says_what_arrived(lab, staller):
 
 # -- Postgres restarted mid-write ----------------------------------------------------------------------------------
 def _drop_pg_connections(url: str):
-    "What a server restart does to clients: every other connection is closed by the server (pg_terminate_backend)."
+    """Restart the server ($OPENPIPE_LAB_TEST_PG_RESTART, e.g. `pg_ctlcluster 15 main restart`), else do what a restart
+    does to clients: the server closes every other connection (pg_terminate_backend)."""
+    cmd = os.environ.get('OPENPIPE_LAB_TEST_PG_RESTART')
+    if cmd:
+        subprocess.run(cmd, shell=True, check=True, timeout=120)
+        return 1
     eng = sa.create_engine(url)
     with eng.connect() as c:
         n = c.exec_driver_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
@@ -299,7 +304,7 @@ def test_postgres_connections_dropped_mid_write_reconnect_without_loss_or_duplic
     try:
         ids = []
         for round_ in range(5):
-            ids += [store.record(model='m', req_payload={'model': 'm'}, tags={'run': 'pg', 'r': str(round_), 'i': str(i)}) for i in range(200)]
+            ids += [store.record(model='m', req_payload={'model': 'm'}, tags={'run': 'pg', 'r': str(round_), 'i': str(i)}) for i in range(2000)]
             if round_ in (1, 3): assert _drop_pg_connections(pg_url) >= 1   # mid-write: the writer's connection is killed
             store.flush(timeout=60)
         got = [r['id'] for r in store.filter(run='pg')]
