@@ -5,7 +5,8 @@ Configs (raw TRL ones as in ../shared/bench/trl_anchor.py: LoRA r16 all-linear, 
   A   TRL defaults: padded batches of 8, no packing
   B   packing (TRL bfd, padding-free), batch 2
   C   packing + Liger kernels, batch 2
-Metric: non-padding tokens processed per second, timed with CUDA syncs from step --warm to the last counted step.
+Metric: non-padding tokens processed per second, timed with CUDA syncs from step --warm to the last counted step;
+and MFU on known GPUs (conventional 6N + attention FLOPs per token over the dense bf16 peak; see flops_per_token).
 All configs see the same token sequences: the synthetic chat rows are rendered once with the ChatML template.
 
 Usage: python bench/train_throughput.py [--tiny] [--size 0.5b|1.5b] [--steps 30] [--warm 5] [--configs FT,A,B,C]
@@ -93,12 +94,31 @@ class CountCollator:
         self.counts.append((real, int(b['input_ids'].numel())))
         return b
 
+# Model FLOPs utilisation. FLOPs per trained token by the usual convention (PaLM appendix B): 6 x the matmul
+# parameters + 12 x layers x hidden x the attended length (here the mean conversation length: packed rows attend
+# within a conversation). LoRA skips the frozen weights' gradients, so the hardware does ~2/3 of this; the
+# convention is kept so that figures compare with published MFUs. Peak: dense bf16 tensor-core FLOP/s.
+PEAK_BF16 = {'H200': 989.4e12, 'H100': 989.4e12, 'A100': 312e12, 'L40S': 362e12, 'A10': 125e12}
+
+def flops_per_token(s, attended):
+    h, inter, layers, vocab = s['hidden_size'], s['intermediate_size'], s['num_hidden_layers'], s['vocab_size']
+    kv = h // s['num_attention_heads'] * s['num_key_value_heads']
+    matmul_params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + h * vocab
+    return 6 * matmul_params + 12 * layers * h * attended
+
+def peak_flops():
+    if not cuda: return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
 def result(cfg, timer, counts, **extra):
     counts = counts[a.warm:timer.step_end]
     real, slots = sum(c[0] for c in counts), sum(c[1] for c in counts)
     dt = timer.t1 - timer.t0
+    peak = peak_flops()
+    mfu = round(real / dt * flops_per_token(shape, sum(lengths) / len(lengths)) / peak, 4) if peak else None
     return dict(config=cfg, steps=len(counts), seconds=round(dt, 3), real_tokens=real, slot_tokens=slots,
-                real_tok_per_s=round(real / dt, 1), pad_fraction=round(1 - real / max(slots, 1), 3),
+                real_tok_per_s=round(real / dt, 1), pad_fraction=round(1 - real / max(slots, 1), 3), mfu=mfu,
                 peak_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, **extra)
 
 def run_raw(cfg):
@@ -177,9 +197,9 @@ meta = dict(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if cuda e
             trl=trl.__version__, transformers=transformers.__version__, peft=peft.__version__, rows=len(rows),
             tokens=sum(lengths))
 print('META', json.dumps(meta))
-print(f"{'config':6} {'tok/s':>10} {'pad':>6} {'mem GB':>7} {'steps':>5}")
+print(f"{'config':6} {'tok/s':>10} {'pad':>6} {'mem GB':>7} {'steps':>5} {'MFU':>6}")
 for r in results:
-    if 'real_tok_per_s' in r: print(f"{r['config']:6} {r['real_tok_per_s']:>10.0f} {r['pad_fraction']:>6.2f} {str(r['peak_mem_gb']):>7} {r['steps']:>5}")
+    if 'real_tok_per_s' in r: print(f"{r['config']:6} {r['real_tok_per_s']:>10.0f} {r['pad_fraction']:>6.2f} {str(r['peak_mem_gb']):>7} {r['steps']:>5} {str(r['mfu']):>6}")
     else: print(f"{r['config']:6} ERROR {r['error'][:200]}")
 Path(a.out).mkdir(parents=True, exist_ok=True)
 Path(a.out, 'train_throughput.json').write_text(json.dumps(dict(meta=meta, results=results), indent=1))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_finetune.ipynb #e12e0913
 from __future__ import annotations
-import json, os, sys, re, math, time, signal, shutil, hashlib, difflib, subprocess
+import json, os, sys, re, math, time, signal, shutil, socket, hashlib, difflib, threading, warnings, subprocess
 from pathlib import Path
 import sqlalchemy as sa
 from fastcore.basics import patch
@@ -15,7 +15,8 @@ from .store import tables, dumps, loads
 __all__ = ['STATUSES', 'METHODS', 'SFT_DEFAULTS', 'PREFERENCE_DEFAULTS', 'REWARD_DEFAULTS', 'BASE_LEARNING_RATES',
            'TRAINING_PRICES', 'INFERENCE_PRICES', 'CHATML_TOOLS_TEMPLATE', 'check_hyperparameters', 'default_epochs',
            'training_price', 'estimate_training_cost', 'package_file', 'prepare_base_model', 'normalize_messages',
-           'assistant_spans', 'tokenize_conversation', 'template_renders_tools', 'choose_chat_template', 'FineTune']
+           'assistant_spans', 'tokenize_conversation', 'template_renders_tools', 'choose_chat_template', 'FineTune',
+           'TrainingWarning']
 
 # %% ../nbs/07_finetune.ipynb #f4765c60
 STATUSES = ('PENDING', 'TRAINING', 'DEPLOYED', 'ERROR')
@@ -225,6 +226,45 @@ def _pid_alive(pid) -> bool:
 
 def _iso(ms): return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms / 1000)) + f'.{ms % 1000:03d}Z'
 
+def _whole(v, lo=0): return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+def _check_distributed(num_processes, num_machines, machine_rank, ip, port) -> list:
+    "Problems with the process/machine settings (accelerate's names and meanings)."
+    p = []
+    if num_processes is not None and not _whole(num_processes, 1): p.append(f"num_processes: expected None or a whole number ≥ 1, got {num_processes!r}")
+    if not _whole(num_machines, 1): p.append(f"num_machines: expected a whole number ≥ 1, got {num_machines!r}"); return p
+    if not _whole(machine_rank) or machine_rank >= num_machines:
+        p.append(f"machine_rank: expected 0 ≤ machine_rank < num_machines ({num_machines}), got {machine_rank!r}")
+    if _whole(num_processes, 1) and num_processes % num_machines:
+        p.append(f"num_processes {num_processes} is the total over {num_machines} machines: use a multiple of {num_machines}")
+    if num_machines > 1 and not (isinstance(ip, str) and ip):
+        p.append("main_process_ip: the address of machine 0 is needed when num_machines > 1")
+    if port is not None and not (_whole(port, 1) and port < 65536): p.append(f"main_process_port: expected a port number, got {port!r}")
+    return p
+
+def _descendants(pid) -> list:
+    "Pids of every process below `pid` (read from /proc; empty elsewhere)."
+    kids = {}
+    for d in Path('/proc').glob('[0-9]*'):
+        try: kids.setdefault(int(d.joinpath('stat').read_text().rsplit(') ', 1)[1].split()[1]), []).append(int(d.name))
+        except (OSError, IndexError, ValueError): pass
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []): out.append(k); todo.append(k)
+    return out
+
+def _is_worker(pid, model_id) -> bool:
+    "Whether `pid` is still a training worker of job `model_id` (a pid file may outlive its process; pids are reused)."
+    try: cmd = Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')
+    except OSError: return False
+    return b'openpipe_lab.train' in cmd and model_id.encode() in cmd and _pid_alive(pid)
+
+def _signal_all(pids, sig):
+    for pid in pids:
+        for kill in (lambda: os.killpg(os.getpgid(pid), sig), lambda: os.kill(pid, sig)):
+            try: kill(); break
+            except (ProcessLookupError, PermissionError, OSError): pass
+
 # %% ../nbs/07_finetune.ipynb #0014be03
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
@@ -255,6 +295,11 @@ class FineTune:
                  eval_every: float | int = 0.25,  # TEST-split eval loss every this fraction of steps (< 1) or every N steps; 0: only at the end
                  seed: int = 0, description: str | None = None,
                  store=None,  # a LogStore; default: the dataset's, else the default lab
+                 num_processes: int | None = None,  # training processes over all machines; None: one per visible GPU (1 on CPU)
+                 num_machines: int = 1,  # machines taking part (accelerate's name); each runs num_processes / num_machines
+                 machine_rank: int = 0,  # this machine's index; machine 0 creates the job and writes its results
+                 main_process_ip: str | None = None,  # address of machine 0 (needed when num_machines > 1)
+                 main_process_port: int | None = None,  # its rendezvous port; None: a free one (one machine), 29500 (several)
                  _kind: str = 'openpipe', _hyperparameters: dict | None = None):
         if hasattr(getattr(dataset, 'dataset', None), 'rows'): dataset = dataset.dataset  # a split view (ds.train): whole dataset
         self.dataset, self.slug = dataset, check_slug(slug)
@@ -289,6 +334,7 @@ class FineTune:
                             ('eval_every', eval_every, eval_every == 0 or _positive(eval_every)),
                             ('default_temperature', default_temperature, default_temperature is None or (_is_number(default_temperature) and 0 <= default_temperature <= 2))):
             if not ok: problems.append(f"{name}: invalid value {v!r}")
+        problems += _check_distributed(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
         if problems: raise ConfigError(f"invalid fine-tune configuration for {slug!r}:" + ''.join(f"\n  - {p}" for p in problems))
         self.base_model = base_model
         self.parent_ = self._check_base_model(base_model, _kind)
@@ -298,7 +344,10 @@ class FineTune:
         self.config = {'provider': _kind, 'baseModel': base_model, **hp, 'defaultTemperature': default_temperature,
                        'method': method, 'max_length': max_length, 'device': device, 'chat_template': chat_template,
                        'lora': {'r': lora_rank, 'alpha': lora_alpha, 'dropout': lora_dropout, 'target_modules': target_modules},
-                       'checkpoint_every': checkpoint_every, 'eval_every': eval_every, 'seed': seed, 'description': description}
+                       'checkpoint_every': checkpoint_every, 'eval_every': eval_every, 'seed': seed, 'description': description,
+                       'distributed': {'num_processes': num_processes, 'num_machines': num_machines,
+                                       'main_process_ip': main_process_ip, 'main_process_port': main_process_port}}
+        self.machine_rank = machine_rank
         self.pruning_rules = pruning_rules
         self.id, self._proc = None, None
 
@@ -361,7 +410,53 @@ class FineTune:
     def _repr_markdown_(self):
         r = self._row() or {}
         err = f"\n\n**error**: {r['error_message']}" if r.get('error_message') else ''
-        return f"**FineTune `{self.slug}`** ({self.kind}) on `{self.base_model}`: **{self.status}**{err}"
+        warn = ''.join(f"\n\n**warning**: {w}" for w in (loads(r.get('metrics')) or {}).get('warnings') or [])
+        return f"**FineTune `{self.slug}`** ({self.kind}) on `{self.base_model}`: **{self.status}**{err}{warn}"
+
+# %% ../nbs/07_finetune.ipynb #815c364e
+@patch
+def _distributed(self: FineTune) -> dict:
+    return {'num_processes': None, 'num_machines': 1, 'main_process_ip': None, 'main_process_port': None,
+            **(self.config.get('distributed') or {})}
+
+def _visible_gpus() -> int:
+    "CUDA devices torch sees (torch is imported only where an NVIDIA driver or CUDA_VISIBLE_DEVICES is present)."
+    if not (Path('/proc/driver/nvidia').exists() or os.environ.get('CUDA_VISIBLE_DEVICES')): return 0
+    import importlib.util
+    if importlib.util.find_spec('torch') is None: return 0
+    import torch
+    return torch.cuda.device_count()
+
+@patch(as_prop=True)
+def num_processes_(self: FineTune) -> int:
+    "Training processes over all machines: `num_processes`, or one per visible GPU on each machine (1 on CPU)."
+    d = self._distributed()
+    if d['num_processes']: return int(d['num_processes'])
+    per = max(1, _visible_gpus()) if self.config['device'] != 'cpu' else 1
+    return per * d['num_machines']
+
+def _check_batch_split(config, world):
+    for key in ('sft_hyperparameters', 'hyperparameters'):
+        b = (config.get(key) or {}).get('batch_size', 'auto')
+        if b != 'auto' and b is not None and int(b) % world:
+            raise ConfigError(f"{key}.batch_size {int(b)} cannot be shared evenly by {world} processes: use a multiple of "
+                              f"{world} (the batch is global, rows per optimizer step over all processes), or 'auto'")
+
+@patch
+def launch_command(self: FineTune,
+                   machine_rank: int | None = None) -> list:  # default: this FineTune's `machine_rank`
+    "The command `start()` runs on a machine: `python -m openpipe_lab.train <id>`, or torchrun around it."
+    d, world = self._distributed(), self.num_processes_
+    rank = self.machine_rank if machine_rank is None else machine_rank
+    worker = ['-m', 'openpipe_lab.train', self.id or '<id>']
+    machines = d['num_machines']
+    if world == 1 and machines == 1: return [sys.executable, *worker]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={machines}', f'--nproc-per-node={world // machines}']
+    if machines == 1 and d['main_process_port'] is None: cmd.append('--standalone')  # a free local port per job
+    else:
+        cmd += [f'--node-rank={rank}', f"--master-addr={d['main_process_ip'] or '127.0.0.1'}",
+                f"--master-port={d['main_process_port'] or 29500}"]
+    return cmd + ['--max-restarts=0', *worker]
 
 # %% ../nbs/07_finetune.ipynb #d8e97555
 def _rows_of(dataset, split):
@@ -414,9 +509,24 @@ def _check_hardware(cfg):
 
 @patch
 def start(self: FineTune,
-          background: bool = True):  # False: train in this process (blocks; tracebacks show here), for debugging
-    "Persist the job (`PENDING`) and launch the training worker; returns at once. Resumes a stopped job."
+          background: bool = True,  # False: train in this process (one process; blocks; tracebacks show here), for debugging
+          machine_rank: int | None = None):  # on machine r > 0 of a multi-machine job: start its workers (see below)
+    "Persist the job (`PENDING`) and launch the training worker(s); returns at once. Resumes a stopped job."
+    rank = self.machine_rank if machine_rank is None else machine_rank
+    d = self._distributed()
+    world = 1 if not background and d['num_processes'] is None and d['num_machines'] == 1 else self.num_processes_
+    if not background and (world > 1 or d['num_machines'] > 1):
+        raise ConfigError(f"start(background=False) trains in this process, so it cannot use {world} processes: "
+                          "call start() (the launcher starts them), or pass num_processes=1")
+    _check_batch_split(self.config, world)
     row = self._row()
+    if rank:
+        if row is None or row['status'] not in ('PENDING', 'TRAINING'):
+            raise ConfigError(f"machine {rank} joins a running job: start it on machine 0 first (FineTune(...).start()), then call "
+                              f"FineTune.get({self.slug!r}, store=<the shared lab>).start(machine_rank={rank}) here")
+        self.id = row['id']
+        self._launch(rank)
+        return self
     if row is not None and row['status'] == 'DEPLOYED': return self
     if row is not None and row['status'] in ('PENDING', 'TRAINING') and _pid_alive(row['pid']): return self
     if row is None:
@@ -456,15 +566,18 @@ def start(self: FineTune,
     return self
 
 @patch
-def _launch(self: FineTune):
+def _launch(self: FineTune, machine_rank: int = 0):
     out = self.output_dir
     env = dict(os.environ, OPENPIPE_LAB_DB=self.store.db.url, OPENPIPE_LAB_DIR=str(Path(self.store.dir).resolve()),
                PYTHONUNBUFFERED='1', TOKENIZERS_PARALLELISM='false')
+    shutil.rmtree(out / 'ranks', ignore_errors=True)  # pid files of an earlier run
     log = open(out / 'train.log', 'ab')
-    self._proc = subprocess.Popen([sys.executable, '-m', 'openpipe_lab.train', self.id], stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    self._proc = subprocess.Popen(self.launch_command(machine_rank), stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     log.close()
-    _update_model(self.store.db, self.id, pid=self._proc.pid)
+    # reap the launcher as soon as it exits: nothing else may wait() for it, and it would stay a zombie until we exit
+    threading.Thread(target=self._proc.wait, daemon=True, name=f'reap-{self.slug}').start()
+    if machine_rank == 0: _update_model(self.store.db, self.id, pid=self._proc.pid)
 
 @patch
 def _row(self: FineTune):
@@ -477,10 +590,24 @@ def status(self: FineTune) -> str:
     return r['status'] if r else None
 
 # %% ../nbs/07_finetune.ipynb #9d88b8e0
+class TrainingWarning(UserWarning):
+    "A finished job that probably learned little: too few optimizer steps, or a loss that did not move."
+
 def _log_tail(path, n=6):
     try: lines = Path(path).read_text(errors='replace').strip().splitlines()
     except OSError: return ''
     return '\n'.join(lines[-n:])
+
+@patch
+def _workers(self: FineTune, row) -> list:
+    "Pids of this job's processes on this machine: the launcher, its descendants, and the ranks' pid files."
+    pids = []
+    if row['pid'] and row['pid'] != os.getpid() and _is_worker(row['pid'], row['id']): pids += [row['pid'], *_descendants(row['pid'])]
+    for f in sorted((Path(row['output_dir'] or self.output_dir) / 'ranks').glob(f'{socket.gethostname()}-*.pid')):
+        try: pid = int(f.read_text())
+        except (OSError, ValueError): continue
+        if pid not in pids and _is_worker(pid, row['id']): pids.append(pid)
+    return pids
 
 @patch
 def _check_alive(self: FineTune, row):
@@ -488,6 +615,7 @@ def _check_alive(self: FineTune, row):
     if alive or row['status'] not in ('PENDING', 'TRAINING'): return row
     row = self._row()  # it may have finished between the two reads
     if row['status'] in ('PENDING', 'TRAINING'):
+        _signal_all(self._workers(row), signal.SIGKILL)  # workers whose launcher died: they stop themselves too (07a)
         msg = (f"the training worker (pid {row['pid']}) exited without reporting (killed, or out of memory); "
                f"call start() to resume from the last checkpoint. End of {self.output_dir / 'train.log'}:\n"
                + _log_tail(self.output_dir / 'train.log'))
@@ -516,7 +644,10 @@ def wait(self: FineTune,
                 bar.n = min(p.get('step', 0), p['max_steps'])
                 if p.get('loss') is not None: bar.set_postfix(loss=f"{p['loss']:.4f}", refresh=False)
                 bar.refresh()
-            if row['status'] == 'DEPLOYED': return self
+            if row['status'] == 'DEPLOYED':
+                for w in (loads(row['metrics']) or {}).get('warnings') or []:
+                    warnings.warn(f"fine-tune {self.slug!r}: {w}", TrainingWarning, stacklevel=3)
+                return self
             if row['status'] == 'ERROR':
                 raise TrainingError(f"fine-tune {self.slug!r} failed: {row['error_message']}")
             if timeout is not None and time.time() - t0 > timeout:
@@ -535,17 +666,12 @@ def cancel(self: FineTune):
     "Stop the worker; the job becomes `ERROR` ('cancelled') and `start()` resumes it from its last checkpoint."
     row = self._row()
     if row is None or row['status'] not in ('PENDING', 'TRAINING'): return self
-    pid = row['pid']
-    if pid and _pid_alive(pid):
-        try: os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError): pass
-        for _ in range(50):
-            if self._proc is not None and self._proc.pid == pid: self._proc.poll()
-            if not _pid_alive(pid): break
-            time.sleep(0.1)
-        else:
-            try: os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError): pass
+    pids = self._workers(row)
+    _signal_all(pids, signal.SIGTERM)  # the launcher stops its workers too; each is also signalled in its own group
+    for _ in range(50):
+        if not any(_pid_alive(p) for p in pids): break
+        time.sleep(0.1)
+    else: _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)
     if self._proc is not None:
         try: self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired: pass
@@ -572,9 +698,14 @@ def progress_(self: FineTune) -> dict:
 
 @patch(as_prop=True)
 def metrics_(self: FineTune) -> dict:
-    "Final metrics: rows, tokens trained, losses, estimated hosted training cost."
+    "Final metrics: rows, tokens trained, losses, estimated hosted training cost, warnings."
     r = self._row()
     return loads(r['metrics']) if r else {}
+
+@patch(as_prop=True)
+def warnings_(self: FineTune) -> list:
+    "Why a finished job may have learned little (too few steps, a loss that did not move); empty when none."
+    return list(self.metrics_.get('warnings') or [])
 
 @patch
 def plot(self: FineTune, ax=None):
@@ -621,7 +752,7 @@ def get(cls: FineTune, slug: str, store=None):
     self = cls.__new__(cls)
     self.dataset, self.slug, self.store, self.base_model = None, slug, store, r['base_model']
     self.config, self.id, self._proc, self.parent_ = loads(r['config']), r['id'], None, None
-    self.pruning_rules = loads(r['pruning_rules'])
+    self.pruning_rules, self.machine_rank = loads(r['pruning_rules']), 0
     return self
 
 @patch(cls_method=True, nm='list')

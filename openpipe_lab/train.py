@@ -13,9 +13,10 @@ from .finetune import (BASE_LEARNING_RATES, default_epochs, tokenize_conversatio
                                    choose_chat_template, training_price, estimate_training_cost, _update_model, _model_row)
 
 # %% auto #0
-__all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'VARLEN_ATTENTION', 'cpu_threads', 'activation_bytes_per_token', 'plan_batches',
-           'register_varlen_attention', 'sft_dataset', 'preference_dataset', 'resolve_base', 'describe_error',
-           'run_sft', 'run_preference', 'run_reward', 'run_job', 'db_row_progress', 'main']
+__all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'MIN_STEPS_PER_EPOCH', 'VARLEN_ATTENTION', 'cpu_threads', 'activation_bytes_per_token',
+           'plan_batches', 'register_varlen_attention', 'warm_cosine', 'stage_warnings', 'sft_dataset',
+           'preference_dataset', 'resolve_base', 'describe_error', 'run_sft', 'run_preference', 'run_reward', 'run_job',
+           'db_row_progress', 'main']
 
 # %% ../nbs/07a_train.ipynb #b3b6885d
 def cpu_threads(n_params: int) -> int:
@@ -24,6 +25,7 @@ def cpu_threads(n_params: int) -> int:
 
 _IN_WORKER = False  # True in `python -m openpipe_lab.train` (a process of its own), False for start(background=False)
 CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
+MIN_STEPS_PER_EPOCH = 10  # "auto" keeps at least this many optimizer steps per epoch whenever the data has the rows
 
 def activation_bytes_per_token(cfg, liger: bool) -> float:
     "Rough activation memory per trained token (bf16, no gradient checkpointing) for a decoder config."
@@ -31,23 +33,47 @@ def activation_bytes_per_token(cfg, liger: bool) -> float:
     layers = cfg.get('num_hidden_layers', 24); vocab = cfg.get('vocab_size', 32000)
     return layers * (34 * h + 10 * inter) + (0 if liger else 6 * vocab)
 
+def _auto_rows(device, max_length, target_tokens, packable, n_rows, n_tokens, world):
+    "(rows per optimizer step over all processes, packing) for `batch_size: 'auto'`."
+    per = (max(1, target_tokens // max_length) if device == 'cuda' else 4) if packable else (8 if device == 'cuda' else 4)
+    target = per * world
+    if n_rows is None: return target, packable
+    if packable and n_tokens >= MIN_STEPS_PER_EPOCH * world * max_length:
+        return min(target, n_tokens // (max_length * MIN_STEPS_PER_EPOCH)), True
+    # small data: whole conversations per step, at most the packed target's tokens
+    cap = max(1, target * max_length * n_rows // max(1, n_tokens)) if packable else target
+    return min(cap, max(1, n_rows // MIN_STEPS_PER_EPOCH)), False
+
 def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free_bytes: float | None = None,
-                 weight_bytes: float = 0, liger: bool = False, target_tokens: int = 16384) -> dict:
-    "Per-device batch, gradient accumulation, packing and gradient checkpointing for a stage."
+                 weight_bytes: float = 0, liger: bool = False, target_tokens: int = 16384,
+                 n_rows: int | None = None,  # training rows (conversations, or pairs for DPO/reward); None: no data cap
+                 n_tokens: int | None = None,  # their tokens after truncation to `max_length`
+                 num_processes: int = 1,  # data-parallel processes sharing each optimizer step
+                 packable: bool = True,  # SFT packs rows; preference and reward stages do not
+                 ) -> dict:
+    "Per-device batch, gradient accumulation, packing and gradient checkpointing for a stage (global batch fixed)."
+    world = int(num_processes)
     per_token = activation_bytes_per_token(model_cfg, liger)
     if device == 'cuda' and free_bytes:
         budget = 0.6 * free_bytes - weight_bytes
         fit_rows = int(budget // (per_token * max_length)) if budget > 0 else 0
     else: fit_rows = None
     if batch_size == 'auto':
-        want = max(1, target_tokens // max_length) if device == 'cuda' else 4
-        rows = want if fit_rows is None else max(1, min(want, fit_rows))
-        return dict(per_device=rows, grad_accum=1, packing=True, gradient_checkpointing=fit_rows == 0)
-    n = int(batch_size)
-    if fit_rows is None or fit_rows >= n: return dict(per_device=n, grad_accum=1, packing=False, gradient_checkpointing=False)
-    per = max(1, fit_rows)
-    while n % per: per -= 1
-    return dict(per_device=per, grad_accum=n // per, packing=False, gradient_checkpointing=fit_rows == 0)
+        rows, packing = _auto_rows(device, max_length, target_tokens, packable, n_rows, n_tokens, world)
+        rows = max(world, rows // world * world)  # every process takes the same share
+    else:
+        rows, packing = int(batch_size), False
+        if rows % world:
+            raise ConfigError(f"batch_size {rows} cannot be shared evenly by {world} processes: use a multiple of {world} "
+                              f"(the batch is global: rows per optimizer step over all processes), or batch_size='auto'")
+    share = rows // world
+    per = share if fit_rows is None or fit_rows >= share else max(1, fit_rows)
+    while share % per: per -= 1
+    if n_rows is None: steps = None
+    elif packing: steps = max(1, math.ceil(n_tokens / max_length / rows))
+    else: steps = max(1, math.ceil(n_rows / rows))
+    return dict(per_device=per, grad_accum=share // per, packing=packing, gradient_checkpointing=fit_rows == 0,
+                global_batch=rows, num_processes=world, steps_per_epoch=steps)
 
 # %% ../nbs/07a_train.ipynb #957b8c46
 VARLEN_ATTENTION = 'openpipe_varlen'
@@ -145,6 +171,42 @@ def _callback_class():
     StoreCallback.Throttle = CheckpointThrottle
     return StoreCallback
 
+def warm_cosine(warmup: int, total: int):
+    "Learning-rate factor per step: linear warm-up from `1/(warmup+1)` (never 0), then cosine decay to 0."
+    def factor(step):
+        if step < warmup: return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+def _warm_start(trainer_cls):
+    "`trainer_cls` with our schedule: the warm-up's first step trains (transformers' warm-up starts at 0)."
+    class WarmStart(trainer_cls):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                import torch
+                w = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, warm_cosine(w, num_training_steps))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+    WarmStart.__name__ = WarmStart.__qualname__ = trainer_cls.__name__
+    return WarmStart
+
+def stage_warnings(stage: str, steps: int, epochs: float, losses: list, plan: dict, n_rows: int) -> list:
+    "Why a finished stage may have learned nothing: too few optimizer steps, or a training loss that did not move."
+    out, per_epoch = [], steps / max(epochs, 1e-9)
+    if per_epoch < MIN_STEPS_PER_EPOCH and n_rows >= MIN_STEPS_PER_EPOCH:
+        out.append(f"{stage}: only {steps} optimizer step{'s' * (steps != 1)} ({per_epoch:.3g} per epoch, {plan.get('global_batch')} rows per step "
+                   f"for {n_rows} rows): use batch_size='auto' or a smaller batch_size, or more num_epochs")
+    elif steps < MIN_STEPS_PER_EPOCH:
+        out.append(f"{stage}: only {steps} optimizer step{'s' * (steps != 1)} for {n_rows} rows: add rows or raise num_epochs")
+    if len(losses) >= 2:
+        k = max(1, len(losses) // 10)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        if abs(first - last) <= 0.01 * max(abs(first), 1e-9):
+            out.append(f"{stage}: the training loss did not move ({first:.4g} at the start, {last:.4g} at the end): "
+                       "raise learning_rate_multiplier or num_epochs, or add rows")
+    return out
+
 # %% ../nbs/07a_train.ipynb #d9e2498b
 def _read_rows(path):
     p = Path(path)
@@ -216,6 +278,14 @@ def describe_error(e, ctx: dict, log_path) -> str:
 
 def _lr(stage, method, mult): return BASE_LEARNING_RATES[(stage, method)] * float(mult)
 
+def _rank() -> int: return int(os.environ.get('RANK', 0))
+def _world() -> int: return int(os.environ.get('WORLD_SIZE', 1))
+
+def _barrier():
+    "Wait for every process (after rank 0 wrote files the others read next)."
+    dist = sys.modules.get('torch.distributed')
+    if _world() > 1 and dist is not None and dist.is_initialized(): dist.barrier()
+
 def _last_checkpoint(d):
     "The newest complete checkpoint in `d` (a worker killed while saving leaves a partial one: it is removed)."
     d = Path(d)
@@ -234,12 +304,15 @@ class _Job:
         self.cfg, self.out = loads(self.row['config']), Path(self.row['output_dir'])
         self.ctx = {'stage': 'load', 'base': self.cfg['baseModel'], 'method': self.cfg['method']}
         self.metrics = loads(self.row['metrics']) or {}
+        self.rank, self.world, self.local_rank = _rank(), _world(), int(os.environ.get('LOCAL_RANK', 0))
+        self.main = self.rank == 0  # only rank 0 writes the row, the history, checkpoints' model files and the adapter
 
     def setup(self):
         torch, transformers = require('torch'), require('transformers')
         cfg = self.cfg
         self.device = 'cuda' if cfg['device'] in ('auto', 'cuda') and torch.cuda.is_available() else 'cpu'
         if cfg['device'] == 'cuda' and self.device != 'cuda': raise ConfigError("device='cuda' but no CUDA GPU is visible in the worker")
+        if self.device == 'cuda' and self.world > 1: torch.cuda.set_device(self.local_rank)
         self.base = resolve_base(self.db, cfg['baseModel'])
         self.model_cfg = transformers.AutoConfig.from_pretrained(self.base['path']).to_dict()
         self.model_cfg = self.model_cfg.get('text_config', self.model_cfg) if 'hidden_size' not in self.model_cfg else self.model_cfg
@@ -269,13 +342,14 @@ class _Job:
             kw['quantization_config'] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
-            if cuda: kw['device_map'] = {'': 0}
+            if cuda: kw['device_map'] = {'': self.local_rank}
         if varlen and cuda and not reward and os.environ.get('OPENPIPE_LAB_ATTENTION', 'auto') != 'sdpa':
             self.attn = self.attn or register_varlen_attention()
             if self.attn: kw['attn_implementation'] = self.attn
         auto = transformers.AutoModelForSequenceClassification if reward else transformers.AutoModelForCausalLM
         if reward: kw['num_labels'] = 1
         self.ctx['stage'] = 'load'
+        transformers.set_seed(int(cfg.get('seed') or 0))  # the same seed gives the same LoRA (and reward head) init
         model = auto.from_pretrained(self.base['path'], **kw)
         self.ctx['stage'] = None
         if reward: model.config.pad_token_id = self.tok.pad_token_id
@@ -295,12 +369,26 @@ class _Job:
                              target_modules=self.lora['target_modules'], task_type='SEQ_CLS' if reward else 'CAUSAL_LM')
         return peft.get_peft_model(model, lc)
 
-    def plan(self, batch_size):
+    def plan(self, batch_size, stats, packable=True):
         torch = require('torch')
         free = torch.cuda.mem_get_info()[0] if self.device == 'cuda' else None
-        p = plan_batches(batch_size, self.device, self.max_length, self.model_cfg, free, 0, self.liger)  # weights already loaded
+        p = plan_batches(batch_size, self.device, self.max_length, self.model_cfg, free, 0, self.liger,  # weights already loaded
+                         n_rows=stats['rows'], n_tokens=stats['tokens'], num_processes=self.world, packable=packable)
         if self.cfg['method'] == 'full' and self.device == 'cuda': p['gradient_checkpointing'] = True
         return p
+
+    def parallel_args(self, plan):
+        "TrainingArguments for several processes: DDP (gloo on CPU, NCCL on GPUs); FSDP for full fine-tunes on GPUs."
+        if self.world == 1: return {}
+        cuda = self.device == 'cuda'
+        kw = dict(ddp_backend='nccl' if cuda else 'gloo', ddp_find_unused_parameters=False)
+        if plan['gradient_checkpointing']: kw['gradient_checkpointing_kwargs'] = {'use_reentrant': False}
+        if cuda and self.cfg['method'] == 'full':  # shard weights, gradients and optimizer state over the GPUs
+            kw.update(fsdp='full_shard auto_wrap', gradient_checkpointing=False,
+                      fsdp_config={'version': 2, 'auto_wrap_policy': 'TRANSFORMER_BASED_WRAP', 'reshard_after_forward': True,
+                                   'state_dict_type': 'FULL_STATE_DICT', 'activation_checkpointing': plan['gradient_checkpointing']})
+            kw.pop('ddp_find_unused_parameters')
+        return kw
 
     def args(self, cls, stage, epochs, lr, plan, has_eval, **extra):
         cuda = self.device == 'cuda'
@@ -315,27 +403,34 @@ class _Job:
                   report_to='none', seed=int(self.cfg.get('seed') or 0), bf16=cuda, use_cpu=not cuda,
                   gradient_checkpointing=plan['gradient_checkpointing'], dataloader_num_workers=0,
                   disable_tqdm=True, max_length=self.max_length, use_liger_kernel=self.liger)
-        kw.update(extra)
+        kw.update(self.parallel_args(plan), **extra)
         return cls(**kw)
 
     def callbacks(self, stage, offset, index, n):
         cb = _callback_class()
-        out = [cb(self.db, self.id, stage, offset, index, n)]
-        if self.cfg.get('checkpoint_every') is None: out.append(cb.Throttle(CHECKPOINT_MIN_INTERVAL_S))
+        out = [cb(self.db, self.id, stage, offset, index, n)] if self.main else []
+        # the time-based throttle would let processes disagree on when to save: several processes save by steps only
+        if self.cfg.get('checkpoint_every') is None and self.world == 1: out.append(cb.Throttle(CHECKPOINT_MIN_INTERVAL_S))
         return out
 
-    def finish_stage(self, stage, trainer, model, stats, epochs, lr, plan):
+    def finish_stage(self, stage, trainer, model, stats, epochs, lr, plan, save=True, **extra):
         d = self.out / 'stages' / stage
-        if self.cfg['method'] == 'full': trainer.save_model(str(d))
-        else: model.save_pretrained(str(d), selected_adapters=['default'])
-        self.tok.save_pretrained(str(d))
-        h = [l for l in trainer.state.log_history if 'loss' in l]
-        ev = trainer.evaluate() if trainer.eval_dataset is not None else {}
-        done = dict(stats, steps=trainer.state.global_step, epochs=epochs, learning_rate=lr, plan=plan,
-                    final_loss=h[-1]['loss'] if h else None, eval_loss=ev.get('eval_loss'))
-        (d / 'done.json').write_text(json.dumps(done))
-        shutil.rmtree(self.out / 'checkpoints' / stage, ignore_errors=True)
+        if save and self.cfg['method'] == 'full': trainer.save_model(str(d))  # every rank: FSDP gathers the weights
+        elif save and self.main: model.save_pretrained(str(d), selected_adapters=['default'])
+        if save and self.main: self.tok.save_pretrained(str(d))
+        h = [l['loss'] for l in trainer.state.log_history if 'loss' in l]
+        ev = trainer.evaluate() if trainer.eval_dataset is not None else {}  # every rank (a collective)
+        steps = trainer.state.global_step
+        done = dict(stats, steps=steps, epochs=epochs, learning_rate=lr, plan=plan, **extra,
+                    final_loss=h[-1] if h else None, eval_loss=ev.get('eval_loss'),
+                    warnings=stage_warnings(stage, steps, epochs, h, plan, stats['rows']))
+        if self.main:
+            for w in done['warnings']: print(f"WARNING: {w}", flush=True)
+            (d / 'done.json').write_text(json.dumps(done))
+            shutil.rmtree(self.out / 'checkpoints' / stage, ignore_errors=True)
+        _barrier()  # the next stage (and run_job) read what rank 0 wrote
         return done
+
 
 def _stage_done(out, stage):
     p = out / 'stages' / stage / 'done.json'
@@ -359,13 +454,13 @@ def run_sft(job, offset, index, n):
     epochs = hp.get('num_epochs') or default_epochs(len(job.train_rows))
     plan = None
     model = job.load_model(varlen=hp.get('batch_size', 'auto') == 'auto')
-    plan = job.plan(hp.get('batch_size', 'auto'))
+    plan = job.plan(hp.get('batch_size', 'auto'), stats)
     job.ctx.update(stage='sft', per_device=plan['per_device'], max_length=job.max_length)
     _fault('sft')
     lr = _lr('sft', job.cfg['method'], hp.get('learning_rate_multiplier') or 1.0)
     args = job.args(trl.SFTConfig, 'sft', epochs, lr, plan, eval_ds is not None, packing=plan['packing'],
                     packing_strategy='bfd', padding_free=plan['packing'], eval_packing=plan['packing'])
-    tr = trl.SFTTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
+    tr = _warm_start(trl.SFTTrainer)(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
                         callbacks=job.callbacks('sft', offset, index, n))
     tr.train(resume_from_checkpoint=_last_checkpoint(job.out / 'checkpoints' / 'sft'))
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
@@ -380,33 +475,27 @@ def run_preference(job, offset, index, n, start_adapter=None):
     n_pairs = stats['rows']
     epochs = hp.get('num_epochs') or default_epochs(n_pairs)
     model = job.load_model(adapter=start_adapter)
-    batch = job.cfg['sft_hyperparameters'].get('batch_size', 'auto')
-    plan = job.plan(batch if batch != 'auto' else (8 if job.device == 'cuda' else 4))
+    plan = job.plan(job.cfg['sft_hyperparameters'].get('batch_size', 'auto'), stats, packable=False)
     job.ctx.update(stage='preference', per_device=plan['per_device'], max_length=job.max_length)
     _fault('preference')
     lr = _lr('preference', job.cfg['method'], hp.get('learning_rate_multiplier') or 1.0)
     loss = 'apo_zero' if hp.get('variant') == 'APO Zero' else 'sigmoid'
     args = job.args(trl.DPOConfig, 'preference', epochs, lr, plan, eval_ds is not None,
                     beta=float(hp.get('training_beta') or 0.1), loss_type=[loss])
-    tr = trl.DPOTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
+    tr = _warm_start(trl.DPOTrainer)(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
                         callbacks=job.callbacks('preference', offset, index, n))
     tr.train(resume_from_checkpoint=_last_checkpoint(job.out / 'checkpoints' / 'preference'))
     w = float(hp.get('adapter_weight', 1.0) if hp.get('adapter_weight') is not None else 1.0)
-    if w != 1.0 and job.cfg['method'] != 'full' and 'ref' in model.peft_config:
-        model.add_weighted_adapter(['ref', 'default'], [1 - w, w], 'weighted', combination_type='cat')
-        tmp = job.out / 'stages' / '_weighted'
-        model.save_pretrained(str(tmp), selected_adapters=['weighted'])
-        model.delete_adapter('default')
-        d = job.out / 'stages' / 'preference'
-        shutil.rmtree(d, ignore_errors=True); shutil.move(str(tmp / 'weighted'), str(d)); shutil.rmtree(tmp, ignore_errors=True)
-        job.tok.save_pretrained(str(d))
-        h = [l for l in tr.state.log_history if 'loss' in l]
-        done = dict(stats, steps=tr.state.global_step, epochs=epochs, learning_rate=lr, plan=plan, adapter_weight=w,
-                    final_loss=h[-1]['loss'] if h else None, eval_loss=None, trained_tokens=int(stats['tokens'] * epochs))
-        (d / 'done.json').write_text(json.dumps(done))
-        shutil.rmtree(job.out / 'checkpoints' / 'preference', ignore_errors=True)
-        return done
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
+    if w != 1.0 and job.cfg['method'] != 'full' and 'ref' in model.peft_config:
+        if job.main:
+            model.add_weighted_adapter(['ref', 'default'], [1 - w, w], 'weighted', combination_type='cat')
+            tmp = job.out / 'stages' / '_weighted'
+            model.save_pretrained(str(tmp), selected_adapters=['weighted'])
+            d = job.out / 'stages' / 'preference'
+            shutil.rmtree(d, ignore_errors=True); shutil.move(str(tmp / 'weighted'), str(d)); shutil.rmtree(tmp, ignore_errors=True)
+            job.tok.save_pretrained(str(d))
+        return job.finish_stage('preference', tr, model, stats, epochs, lr, plan, save=False, adapter_weight=w)
     return job.finish_stage('preference', tr, model, stats, epochs, lr, plan)
 
 def run_reward(job, offset, index, n):
@@ -416,13 +505,12 @@ def run_reward(job, offset, index, n):
     eval_ds, _ = preference_dataset(job.test_rows, job.tok, job.template, job.max_length, reward=True) if job.test_rows else (None, None)
     epochs = hp.get('num_epochs') or default_epochs(stats['rows'])
     model = job.load_model(reward=True)
-    b = hp.get('batch_size', 'auto')
-    plan = job.plan(b if b != 'auto' else (8 if job.device == 'cuda' else 4))
+    plan = job.plan(hp.get('batch_size', 'auto'), stats, packable=False)
     job.ctx.update(stage='reward', per_device=plan['per_device'], max_length=job.max_length)
     _fault('reward')
     lr = _lr('reward', job.cfg['method'], hp.get('learning_rate_multiplier') or 1.0)
     args = job.args(trl.RewardConfig, 'reward', epochs, lr, plan, eval_ds is not None)
-    tr = trl.RewardTrainer(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
+    tr = _warm_start(trl.RewardTrainer)(model=model, args=args, train_dataset=ds, eval_dataset=eval_ds, processing_class=job.tok,
                            callbacks=job.callbacks('reward', offset, index, n))
     tr.train(resume_from_checkpoint=_last_checkpoint(job.out / 'checkpoints' / 'reward'))
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
@@ -435,7 +523,10 @@ def _copy_dir(src, dst):
 def run_job(db, model_id: str):
     "Train the job `model_id` to `DEPLOYED` (idempotent: finished stages are skipped, checkpoints resumed)."
     job = _Job(db, model_id)
-    _update_model(db, model_id, status='TRAINING', pid=os.getpid(), error_message=None)
+    launched = _under_launcher()
+    if launched: _record_rank_pid(job.out)
+    # under the launcher the row's pid is the launcher's (FineTune wrote it): the supervisor stops it and its workers
+    if job.main: _update_model(db, model_id, status='TRAINING', error_message=None, **({} if launched else {'pid': os.getpid()}))
     t0 = time.time()
     try:
         job.setup()
@@ -452,6 +543,7 @@ def run_job(db, model_id: str):
                 else: done = run_reward(job, offset, i, len(stages))
             results[stage], offset = done, offset + done['steps']
             prev = str(job.out / 'stages' / stage)
+        if not job.main: return True  # rank 0 publishes the result
         final = job.out / 'stages' / stages[-1]
         full = cfg['method'] == 'full'
         target = job.out / ('merged' if full else 'adapter')
@@ -462,13 +554,15 @@ def run_job(db, model_id: str):
         category, price = training_price(n_params)
         resolved = {}
         for s, r in results.items():
-            resolved[s] = {'num_epochs': r['epochs'], 'learning_rate': r['learning_rate'], 'per_device_batch_size': r['plan']['per_device'],
-                           'gradient_accumulation_steps': r['plan']['grad_accum'], 'packing': r['plan']['packing'], 'steps': r['steps']}
+            resolved[s] = {'num_epochs': r['epochs'], 'learning_rate': r['learning_rate'], 'batch_size': r['plan'].get('global_batch'),
+                           'per_device_batch_size': r['plan']['per_device'], 'gradient_accumulation_steps': r['plan']['grad_accum'],
+                           'packing': r['plan']['packing'], 'steps': r['steps']}
         metrics = dict(job.metrics, stages=results, train_tokens=trained, n_params=int(n_params), price_category=category,
                        price_per_million_tokens=price, estimated_cost_usd=estimate_training_cost(trained, n_params),
                        context_window=job.context_window, max_length=job.max_length, device=job.device,
                        runtime_s=round(time.time() - t0, 1), resolved_hyperparameters={'resolved': resolved},
-                       dropped_rows=sum(r.get('dropped_rows', 0) for r in results.values()))
+                       dropped_rows=sum(r.get('dropped_rows', 0) for r in results.values()), num_processes=job.world,
+                       warnings=[w for r in results.values() for w in r.get('warnings', [])])
         ac = {} if full else json.loads((target / 'adapter_config.json').read_text())
         serve = {'format_version': 1, 'slug': job.row['slug'], 'kind': cfg['provider'],
                  'base_model': job.base['path'], 'base_model_requested': cfg['baseModel'], 'method': cfg['method'],
@@ -487,7 +581,8 @@ def run_job(db, model_id: str):
     except BaseException as e:
         msg = describe_error(e, job.ctx, job.out / 'train.log')
         traceback.print_exc()
-        _update_model(db, model_id, status='ERROR', error_message=msg)
+        if job.main: _update_model(db, model_id, status='ERROR', error_message=msg)
+        else: print(f"rank {job.rank} failed: {msg}", flush=True)  # the launcher stops rank 0; its log has this line
         if isinstance(e, (KeyboardInterrupt, SystemExit)): raise
         return False
     return True
@@ -502,12 +597,33 @@ def _count_params(job):
         m = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(job.base['path']))
     return sum(p.numel() for p in m.parameters())
 
+def _under_launcher() -> bool: return 'TORCHELASTIC_RUN_ID' in os.environ  # set by torchrun for its workers
+
+def _record_rank_pid(out):
+    "Leave `ranks/<host>-<rank>.pid` so the supervisor on this machine can stop every worker, not just the launcher."
+    import socket
+    d = Path(out) / 'ranks'; d.mkdir(parents=True, exist_ok=True)
+    (d / f"{socket.gethostname()}-{_rank()}.pid").write_text(str(os.getpid()))
+
+def _exit_with_parent(poll: float = 1.0):
+    "A worker started by torchrun leaves when its launcher dies (killed with -9, nothing else would stop it)."
+    import threading
+    parent = os.getppid()
+    def watch():
+        while True:
+            time.sleep(poll)
+            if os.getppid() != parent:
+                print(f"the launcher (pid {parent}) is gone: worker {os.getpid()} exits", flush=True)
+                os._exit(3)
+    threading.Thread(target=watch, daemon=True, name='exit-with-launcher').start()
+
 def main(argv=None):
-    "Entry point: `python -m openpipe_lab.train <model id>`."
+    "Entry point: `python -m openpipe_lab.train <model id>` (alone, or as each of torchrun's workers)."
     global _IN_WORKER
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1: print("usage: python -m openpipe_lab.train <model id>", file=sys.stderr); return 2
     _IN_WORKER = True
+    if _under_launcher(): _exit_with_parent()
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     os.environ.setdefault('HF_DATASETS_DISABLE_PROGRESS_BARS', '1')  # keep train.log readable
     db = Database(os.environ.get('OPENPIPE_LAB_DB') or default_db_url())

@@ -76,13 +76,16 @@ def test_sft_chatml_with_tool_calls(lab, tiny_model_dir):
     assert m['stages']['sft']['eval_loss'] is not None
 
 def test_sft_llama3_template_auto_batch_packs(lab, tiny_llama3_dir):
-    ft = FineTune(capital_rows(6), str(tiny_llama3_dir), 'caps-llama', max_length=128,
-                  sft={'num_epochs': 10, 'learning_rate_multiplier': 30})
+    # enough data to fill >= 10 packed rows of max_length: "auto" packs (smaller data trains whole rows, test_finetune_small)
+    ft = FineTune(capital_rows(30), str(tiny_llama3_dir), 'caps-llama', max_length=64,
+                  sft={'num_epochs': 4, 'learning_rate_multiplier': 30})
     timed(lambda: ft.train(background=False, progress=False))
     res = ft.metrics_['stages']['sft']
     import torch
-    # CPU: the fixed small plan; GPU: rows per device sized from free memory
-    assert res['plan']['packing'] is True and (res['plan']['per_device'] == 4 if not torch.cuda.is_available() else res['plan']['per_device'] > 4)
+    # the device's packed rows per step (CPU 4, GPU 16384 // max_length), at most a tenth of the data's packed rows
+    target = 16384 // 64 if torch.cuda.is_available() else 4
+    assert res['plan']['packing'] is True and res['plan']['per_device'] == min(target, res['tokens'] // (64 * 10))
+    assert res['steps'] >= 4 * 10
     decreased(losses(ft))
     model, tok = ft.load()
     q = [{'role': 'system', 'content': 'Answer with the city.'}, {'role': 'user', 'content': 'Capital of Sweden?'}]
