@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #6111d47a
 from __future__ import annotations
-import argparse, os, sys
+import argparse, os, sys, threading
 from .core import *
 
 # %% auto #0
@@ -14,6 +14,7 @@ __all__ = ['main']
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='openpipe-lab', description='The OpenPipe workflow on your own machine.')
     p.add_argument('--lab', metavar='DIR', help='lab directory (default: $OPENPIPE_LAB_DIR or ./.openpipe_lab)')
+    p.add_argument('--db', metavar='URL', help="the lab's database: a SQLite path or SQLAlchemy URL (default: $OPENPIPE_LAB_DB or <lab>/lab.db)")
     sub = p.add_subparsers(dest='command', metavar='command')
     d = sub.add_parser('demo', help='run the end-to-end demo: logs -> dataset -> fine-tune -> deployment -> eval')
     d.add_argument('--dir', help='lab directory for the demo (default: ./.openpipe_lab/demo); each run starts afresh')
@@ -30,6 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser('models', help="the lab's fine-tuned models")
     dp = sub.add_parser('deployments', help='model servers')
     dp.add_argument('--all', action='store_true', help='include stopped and failed deployments')
+    sv = sub.add_parser('serve', help='serve the hosted OpenPipe API (/api/v1) over the lab')
+    sv.add_argument('--host', default='127.0.0.1', help='interface to listen on (default 127.0.0.1; 0.0.0.0 for every interface)')
+    sv.add_argument('--port', type=int, default=8080, help='port (default 8080; 0: a free one, printed at start)')
+    sv.add_argument('--deploy', action='append', default=[], metavar='SLUG',
+                    help='also start a vLLM server for this trained model, so openpipe:SLUG answers (repeatable; stopped with the server)')
+    sv.add_argument('--max-body-bytes', type=int, default=None, help='largest request body accepted (default 32 MiB)')
+    ks = sub.add_parser('keys', help="the server's API keys (stored hashed)")
+    ksub = ks.add_subparsers(dest='keys_command', metavar='action', required=True)
+    kc = ksub.add_parser('create', help='make a new key and print it (it is shown only once)')
+    kc.add_argument('--name', help='a label for the key')
+    kl = ksub.add_parser('list', help='the keys (id, name, first characters, created, last used)')
+    kl.add_argument('--all', action='store_true', help='include revoked keys')
+    kr = ksub.add_parser('revoke', help='revoke a key at once')
+    kr.add_argument('key', metavar='KEY_OR_ID', help='the key itself, or its id from `keys list`')
     return p
 
 # %% ../nbs/12_cli.ipynb #be183bbe
@@ -80,8 +95,55 @@ def _cmd_demo(a) -> str:
     report = run_demo(dir=a.dir, rows=a.rows, steps=a.steps, small=a.small, port=a.port, progress=not a.quiet)
     return f"report written to {report.path}"
 
+def _cmd_keys(a) -> str:
+    from openpipe_lab.server import create_api_key, list_api_keys, revoke_api_key
+    if a.keys_command == 'create': return create_api_key(a.name, store=_store())
+    if a.keys_command == 'list':
+        df = list_api_keys(_store(), all=a.all)
+        for k in ('created_at', 'last_used_at', 'revoked_at'): df[k] = df[k].dt.strftime('%Y-%m-%d %H:%M:%S')
+        return _show(df, None, '(no keys: create one with `openpipe-lab keys create`)')
+    r = revoke_api_key(a.key, store=_store())
+    return f"revoked key {r['id']}" + (f" ({r['name']})" if r['name'] else '')
+
+class _Stop(Exception): pass
+
+def _serve_until_signal(server, sock):
+    "Run uvicorn until Ctrl-C or SIGTERM; both end it normally (uvicorn re-raises the signal after its graceful shutdown)."
+    import signal
+    def stop(*_): raise _Stop()
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try: server.run(sockets=[sock])
+    except (KeyboardInterrupt, _Stop): pass
+    finally:
+        if previous is not None: signal.signal(signal.SIGTERM, previous)
+
+def _cmd_serve(a) -> str:
+    import socket, uvicorn
+    from openpipe_lab.server import create_app, list_api_keys, MAX_BODY_BYTES, API_PREFIX
+    store = _store()
+    app = create_app(store, max_body_bytes=a.max_body_bytes or MAX_BODY_BYTES)
+    if not len(list_api_keys(store)):
+        print("openpipe-lab serve: warning: this lab has no API keys, so every request gets 401: "
+              "create one with `openpipe-lab keys create`", file=sys.stderr)
+    sock = socket.socket(socket.AF_INET6 if ':' in a.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try: sock.bind((a.host, a.port))
+    except OSError as e: raise ConfigError(f"cannot listen on {a.host}:{a.port} ({e.strerror}): choose another --port") from None
+    dep = None
+    try:
+        if a.deploy:
+            from openpipe_lab.deployment import Deployment
+            dep = Deployment(a.deploy, store=store, progress=sys.stderr.isatty()).start()
+        print(f"openpipe-lab serve: {store!r} at http://{a.host}:{sock.getsockname()[1]}{API_PREFIX}"
+              + (f" (serving {', '.join('openpipe:' + s for s in a.deploy)})" if a.deploy else ''), file=sys.stderr, flush=True)
+        _serve_until_signal(uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='off', access_log=False)), sock)
+    finally:
+        sock.close()
+        if dep is not None: dep.stop()
+    return ''
+
 _COMMANDS = {'logs': _cmd_logs, 'datasets': _cmd_datasets, 'models': _cmd_models, 'deployments': _cmd_deployments,
-             'demo': _cmd_demo}
+             'demo': _cmd_demo, 'keys': _cmd_keys, 'serve': _cmd_serve}
 
 # %% ../nbs/12_cli.ipynb #9dbbd857
 def main(argv: list | None = None  # arguments (default: sys.argv[1:])
@@ -92,6 +154,7 @@ def main(argv: list | None = None  # arguments (default: sys.argv[1:])
     if not a.command:
         p.print_help(); return 2
     if a.lab: os.environ['OPENPIPE_LAB_DIR'] = a.lab
+    if a.db: os.environ['OPENPIPE_LAB_DB'] = a.db
     try:
         out = _COMMANDS[a.command](a)
         if out: print(out)

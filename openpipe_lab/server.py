@@ -14,7 +14,7 @@ from .store import tables, dumps, loads
 # %% auto #0
 __all__ = ['KEY_PREFIX', 'SCHEMAS', 'TRAINING_CONFIGS', 'API_PREFIX', 'MAX_BODY_BYTES', 'ROUTES', 'create_api_key',
            'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema', 'training_config',
-           'model_object', 'chat_options', 'create_app', 'Server']
+           'model_object', 'chat_headers', 'create_app', 'Server']
 
 # %% ../nbs/11_server.ipynb #216657cd
 KEY_PREFIX = 'opl-'
@@ -73,7 +73,7 @@ def _check_key(db, key: str) -> str | None:
         with db.begin() as c: c.execute(t.update().where(t.c.id == row.id).values(last_used_at=now))
     return row.id
 
-# %% ../nbs/11_server.ipynb #760a1830
+# %% ../nbs/11_server.ipynb #f8ad21e2
 class APIError(OpenPipeLabError):
     "An HTTP error answer: `{\"message\", \"code\"[, \"issues\"]}` with `status`."
     def __init__(self, status: int, code: str, message: str, issues: list | None = None):
@@ -93,6 +93,8 @@ def api_error(exc: Exception) -> APIError:
         return APIError(exc.status_code, str(err.get('code') or err.get('type') or 'upstream_error'), str(err.get('message') or exc.message))
     if isinstance(exc, openai.APITimeoutError): return APIError(504, 'upstream_timeout', f"the model provider did not answer in time: {exc}")
     if isinstance(exc, openai.APIConnectionError): return APIError(502, 'upstream_unreachable', str(exc))
+    if type(exc).__name__ == 'JudgeError':  # openpipe_lab.criterion's: the judge model failed or gave no verdict
+        return APIError(502, 'judge_failed', str(exc))
     if isinstance(exc, ValidationError):
         return APIError(400, 'invalid_request', str(exc), [str(p) for p in getattr(exc, 'problems', None) or []])
     for kind, status, code in ((NotFoundError, 404, 'not_found'), (AlreadyExistsError, 409, 'conflict'),
@@ -477,7 +479,7 @@ def _delete_model(lab, body, request, modelSlug: str):
     ft.delete()
     return {'id': id, 'object': 'model', 'deleted': True}
 
-# %% ../nbs/11_server.ipynb #651de0c3
+# %% ../nbs/11_server.ipynb #537a2d42
 def _create_params() -> set:
     import inspect, openai
     return set(inspect.signature(openai.resources.chat.completions.AsyncCompletions.create).parameters) - \
@@ -485,32 +487,10 @@ def _create_params() -> set:
 
 _CREATE_PARAMS = _create_params()
 
-def _json_header(request, name: str, kinds: tuple):
-    raw = request.headers.get(name)
-    if raw is None or raw == '': return None
-    try: value = json.loads(raw)
-    except ValueError as e: raise APIError(400, 'invalid_request', f"header {name}: must be JSON, got {raw[:80]!r} ({e})") from None
-    if not isinstance(value, kinds): raise APIError(400, 'invalid_request', f"header {name}: must be JSON {' or '.join(k.__name__ for k in kinds)}, got {raw[:80]!r}")
-    return value
-
-def chat_options(request, body: dict) -> tuple[dict, dict]:
-    "(`openpipe=` options, `extra_headers`) for the lab client from the SDK's `op-*` headers and the body's `store`."
-    opts = {}
-    if request.headers.get('op-log-request', 'true').lower() == 'false' or body.get('store') is False: opts['store'] = False
-    cache = request.headers.get('op-cache')
-    if cache not in (None, '', 'false', 'true'):
-        from openpipe_lab.client import CACHE_MODES
-        if cache not in CACHE_MODES: raise APIError(400, 'invalid_request', f"header op-cache: must be one of {', '.join(CACHE_MODES)} or false, got {cache!r}")
-        opts['cache'] = cache
-    tags = _json_header(request, 'op-tags', (dict,))
-    if tags:
-        bad = [k for k, v in tags.items() if v is not None and not isinstance(v, (str, int, float, bool))]
-        if bad: raise APIError(400, 'invalid_request', f"header op-tags: tag {bad[0]!r} must be a string, number or boolean")
-        opts['tags'] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in tags.items() if v is not None}
-    extra = {}
-    criteria = _json_header(request, 'op-criteria', (list, str))
-    if criteria: extra['op-criteria'] = json.dumps(criteria)
-    return opts, extra
+def chat_headers(request) -> dict:
+    "The SDK's `op-*` headers of a request, passed to the lab client, which reads, checks and strips them."
+    from openpipe_lab.client import OP_HEADERS
+    return {h: request.headers[h] for h in OP_HEADERS if h in request.headers}
 
 def _check_served(lab, model: str):
     "For `openpipe:<slug>` ids that do not route: 404 (no such model), 409 (not trained yet) or 503 (no server running it)."
@@ -543,9 +523,8 @@ async def _chat(request: Request):
     try:
         body = await _read_json(request, 'chat')
         lab, client = request.app.state.lab, request.app.state.client
-        opts, extra = chat_options(request, body)
-        body_opts = body.pop('openpipe', None)
-        if isinstance(body_opts, dict): opts = {**body_opts, **opts}
+        extra = chat_headers(request)
+        opts = body.pop('openpipe', None)  # a client that sent the SDK's options in the body
         if body['model'].startswith('openpipe:') and '/' not in body['model']:
             from starlette.concurrency import run_in_threadpool
             await run_in_threadpool(_check_served, lab, body['model'])
