@@ -442,6 +442,15 @@ def _check_batch_split(config, world):
             raise ConfigError(f"{key}.batch_size {int(b)} cannot be shared evenly by {world} processes: use a multiple of "
                               f"{world} (the batch is global, rows per optimizer step over all processes), or 'auto'")
 
+def _check_gpus(config, per_machine):
+    "Several processes on GPUs need a GPU each (NCCL refuses two ranks on one device)."
+    gpus = _visible_gpus() if config['device'] != 'cpu' else 0
+    if per_machine > 1 and gpus and per_machine > gpus:
+        raise ConfigError(f"{per_machine} processes per machine but {gpus} GPU(s) visible: pass num_processes=None (one per GPU), "
+                          f"at most {gpus} per machine, or device='cpu'")
+    if per_machine > 1 and not gpus and config['device'] == 'cuda':
+        raise ConfigError("device='cuda' but no CUDA GPU is visible: use device='auto' or 'cpu'")
+
 @patch
 def launch_command(self: FineTune,
                    machine_rank: int | None = None) -> list:  # default: this FineTune's `machine_rank`
@@ -519,6 +528,7 @@ def start(self: FineTune,
         raise ConfigError(f"start(background=False) trains in this process, so it cannot use {world} processes: "
                           "call start() (the launcher starts them), or pass num_processes=1")
     _check_batch_split(self.config, world)
+    _check_gpus(self.config, world // d['num_machines'])
     row = self._row()
     if rank:
         if row is None or row['status'] not in ('PENDING', 'TRAINING'):
