@@ -10,8 +10,8 @@ from openpipe_lab.formats import (Problem, validate_messages, validate_entry, va
                                   canonical_json)
 from openpipe_lab import providers as P
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # -- strategies ----------------------------------------------------------------------------------------------------
 text = st.text(st.characters(blacklist_categories=('Cs',)), min_size=1, max_size=30)
