@@ -99,13 +99,23 @@ class _Writer:
             except ReferenceError: return None
             except Exception as e:
                 err = e; time.sleep(0.05 * 2 ** attempt)
+        path, saved = self.store.dir / 'unwritten-logs.jsonl', 0
         try:
-            path = self.store.dir / 'unwritten-logs.jsonl'
-            with open(path, 'a') as f:
-                for r in batch: f.write(json.dumps({k: v for k, v in r.items() if k != '_tags'} | {'tags': r['_tags']}) + '\n')
+            with open(path, 'ab', buffering=0) as f:
+                end = f.seek(0, os.SEEK_END)  # the end of the last complete line: a failed write is cut back to it
+                for r in batch:
+                    line = (json.dumps({k: v for k, v in r.items() if k != '_tags'} | {'tags': r['_tags']}) + '\n').encode()
+                    try:
+                        if f.write(line) != len(line): raise OSError(f"short write to {path} (disk full or file size limit)")
+                    except OSError:
+                        try: f.truncate(end)  # never leave half a line
+                        except OSError: pass
+                        raise
+                    end += len(line); saved += 1
             warnings.warn(f"openpipe_lab could not write {len(batch)} logs to the database ({err}); saved them to {path}")
         except Exception as e2:
-            warnings.warn(f"openpipe_lab lost {len(batch)} logs: database error {err}; fallback file error {e2}")
+            warnings.warn(f"openpipe_lab could not write {len(batch)} logs to the database ({err}); saved {saved} to {path}, "
+                          f"lost {len(batch) - saved} ({e2})")
         return err
 
     def close(self):

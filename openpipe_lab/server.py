@@ -73,17 +73,21 @@ def _check_key(db, key: str) -> str | None:
         with db.begin() as c: c.execute(t.update().where(t.c.id == row.id).values(last_used_at=now))
     return row.id
 
-# %% ../nbs/11_server.ipynb #f8ad21e2
+# %% ../nbs/11_server.ipynb #5827f360
 class APIError(OpenPipeLabError):
     "An HTTP error answer: `{\"message\", \"code\"[, \"issues\"]}` with `status`."
-    def __init__(self, status: int, code: str, message: str, issues: list | None = None):
+    def __init__(self, status: int,  # the HTTP status
+                 code: str,  # a short machine-readable reason, e.g. 'not_found'
+                 message: str,  # what is wrong and how to fix it
+                 issues: list | None = None):  # one message per problem, for bad input
         super().__init__(message)
         self.status, self.code, self.message, self.issues = status, code, message, issues or []
 
     def body(self) -> dict:
         return {'message': self.message, 'code': self.code} | ({'issues': [{'message': m} for m in self.issues]} if self.issues else {})
 
-def api_error(exc: Exception) -> APIError:
+def api_error(exc: Exception  # what an endpoint raised
+             ) -> APIError:
     "The `APIError` an exception answers with (our errors by type, upstream HTTP errors with their own status)."
     import openai
     if isinstance(exc, APIError): return exc
@@ -105,7 +109,7 @@ def api_error(exc: Exception) -> APIError:
             return APIError(status, code, str(msg))
     return APIError(500, 'internal_error', f"{type(exc).__name__}: {exc}")
 
-# %% ../nbs/11_server.ipynb #81fb1c5b
+# %% ../nbs/11_server.ipynb #7e1d62c3
 _TYPES = {'string': str, 'boolean': bool, 'object': dict, 'array': list}
 
 def _type_ok(value, kind: str) -> bool:
@@ -116,7 +120,10 @@ def _type_ok(value, kind: str) -> bool:
 def _what(value) -> str:
     return {dict: 'an object', list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(type(value), 'a number')
 
-def check_schema(value, schema: dict, path: str = 'body') -> list[str]:
+def check_schema(value,  # the parsed JSON
+                 schema: dict,  # a JSON-schema subset (see above)
+                 path: str = 'body'  # the name of `value` in messages
+                ) -> list[str]:
     "Every way `value` breaks `schema` (a JSON-schema subset), each naming its path, e.g. `entries[3].split`."
     if value is None and schema.get('nullable'): return []
     if 'anyOf' in schema:
@@ -389,7 +396,7 @@ def _create_entries(lab, body, request, datasetId: str):
     "Add new dataset entries (1-100 per call; invalid entries are listed in `errors`, valid ones are kept)."
     return _dataset(lab, datasetId).add_entries(body['entries'])
 
-# %% ../nbs/11_server.ipynb #fda33a31
+# %% ../nbs/11_server.ipynb #f40f082d
 _DEPRECATED_HP = {'is_sft_enabled': ('enable_sft', None), 'is_preference_tuning_enabled': ('enable_preference_tuning', None),
                   'batch_size': ('sft_hyperparameters', 'batch_size'), 'learning_rate_multiplier': ('sft_hyperparameters', 'learning_rate_multiplier'),
                   'num_epochs': ('sft_hyperparameters', 'num_epochs'),
@@ -399,7 +406,8 @@ _DEPRECATED_HP = {'is_sft_enabled': ('enable_sft', None), 'is_preference_tuning_
                   'preference_tuning_training_beta': ('preference_hyperparameters', 'training_beta'),
                   'preference_tuning_adapter_weight': ('preference_hyperparameters', 'adapter_weight')}
 
-def training_config(tc: dict) -> dict:
+def training_config(tc: dict  # the request's `trainingConfig`
+                   ) -> dict:
     "A validated `trainingConfig` in its current form (deprecated `hyperparameters` mapped); `APIError` naming the field."
     provider = tc.get('provider')
     if provider not in TRAINING_CONFIGS:
@@ -415,7 +423,7 @@ def training_config(tc: dict) -> dict:
             else: tc[field] = {sub: v, **(tc.get(field) or {})}
     return tc
 
-# %% ../nbs/11_server.ipynb #f0119a82
+# %% ../nbs/11_server.ipynb #a78189eb
 _MODEL_STATUSES = ('PENDING', 'TRAINING', 'DEPLOYED', 'ERROR', 'DEPRECATED', 'PENDING_DEPRECATION', 'QUEUED', 'PROVISIONING')
 
 def _context_window(base_model: str) -> int:
@@ -423,7 +431,8 @@ def _context_window(base_model: str) -> int:
     try: return int(json.loads(cfg.read_text()).get('max_position_embeddings') or 4096)
     except (OSError, ValueError, TypeError): return 4096
 
-def model_object(ft) -> dict:
+def model_object(ft  # a started `FineTune`
+                ) -> dict:
     "The spec's model object for a `FineTune` (every required field present, status within the spec's values)."
     d = ft.to_dict()
     op = d['openpipe']
@@ -479,7 +488,7 @@ def _delete_model(lab, body, request, modelSlug: str):
     ft.delete()
     return {'id': id, 'object': 'model', 'deleted': True}
 
-# %% ../nbs/11_server.ipynb #537a2d42
+# %% ../nbs/11_server.ipynb #27e297b1
 def _create_params() -> set:
     import inspect, openai
     return set(inspect.signature(openai.resources.chat.completions.AsyncCompletions.create).parameters) - \
@@ -487,7 +496,8 @@ def _create_params() -> set:
 
 _CREATE_PARAMS = _create_params()
 
-def chat_headers(request) -> dict:
+def chat_headers(request  # the incoming Starlette request
+                ) -> dict:
     "The SDK's `op-*` headers of a request, passed to the lab client, which reads, checks and strips them."
     from openpipe_lab.client import OP_HEADERS
     return {h: request.headers[h] for h in OP_HEADERS if h in request.headers}
