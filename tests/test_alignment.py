@@ -206,3 +206,20 @@ def test_labeling_widget_driven_by_clicks_and_keys(lab, up):
     assert [r['output']['content'] for r in ui.rows_] == expect and len(expect) == 1
     assert repr(ui) == "LabelingUI('no-email', 3 labeled, 0 to go)"
     with pytest.raises(ConfigError, match="show must be 'all'"): crit.label(show='todo')
+
+
+def test_criteria_and_labels_on_postgres(pg_url, up):
+    "The same versions, alignment rows, labels and cached judgements on a Postgres lab (skipped without OPENPIPE_LAB_TEST_PG)."
+    from openpipe_lab.logstore import LogStore
+    lab = LogStore(pg_url)
+    try:
+        up.responder = lambda req: verdict('FAIL' if '@' in output_of(req) else 'PASS')
+        v1 = Criterion('no-email', prompt=PROMPT, store=lab)
+        assert v1.version == 'no-email@v1' and Criterion('no-email', prompt=PROMPT + ' x', store=lab).version == 'no-email@v2'
+        v1.add_alignment([chat('q', 'a@b.c'), chat('q', 'hi')], n=2)
+        for r in v1.alignment_rows(): v1.set_judgement(r['id'], 'FAIL' if '@' in r['output']['content'] else 'PASS')
+        assert v1.align(progress=False).stats_['accuracy'] == 1.0
+        n = len(up.requests)
+        assert Criterion.get('no-email@v1', store=lab).align(progress=False).stats_['n'] == 2 and len(up.requests) == n   # cached
+        assert Criterion.list(lab)['id'].tolist() == ['no-email@v1', 'no-email@v2']
+    finally: lab.close()
