@@ -9,7 +9,7 @@ Two measurements, both interleaving the clients call by call (shuffled order) so
 processes hit them alike:
 - `loopback`: real HTTP to the fake upstream (tests/fakes), run in a *separate process* so its work does not take
   the GIL from the clients. Reports calls/s and wall latency p50/p99 per call.
-- `in-process`: the same calls through an `httpx2.MockTransport` answering a canned completion (no sockets), which
+- `in-process`: the same calls through an `MockTransport` of openai's HTTP library answering a canned completion (no sockets), which
   removes network noise and isolates what each client adds. Reports wall p50/p99 and, the number the goal is about,
   CPU time of the calling thread per call (`time.thread_time_ns`: the background log writer's work is excluded).
 "Added" = the client's figure minus the plain client's figure of the same run.
@@ -179,7 +179,8 @@ def main():
         py = ensure_litellm_python()
         os.execv(py, [py, __file__, '--_inner', '--n', str(args.n)])
     sys.path.insert(0, str(ROOT))
-    import httpx2, openai
+    import openai
+    from openpipe_lab.client import _http as httpx2  # openai's own HTTP library (httpx, or httpx2 for openai 3.x)
     from openpipe_lab.logstore import LogStore
     lab = LogStore(tempfile.mkdtemp(prefix='bench-client-') + '/lab.db')
     with_litellm = not args.no_litellm
