@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from .core import *
 from .store import tables, dumps, loads
 from .formats import (Problem, read_jsonl, validate_entry, functions_to_tools, content_hash,
-                                  apply_pruning_rules, split_output)
+                                  apply_pruning_rules, split_output, _lone_surrogate)
 from .logstore import LogStore, get_store
 
 # %% auto #0
@@ -198,7 +198,16 @@ class _Writer:
         "Validate `obj` and queue it for insertion; return its problems (nothing is queued when there are any)."
         entry, problems = _prepare(obj, line)
         if problems: return problems
-        self.rows.append(self._row(entry, log_id, provenance or self.provenance))
+        row = self._row(entry, log_id, provenance or self.provenance)
+        for k in CONTENT_FIELDS:   # text no database can store: a lone UTF-16 surrogate (cheap: ASCII is skipped)
+            v = row[k]
+            if v is not None and not v.isascii():
+                try: v.encode('utf-8')
+                except UnicodeEncodeError:
+                    self.position -= 1
+                    return [Problem(_lone_surrogate(entry[k], k) or k, "contains a lone UTF-16 surrogate (\\udXXX without its pair): "
+                                    "not valid text; fix or remove it", line)]
+        self.rows.append(row)
         if len(self.rows) >= self.batch_size: self.flush()
         return []
 

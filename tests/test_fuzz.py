@@ -250,3 +250,22 @@ def test_from_jsonl_odd_lines_are_ours(lab, tmp_path, line):
     assert len(ds) in (1, 2) and ds.entries(limit=1)[0]['messages'][1]['content'] == 'a'
     assert (len(ds) == 2) == (ds.errors == [])              # the odd line is either kept or listed
     assert all(p.line == 2 for p in ds.errors)
+
+any_text = st.text(st.characters(), min_size=1, max_size=20)   # lone surrogates included
+
+@SLOW
+@given(st.lists(st.tuples(any_text, any_text), min_size=1, max_size=8))
+def test_add_entries_with_any_text_keeps_the_storable_ones(lab, pairs):
+    "Python strings may hold lone surrogates no database can store: those entries are listed, the others kept."
+    from openpipe_lab.dataset import Dataset
+    def storable(s):
+        try: s.encode('utf-8'); return True
+        except UnicodeEncodeError: return False
+    ds = Dataset.create(f"at-{len(Dataset.list(store=lab))}", store=lab)
+    try:
+        out = ds.add_entries([{'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': a}]} for q, a in pairs])
+        good = [i for i, (q, a) in enumerate(pairs) if storable(q) and storable(a)]
+        assert out['entries_created'] == len(good) == len(ds)
+        assert sorted(e['entry_index'] for e in out['errors']['data']) == sorted(set(range(len(pairs))) - set(good))
+        assert [e['messages'][0]['content'] for e in ds.entries(limit=None)] == [pairs[i][0] for i in good]
+    finally: ds.delete()
