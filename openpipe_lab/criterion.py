@@ -377,7 +377,7 @@ def judge_many(self: Criterion, rows: list,  # dicts with `output` and optionall
                 for f in as_completed([pool.submit(one, i) for i in range(len(rows))]): f.result(); bar.update()
     return out
 
-# %% ../nbs/09_criterion.ipynb #6223ab58
+# %% ../nbs/09_criterion.ipynb #cfc88cb7
 _REWARD_MODELS: dict = {}
 _REWARD_LOCK = threading.Lock()
 
@@ -398,7 +398,7 @@ def _describe(mapping) -> str:
     return (f"logistic fitted on {mapping['labels']} alignment labels" if mapping.get('kind') == 'logistic'
             else 'sigmoid (no PASS and FAIL alignment labels to fit on)')
 
-# %% ../nbs/09_criterion.ipynb #d4d26b3a
+# %% ../nbs/09_criterion.ipynb #d8a9a7fc
 @patch(cls_method=True)
 def from_reward_model(cls: Criterion, slug: str,  # a DEPLOYED `FineTune.reward_model(...)` in this lab
                       store=None,  # LogStore; None: the default lab
@@ -460,5 +460,5 @@ def _reward_judge(self: Criterion, output, messages=None, tools=None, tool_choic
     return {'score': map_reward(reward, mapping), 'explanation': f"reward {reward:.4f}, mapped by a {_describe(mapping)}",
             'usage': {'total_tokens': n}}
 
-# %% ../nbs/09_criterion.ipynb #5cb53c74
+# %% ../nbs/09_criterion.ipynb #49058868
 from . import alignment as _alignment  # noqa: E402,F401 (adds the alignment methods to Criterion)

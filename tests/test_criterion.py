@@ -203,7 +203,7 @@ CAPITALS = [('France', 'Paris', 'London'), ('Sweden', 'Stockholm', 'Berlin'), ('
 def ask(country): return [{'role': 'system', 'content': 'Answer with the city.'}, {'role': 'user', 'content': f'Capital of {country}?'}]
 
 
-def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, tiny_model_dir):
+def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, up, tiny_model_dir):
     import torch
     from sklearn.linear_model import LogisticRegression
     from openpipe_lab.finetune import FineTune
@@ -211,6 +211,11 @@ def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, tiny_mo
             for c, a, r in CAPITALS * 4]
     ft = FineTune.reward_model(rows, str(tiny_model_dir), 'rm', hyperparameters={'num_epochs': 6, 'batch_size': 4, 'learning_rate_multiplier': 50})
     ft.train(background=False, progress=False)
+    # best of N with the reward model's slug in op-criteria (no criterion of that name yet: the slug is enough)
+    up.script(Reply(body={'id': 'g', 'object': 'chat.completion', 'created': 0, 'model': 'gpt-4o-mini', 'choices': [
+        {'index': i, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': c}} for i, c in enumerate(['London', 'Paris'])]}))
+    best = lab.openai().chat.completions.create(model='gpt-4o-mini', messages=ask('France'), n=2, extra_headers={'op-criteria': '["rm"]'})
+    assert [c.message.content for c in best.choices] == ['Paris', 'London'] and best.choices[0].criteria_results['rm']['status'] == 'success'
     crit = Criterion.from_reward_model('rm', store=lab)
     assert crit.kind == 'reward_model' and crit.version == 'rm@v1' and crit.mapping_.startswith('sigmoid')
     model, tok = ft.load()
