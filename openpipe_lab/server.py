@@ -12,9 +12,9 @@ from .core import *
 from .store import tables, dumps, loads
 
 # %% auto #0
-__all__ = ['KEY_PREFIX', 'SCHEMAS', 'TRAINING_CONFIGS', 'API_PREFIX', 'MAX_BODY_BYTES', 'ROUTES', 'create_api_key',
-           'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema', 'training_config',
-           'model_object', 'chat_headers', 'create_app', 'Server']
+__all__ = ['KEY_PREFIX', 'SCHEMAS', 'TRAINING_CONFIGS', 'API_PREFIX', 'MAX_BODY_BYTES', 'KEY_RECHECK_SECONDS', 'ROUTES',
+           'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema',
+           'training_config', 'model_object', 'chat_headers', 'create_app', 'Server']
 
 # %% ../nbs/11_server.ipynb #216657cd
 KEY_PREFIX = 'opl-'
@@ -159,7 +159,7 @@ def _describe(schema: dict) -> str:
 def _obj(props: dict, required=(), extra=False) -> dict:
     return {'type': 'object', 'properties': props, **({'required': list(required)} if required else {}), 'additionalProperties': extra}
 
-# %% ../nbs/11_server.ipynb #27f156f7
+# %% ../nbs/11_server.ipynb #fd89d8f4
 _S, _N, _B, _ANY = {'type': 'string'}, {'type': 'number'}, {'type': 'boolean'}, {}
 _SCALAR = {'anyOf': [_S, _N, _B], 'nullable': True}
 _nul = lambda s: {**s, 'nullable': True}
@@ -199,7 +199,9 @@ SCHEMAS = {
                                                       'tool_choice': _nul({'anyOf': [_S, {'type': 'object'}]})}, ['messages']),
                    'output': _OUTPUT}, ['criterion_id', 'output']),
     'create_dataset': _obj({'name': _S}, ['name']),
-    'entries': _obj({'entries': {'type': 'array', 'items': {'type': 'object'}, 'minItems': 1, 'maxItems': 100}}, ['entries']),
+    'entries': _obj({'entries': {'type': 'array', 'minItems': 1, 'maxItems': 100, 'items': {  # the fields; their contents: Dataset.add_entries
+        'type': 'object', 'additionalProperties': False, 'properties': {k: {} for k in (
+            'messages', 'rejected_message', 'tool_choice', 'tools', 'response_format', 'split', 'metadata')}}}}, ['entries']),
     'create_model': _obj({'datasetId': _S, 'slug': _S, 'pruningRuleIds': {'type': 'array', 'items': _S},
                           'trainingConfig': {'type': 'object', 'properties': {'provider': {'type': 'string', 'enum': [
                               'openpipe', 'openpipeReward', 'openai', 'gemini']}}, 'required': ['provider', 'baseModel']},
@@ -207,9 +209,10 @@ SCHEMAS = {
 }
 TRAINING_CONFIGS = {'openpipe': _OPENPIPE_TC, 'openpipeReward': _REWARD_TC}
 
-# %% ../nbs/11_server.ipynb #e5810b6e
+# %% ../nbs/11_server.ipynb #5062fff3
 API_PREFIX = '/api/v1'
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the largest request body accepted (413 above it)
+KEY_RECHECK_SECONDS = 1.0  # how long a checked key is trusted before the lab is asked again (so revocation takes <= 1 s)
 
 class _BodyTooLarge(Exception): pass
 
@@ -222,6 +225,17 @@ class _Guard:
     def __init__(self, app, store, max_body_bytes: int):
         self.app, self.store, self.max_body = app, store, max_body_bytes
         self.public = {f'{API_PREFIX}/openapi.json', f'{API_PREFIX}/docs'}
+        self.valid_until: dict = {}  # key hash -> monotonic time until which it counts as checked
+
+    def _valid(self, key: str) -> bool:
+        "Is `key` a live key? Looked up in the lab at most once per `KEY_RECHECK_SECONDS` per key (a revocation takes effect within that)."
+        h, now = _key_hash(key), time.monotonic()
+        if self.valid_until.get(h, 0) > now: return True
+        if _check_key(self.store.db, key) is None:
+            self.valid_until.pop(h, None); return False
+        if len(self.valid_until) > 10_000: self.valid_until.clear()
+        self.valid_until[h] = now + KEY_RECHECK_SECONDS
+        return True
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or scope['path'] in self.public: return await self.app(scope, receive, send)
@@ -231,7 +245,7 @@ class _Guard:
         if scheme.lower() != 'bearer' or not key.strip():
             return await _json_response(401, {'message': "missing API key: send 'Authorization: Bearer <key>' "
                                               "(create one with `openpipe-lab keys create`)", 'code': 'unauthorized'})(scope, receive, send)
-        if _check_key(self.store.db, key.strip()) is None:
+        if not self._valid(key.strip()):
             return await _json_response(401, {'message': 'invalid or revoked API key (`openpipe-lab keys list` shows the valid ones)',
                                               'code': 'unauthorized'})(scope, receive, send)
         length = headers.get(b'content-length')

@@ -354,6 +354,14 @@ def test_raw_http_bad_input(server, key, lab, labdir):
     body = err(h.post('/datasets', json={'name': 7, 'extra': 1}), 400, 'invalid_request', 'body.name')
     assert [i['message'] for i in body['issues']] == ['body.name: must be a string, got a number', 'body.extra: unknown field (known: name)']
     err(h.post('/chat/completions', json={'model': 'gpt-4o-mini'}), 400, 'invalid_request', 'body.messages', 'required')
+    from openpipe_lab.dataset import Dataset
+    ds = Dataset.open('capitals', store=lab)
+    n_entries = len(ds)
+    good = {'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]}
+    err(h.post(f'/datasets/{ds.id}/entries', json={'entries': [good, {**good, 'colour': 'red'}]}), 400, 'invalid_request', 'body.entries[1].colour')
+    err(h.post(f'/datasets/{ds.id}/entries', json={'entries': []}), 400, 'invalid_request', 'body.entries', 'at least 1')
+    err(h.post(f'/datasets/{ds.id}/entries', json={'entries': 'all'}), 400, 'invalid_request', 'body.entries', 'array')
+    assert len(ds) == n_entries
     status, body = declared_only(server, key, 64 * 1024 * 1024)   # refused on the header, before any body is sent
     assert status == 413 and json.loads(body)['code'] == 'payload_too_large'
     big = b'{"entries": [' + b','.join([b'{"messages": [{"role": "user", "content": "' + b'x' * 1_000_000 + b'"}]}'] * 34) + b']}'
@@ -364,7 +372,7 @@ def test_raw_http_bad_input(server, key, lab, labdir):
     assert len(lab.all()) == n_logs
 
 def test_keys_401_and_revocation(server, key, labdir):
-    "Missing, wrong and revoked keys get 401 on every endpoint; a key revoked from the CLI stops working at once."
+    "Missing, wrong and revoked keys get 401 on every endpoint; a key revoked from the CLI (another process) stops working within a second."
     paths = [('POST', '/chat/completions'), ('POST', '/report'), ('POST', '/report-anthropic'), ('POST', '/logs/update-metadata'),
              ('POST', '/logs/update-tags'), ('POST', '/criteria/judge'), ('GET', '/datasets'), ('POST', '/datasets'),
              ('DELETE', '/datasets/x'), ('POST', '/datasets/x/entries'), ('GET', '/models'), ('POST', '/models'),
@@ -373,6 +381,10 @@ def test_keys_401_and_revocation(server, key, labdir):
     temp = temp.strip()
     assert httpx.get(server + '/datasets', headers={'Authorization': f'Bearer {temp}'}).status_code == 200
     cli(labdir, 'keys', 'revoke', temp)
+    deadline = time.monotonic() + 5   # the server trusts a checked key for KEY_RECHECK_SECONDS (1 s)
+    while httpx.get(server + '/datasets', headers={'Authorization': f'Bearer {temp}'}).status_code != 401:
+        assert time.monotonic() < deadline, 'a revoked key still works after 5 s'
+        time.sleep(0.1)
     for headers in ({}, {'Authorization': 'Bearer opl-wrong'}, {'Authorization': f'Bearer {temp}'}, {'Authorization': key}):
         for method, path in paths:
             r = httpx.request(method, server + path, headers=headers, json={})
@@ -389,6 +401,7 @@ def test_sdk_criteria_judge(sdk_python, server, key, upstream, lab):
     version = crit.version
     def verdict(req):
         judged = req.json['messages'][-1]['content']
+        if 'phone number' not in judged: return None   # not a judge call: the default echo answers
         return Reply(text=json.dumps({'explanation': 'has a number' if '555' in judged else 'clean', 'verdict': 'FAIL' if '555' in judged else 'PASS'}))
     upstream.responder = verdict
     try:
@@ -404,8 +417,18 @@ def test_sdk_criteria_judge(sdk_python, server, key, upstream, lab):
             except ApiError as e: missing = [e.status_code, e.body["code"]]
             print(json.dumps([bad.score, bad.explanation, good.score, good.explanation, missing]))
         """)
+        best = sdk(sdk_python, server, key, upstream, """
+            import json
+            from openpipe import OpenAI
+            r = OpenAI().chat.completions.create(model="openai:gpt-4o-mini", n=2, messages=[{"role": "user", "content": "Call 555-0100"}],
+                                                 openpipe={"criteria": ["no-pii"]})
+            print(json.dumps([[c.message.content, {k: [v.status, v.score] for k, v in (c.criteria_results or {}).items()}] for c in r.choices]))
+        """)
     finally: upstream.responder = None
     assert out == [0.0, 'has a number', 1.0, 'clean', [404, 'not_found']]
+    # best of N through /chat/completions: each choice judged by the criterion (op-criteria), results on the choice
+    assert [c[0] for c in best] == ['echo: Call 555-0100'] * 2
+    assert [c[1] for c in best] == [{'no-pii': ['success', 0.0]}] * 2
 
 # -- serving a fine-tuned model by slug --------------------------------------------------------------------------------
 def test_openpipe_slug_not_running_then_served_with_deploy(sdk_python, server, key, upstream, lab, labdir, trained):
