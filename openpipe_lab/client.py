@@ -148,7 +148,7 @@ class _Call:
             tags = req.get('metadata') or {}
             if opts.get('tags'): tags = {**opts['tags'], **tags}
             if any(type(v) is not str for v in tags.values()): tags = _check_tags(tags, 'metadata')
-            self.tags = {**tags, **_SDK_TAGS}
+            self.tags = {**_SDK_TAGS, **tags}  # a caller's own $sdk tags (the hosted SDK's, through the server) win
         self.cache = opts.get('cache') or None
         self.parent_id = self.route = None
 

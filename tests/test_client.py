@@ -359,10 +359,12 @@ def test_op_headers_and_store_false_body(client, up, lab):
                                    extra_headers={'op-log-request': 'false'})
     client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'h'}, store=False)
     client.chat.completions.create(model='gpt-4o-mini', messages=HI, metadata={'prompt_id': 'h2'},
-                                   extra_headers={'op-tags': '{"team": "ml", "prompt_id": "ignored"}', 'op-log-request': 'true'})
+                                   extra_headers={'op-tags': '{"team": "ml", "prompt_id": "ignored", "$sdk.version": "5.0.0"}',
+                                                  'op-log-request': 'true'})
     assert len(logs(lab, prompt_id='h')) == 0 and up.requests[1].json['store'] is False      # store: false still goes upstream
     (tagged,) = logs(lab, prompt_id='h2')
     assert tagged['tags']['team'] == 'ml' and tagged['tags']['prompt_id'] == 'h2'             # metadata wins over op-tags
+    assert (tagged['tags']['$sdk'], tagged['tags']['$sdk.version']) == ('python', '5.0.0')    # the caller's SDK tags win over ours
     assert all(not k.startswith('op-') for q in up.requests for k in q.headers)
     client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'c'}], extra_headers={'op-cache': 'readWrite'})
     client.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'c'}], extra_headers={'op-cache': 'readOnly'})
