@@ -72,8 +72,16 @@ for t in ts: t.join()
 store.flush()
 '''
 
-def test_four_processes_many_threads_one_lab(lab):
-    procs, threads, n = 4, 6, 40
+@pytest.fixture(params=['sqlite', 'postgres'])
+def shared_lab(request, lab):
+    "The test's SQLite lab, or a Postgres lab (a team's shared lab) when OPENPIPE_LAB_TEST_PG is set."
+    if request.param == 'sqlite': yield lab; return
+    store = LogStore(request.getfixturevalue('pg_url'), dir=lab.dir)
+    yield store
+    store.close()
+
+def test_four_processes_many_threads_one_lab(shared_lab):
+    lab, procs, threads, n = shared_lab, 4, 6, 40
     with FakeUpstream() as up:
         ps = [subprocess.Popen([sys.executable, '-c', MANY, lab.url, up.openai_url, str(k), str(threads), str(n)], env=ENV,
                                stderr=subprocess.PIPE, text=True) for k in range(procs)]
@@ -86,7 +94,7 @@ def test_four_processes_many_threads_one_lab(lab):
     assert len({r['id'] for r in got}) == len(want)
     assert all(r['resp_payload']['choices'][0]['message']['content'] == f"echo: {r['tags']['who']}" for r in got)   # no crossed rows
     assert not (lab.dir / 'unwritten-logs.jsonl').exists()
-    print(f"\n{procs} processes x {threads} threads x {n} calls: {len(got)} logged")
+    print(f"\n{lab.db.dialect}: {procs} processes x {threads} threads x {n} calls: {len(got)} logged")
 
 
 # -- SQLite locked by another process past the busy timeout --------------------------------------------------------
@@ -299,8 +307,8 @@ def _drop_pg_connections(url: str):
     eng.dispose()
     return n
 
-def test_postgres_connections_dropped_mid_write_reconnect_without_loss_or_duplicates(pg_url):
-    store = LogStore(pg_url, dir=None)
+def test_postgres_connections_dropped_mid_write_reconnect_without_loss_or_duplicates(pg_url, tmp_path):
+    store = LogStore(pg_url, dir=tmp_path)
     try:
         ids = []
         for round_ in range(5):
