@@ -37,7 +37,7 @@ def create_api_key(name: str | None = None,  # a label to recognise the key by i
                                                   prefix=key[:12], created_at=now_ms()))
     return key
 
-# %% ../nbs/11_server.ipynb #41f40b57
+# %% ../nbs/11_server.ipynb #322f0c83
 def list_api_keys(store=None,  # the lab; None: the default lab
                   all: bool = False,  # include revoked keys
                  ) -> 'pd.DataFrame':
@@ -73,7 +73,7 @@ def _check_key(db, key: str) -> str | None:
         with db.begin() as c: c.execute(t.update().where(t.c.id == row.id).values(last_used_at=now))
     return row.id
 
-# %% ../nbs/11_server.ipynb #5827f360
+# %% ../nbs/11_server.ipynb #27b62c9a
 class APIError(OpenPipeLabError):
     "An HTTP error answer: `{\"message\", \"code\"[, \"issues\"]}` with `status`."
     def __init__(self, status: int,  # the HTTP status
@@ -109,7 +109,7 @@ def api_error(exc: Exception  # what an endpoint raised
             return APIError(status, code, str(msg))
     return APIError(500, 'internal_error', f"{type(exc).__name__}: {exc}")
 
-# %% ../nbs/11_server.ipynb #7e1d62c3
+# %% ../nbs/11_server.ipynb #168a7535
 _TYPES = {'string': str, 'boolean': bool, 'object': dict, 'array': list}
 
 def _type_ok(value, kind: str) -> bool:
@@ -159,7 +159,7 @@ def _describe(schema: dict) -> str:
 def _obj(props: dict, required=(), extra=False) -> dict:
     return {'type': 'object', 'properties': props, **({'required': list(required)} if required else {}), 'additionalProperties': extra}
 
-# %% ../nbs/11_server.ipynb #fd89d8f4
+# %% ../nbs/11_server.ipynb #aa50568a
 _S, _N, _B, _ANY = {'type': 'string'}, {'type': 'number'}, {'type': 'boolean'}, {}
 _SCALAR = {'anyOf': [_S, _N, _B], 'nullable': True}
 _nul = lambda s: {**s, 'nullable': True}
@@ -209,7 +209,7 @@ SCHEMAS = {
 }
 TRAINING_CONFIGS = {'openpipe': _OPENPIPE_TC, 'openpipeReward': _REWARD_TC}
 
-# %% ../nbs/11_server.ipynb #5062fff3
+# %% ../nbs/11_server.ipynb #6a5c1e22
 API_PREFIX = '/api/v1'
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the largest request body accepted (413 above it)
 KEY_RECHECK_SECONDS = 1.0  # how long a checked key is trusted before the lab is asked again (so revocation takes <= 1 s)
@@ -264,7 +264,7 @@ def _too_large(limit: int) -> dict:
     return {'message': f"request body is larger than the server's limit of {limit} bytes: send fewer entries per call "
                        f"(or start the server with a larger max_body_bytes)", 'code': 'payload_too_large'}
 
-# %% ../nbs/11_server.ipynb #7914d5ba
+# %% ../nbs/11_server.ipynb #f2282f03
 async def _read_json(request, schema_name: str | None):
     try: raw = await request.body()
     except _BodyTooLarge: raise APIError(413, 'payload_too_large', _too_large(request.app.state.max_body)['message'])
@@ -293,7 +293,7 @@ def _endpoint(schema_name: str | None = None, blocking: bool = True):
         return endpoint
     return deco
 
-# %% ../nbs/11_server.ipynb #827e748e
+# %% ../nbs/11_server.ipynb #27d9c586
 def _int(value, path: str):
     if value is None: return None
     if not float(value).is_integer(): raise APIError(400, 'invalid_request', f"body.{path}: must be a whole number, got {value}")
@@ -331,7 +331,7 @@ async def _report_anthropic(lab, body, request):
     await _durable(lab)
     return {'status': 'ok'}
 
-# %% ../nbs/11_server.ipynb #2a3d1df3
+# %% ../nbs/11_server.ipynb #2d432e0e
 _FILTER_FIELDS = {'model': 'model', 'completionId': 'completion_id', 'statusCode': 'status_code'}
 
 def _query(lab, filters: list):
@@ -360,7 +360,7 @@ def _update_tags(lab, body, request):
     "DEPRECATED (the SDK still calls it): same as /logs/update-metadata, with `tags`."
     return _update(lab, body['filters'], body['tags'])
 
-# %% ../nbs/11_server.ipynb #0da24be8
+# %% ../nbs/11_server.ipynb #96e4a14d
 @_endpoint('judge')
 def _judge(lab, body, request):
     "Get a judgement of a completion against the specified criterion."
@@ -373,7 +373,7 @@ def _judge(lab, body, request):
     total = usage.get('total_tokens', (usage.get('prompt_tokens') or 0) + (usage.get('completion_tokens') or 0))
     return {'score': res['score'], 'explanation': res.get('explanation') or '', 'usage': {'total_tokens': total}}
 
-# %% ../nbs/11_server.ipynb #5c516d3b
+# %% ../nbs/11_server.ipynb #1b0fc241
 def _iso(ts) -> str: return ts.strftime('%Y-%m-%dT%H:%M:%S.') + f"{ts.microsecond // 1000:03d}Z"
 
 def _dataset_objects(lab) -> list[dict]:
@@ -410,7 +410,7 @@ def _create_entries(lab, body, request, datasetId: str):
     "Add new dataset entries (1-100 per call; invalid entries are listed in `errors`, valid ones are kept)."
     return _dataset(lab, datasetId).add_entries(body['entries'])
 
-# %% ../nbs/11_server.ipynb #f40f082d
+# %% ../nbs/11_server.ipynb #56809706
 _DEPRECATED_HP = {'is_sft_enabled': ('enable_sft', None), 'is_preference_tuning_enabled': ('enable_preference_tuning', None),
                   'batch_size': ('sft_hyperparameters', 'batch_size'), 'learning_rate_multiplier': ('sft_hyperparameters', 'learning_rate_multiplier'),
                   'num_epochs': ('sft_hyperparameters', 'num_epochs'),
@@ -437,7 +437,7 @@ def training_config(tc: dict  # the request's `trainingConfig`
             else: tc[field] = {sub: v, **(tc.get(field) or {})}
     return tc
 
-# %% ../nbs/11_server.ipynb #a78189eb
+# %% ../nbs/11_server.ipynb #f55ae072
 _MODEL_STATUSES = ('PENDING', 'TRAINING', 'DEPLOYED', 'ERROR', 'DEPRECATED', 'PENDING_DEPRECATION', 'QUEUED', 'PROVISIONING')
 
 def _context_window(base_model: str) -> int:
@@ -502,7 +502,7 @@ def _delete_model(lab, body, request, modelSlug: str):
     ft.delete()
     return {'id': id, 'object': 'model', 'deleted': True}
 
-# %% ../nbs/11_server.ipynb #27e297b1
+# %% ../nbs/11_server.ipynb #44aa2df5
 def _create_params() -> set:
     import inspect, openai
     return set(inspect.signature(openai.resources.chat.completions.AsyncCompletions.create).parameters) - \
@@ -563,7 +563,7 @@ async def _chat(request: Request):
         err = api_error(e)
         return _json_response(err.status, err.body())
 
-# %% ../nbs/11_server.ipynb #0f85045e
+# %% ../nbs/11_server.ipynb #bac5ab8e
 _ERROR_SCHEMA = {'type': 'object', 'required': ['message', 'code'], 'properties': {
     'message': {'type': 'string'}, 'code': {'type': 'string'},
     'issues': {'type': 'array', 'items': {'type': 'object', 'properties': {'message': {'type': 'string'}}}}}}
@@ -634,7 +634,7 @@ def _bearer_scheme(app):
         return app.openapi_schema
     app.openapi = openapi
 
-# %% ../nbs/11_server.ipynb #5770a4fe
+# %% ../nbs/11_server.ipynb #d83d27c3
 _RUNNING = weakref.WeakSet()
 
 @atexit.register

@@ -402,7 +402,8 @@ def test_sdk_criteria_judge(sdk_python, server, key, upstream, lab):
     def verdict(req):
         judged = req.json['messages'][-1]['content']
         if 'phone number' not in judged: return None   # not a judge call: the default echo answers
-        return Reply(text=json.dumps({'explanation': 'has a number' if '555' in judged else 'clean', 'verdict': 'FAIL' if '555' in judged else 'PASS'}))
+        fail = '555' in judged or '[0]' in judged   # '[0]': the fake's first of n choices, failed on purpose below
+        return Reply(text=json.dumps({'explanation': 'has a number' if fail else 'clean', 'verdict': 'FAIL' if fail else 'PASS'}))
     upstream.responder = verdict
     try:
         out = sdk(sdk_python, server, key, upstream, f"""
@@ -420,15 +421,14 @@ def test_sdk_criteria_judge(sdk_python, server, key, upstream, lab):
         best = sdk(sdk_python, server, key, upstream, """
             import json
             from openpipe import OpenAI
-            r = OpenAI().chat.completions.create(model="openai:gpt-4o-mini", n=2, messages=[{"role": "user", "content": "Call 555-0100"}],
+            r = OpenAI().chat.completions.create(model="openai:gpt-4o-mini", n=2, messages=[{"role": "user", "content": "Who do I call?"}],
                                                  openpipe={"criteria": ["no-pii"]})
-            print(json.dumps([[c.message.content, {k: [v.status, v.score] for k, v in (c.criteria_results or {}).items()}] for c in r.choices]))
+            print(json.dumps([[c.message.content, {k: [v["status"], v["score"]] for k, v in (getattr(c, "criteria_results", None) or {}).items()}] for c in r.choices]))
         """)
     finally: upstream.responder = None
     assert out == [0.0, 'has a number', 1.0, 'clean', [404, 'not_found']]
-    # best of N through /chat/completions: each choice judged by the criterion (op-criteria), results on the choice
-    assert [c[0] for c in best] == ['echo: Call 555-0100'] * 2
-    assert [c[1] for c in best] == [{'no-pii': ['success', 0.0]}] * 2
+    # best of N through /chat/completions (op-criteria): each choice judged, the passing one first, results on the choice
+    assert best == [['echo: Who do I call? [1]', {'no-pii': ['success', 1.0]}], ['echo: Who do I call? [0]', {'no-pii': ['success', 0.0]}]]
 
 # -- serving a fine-tuned model by slug --------------------------------------------------------------------------------
 def test_openpipe_slug_not_running_then_served_with_deploy(sdk_python, server, key, upstream, lab, labdir, trained):
