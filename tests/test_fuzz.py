@@ -269,3 +269,64 @@ def test_add_entries_with_any_text_keeps_the_storable_ones(lab, pairs):
         assert sorted(e['entry_index'] for e in out['errors']['data']) == sorted(set(range(len(pairs))) - set(good))
         assert [e['messages'][0]['content'] for e in ds.entries(limit=None)] == [pairs[i][0] for i in good]
     finally: ds.delete()
+
+
+# -- streams: chunked however the provider likes, they add up to the non-streamed answer ---------------------------
+def _pieces(s: str, cuts) -> list:
+    cuts = sorted({c % (len(s) + 1) for c in cuts})
+    return [s[a:b] for a, b in zip([0] + cuts, cuts + [len(s)]) if b > a]
+
+@FAST
+@given(assistant_output(), st.lists(st.integers(0, 1000), max_size=4))
+def test_anthropic_stream_adds_up_to_the_message(out, cuts):
+    content, calls = out
+    events = [{'type': 'message_start', 'message': {'id': 'msg_1', 'usage': {'input_tokens': 3}}}]
+    blocks = ([('text', content)] if content else []) + [('tool', c) for c in calls]
+    for i, (kind, b) in enumerate(blocks):
+        if kind == 'text':
+            events.append({'type': 'content_block_start', 'index': i, 'content_block': {'type': 'text', 'text': ''}})
+            events += [{'type': 'content_block_delta', 'index': i, 'delta': {'type': 'text_delta', 'text': p}} for p in _pieces(b, cuts)]
+        else:
+            tid, name, args = b
+            events.append({'type': 'content_block_start', 'index': i, 'content_block': {'type': 'tool_use', 'id': tid, 'name': name, 'input': {}}})
+            events += [{'type': 'content_block_delta', 'index': i, 'delta': {'type': 'input_json_delta', 'partial_json': p}}
+                       for p in _pieces(json.dumps(args), cuts)]
+        events.append({'type': 'content_block_stop', 'index': i})
+    events += [{'type': 'message_delta', 'delta': {'stop_reason': 'tool_use' if calls else 'end_turn'}, 'usage': {'output_tokens': 5}},
+               {'type': 'message_stop'}]
+    stream = P.AnthropicStream('anthropic:claude')
+    chunks = [c for e in events for c in stream.feed(e)] + [stream.usage_chunk()]
+    got = P.assemble_chunks(chunks)
+    (choice,) = got['choices']
+    assert choice['message']['content'] == (content or None) and choice['finish_reason'] == ('tool_calls' if calls else 'stop')
+    assert [(c['id'], c['function']['name'], json.loads(c['function']['arguments'])) for c in choice['message'].get('tool_calls') or []] == calls
+    assert got['usage']['prompt_tokens'] == 3 and got['usage']['completion_tokens'] == 5
+
+@FAST
+@given(assistant_output(), st.booleans())
+def test_replayed_completion_chunks_add_up_to_the_completion(out, usage):
+    content, calls = out
+    msg = {'role': 'assistant', 'content': content, 'refusal': None}
+    if calls: msg['tool_calls'] = [{'id': i, 'type': 'function', 'function': {'name': n, 'arguments': json.dumps(a)}} for i, n, a in calls]
+    completion = {'id': 'chatcmpl-1', 'object': 'chat.completion', 'created': 1, 'model': 'm',
+                  'choices': [{'index': 0, 'message': msg, 'logprobs': None, 'finish_reason': 'tool_calls' if calls else 'stop'}],
+                  'usage': {'prompt_tokens': 1, 'completion_tokens': 2, 'total_tokens': 3}}
+    back = P.assemble_chunks(P.completion_chunks(completion, include_usage=usage))
+    assert back['choices'] == completion['choices'] and (back.get('usage') == completion['usage']) == usage
+
+@FAST
+@given(assistant_output(), st.lists(st.integers(0, 1000), max_size=4))
+def test_gemini_stream_adds_up_to_the_response(out, cuts):
+    content, calls = out
+    texts = _pieces(content, cuts) if content else []
+    responses = [{'candidates': [{'content': {'role': 'model', 'parts': [{'text': t}]}}]} for t in texts]
+    responses += [{'candidates': [{'content': {'role': 'model', 'parts': [{'function_call': {'name': n, 'args': a}}]}}]} for _, n, a in calls]
+    responses.append({'candidates': [{'content': {'role': 'model', 'parts': []}, 'finish_reason': 'STOP'}],
+                      'usage_metadata': {'prompt_token_count': 3, 'candidates_token_count': 5}})
+    stream = P.GeminiStream('gemini:x')
+    got = P.assemble_chunks([c for r in responses for c in stream.feed(r)] + [stream.usage_chunk()])
+    (choice,) = got['choices']
+    assert choice['message']['content'] == (content or None) and choice['finish_reason'] == ('tool_calls' if calls else 'stop')
+    assert [(c['function']['name'], json.loads(c['function']['arguments'])) for c in choice['message'].get('tool_calls') or []] == [(n, a) for _, n, a in calls]
+    assert len({c['id'] for c in choice['message'].get('tool_calls') or []}) == len(calls)   # every call gets its own id
+    assert got['usage'] == {'prompt_tokens': 3, 'completion_tokens': 5, 'total_tokens': 8}
