@@ -188,9 +188,18 @@ class Database:
         if self.dialect == 'sqlite':
             event.listen(self.engine, 'connect', _sqlite_pragmas)
             event.listen(self.engine, 'begin', _sqlite_begin)
+            event.listen(self.engine, 'handle_error', self._damaged)
         self._writer_engine = self.engine.execution_options(openpipe_write=True)
-        self.t = tables
+        self.t, self._opened = tables, False
         self._init_schema()
+        self._opened = True
+
+    def _damaged(self, ctx):
+        "After opening, SQLite's corruption error on any query or write becomes our StoreError naming the file and the fix."
+        msg = str(ctx.original_exception)
+        if self._opened and 'malformed' in msg:
+            raise StoreError(f"the lab database {self._safe_url()} is damaged ({msg}). Recover what is readable with "
+                             "`sqlite3 lab.db .recover | sqlite3 recovered.db`, or point OPENPIPE_LAB_DB at a new file.") from None
 
     def _safe_url(self) -> str:
         try: return sa.engine.make_url(self.url).render_as_string(hide_password=True)
