@@ -151,7 +151,9 @@ def main():
         noop, report = statistics.median(rates['noop']), statistics.median(rates['report'])
         lat = latency(upstream, url, key, a.calls)
         import openai, fastapi, uvicorn
+        per_round = [round(r / n, 3) for r, n in zip(rates['report'], rates['noop'])]   # each round measures both, back to back
         result = {'report_per_s': round(report), 'noop_per_s': round(noop), 'report_over_noop': round(report / noop, 3),
+                  'report_over_noop_by_round': per_round,
                   'reports_answered_ok': answered, 'reports_in_database': stored, 'chat_completions': lat,
                   'concurrency': a.concurrency, 'seconds_per_window': a.seconds, 'rounds': a.rounds,
                   'versions': {'openai': openai.__version__, 'fastapi': fastapi.__version__, 'uvicorn': uvicorn.__version__},

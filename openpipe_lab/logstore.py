@@ -66,10 +66,14 @@ class _Writer:
     def __init__(self, store, batch_size=5000, linger=0.005):
         self.store, self.batch_size, self.linger = weakref.proxy(store), batch_size, linger
         self.q, self.error = queue.SimpleQueue(), None
+        self.waiting, self._lock = 0, threading.Lock()  # `_Durable` markers queued and not yet resolved
         self.thread = threading.Thread(target=self._run, name='openpipe-lab-log-writer', daemon=True)
         self.thread.start()
 
-    def put(self, row): self.q.put(row)
+    def put(self, row):
+        if isinstance(row, _Durable):
+            with self._lock: self.waiting += 1
+        self.q.put(row)
 
     def flush(self, timeout=None):
         done = threading.Event(); self.q.put(done)
@@ -78,7 +82,9 @@ class _Writer:
     def _run(self):
         while True:
             item = self.q.get()
-            if isinstance(item, dict): time.sleep(self.linger)  # let a burst accumulate: fewer, larger transactions
+            # let a burst accumulate (fewer, larger transactions) unless someone waits for the commit: then the rows
+            # that arrive while this batch is written form the next one (group commit without added latency)
+            if isinstance(item, dict) and not self.waiting: time.sleep(self.linger)
             batch, events = [], []
             while True:
                 if item is None: return self._write(batch)
@@ -88,7 +94,9 @@ class _Writer:
                 except queue.Empty: break
             err = self._write(batch) if batch else None
             for e in events:
-                if err is not None and isinstance(e, _Durable): e.error = err
+                if isinstance(e, _Durable):
+                    with self._lock: self.waiting -= 1
+                    if err is not None: e.error = err
                 e.set()
 
     def _write(self, batch):

@@ -109,8 +109,9 @@ def api_error(exc: Exception  # what an endpoint raised
             return APIError(status, code, str(msg))
     return APIError(500, 'internal_error', f"{type(exc).__name__}: {exc}")
 
-# %% ../nbs/11_server.ipynb #168a7535
+# %% ../nbs/11_server.ipynb #a3c81f03
 _TYPES = {'string': str, 'boolean': bool, 'object': dict, 'array': list}
+_SIMPLE, _PLAIN_KEYS = {'string': str, 'boolean': bool, 'integer': int}, {'type', 'nullable'}  # exact types needing no further check
 
 def _type_ok(value, kind: str) -> bool:
     if kind == 'number': return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -118,6 +119,7 @@ def _type_ok(value, kind: str) -> bool:
     return isinstance(value, _TYPES[kind])
 
 def _what(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value): return f"{value} (not a finite number)"
     return {dict: 'an object', list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(type(value), 'a number')
 
 def check_schema(value,  # the parsed JSON
@@ -125,11 +127,13 @@ def check_schema(value,  # the parsed JSON
                  path: str = 'body'  # the name of `value` in messages
                 ) -> list[str]:
     "Every way `value` breaks `schema` (a JSON-schema subset), each naming its path, e.g. `entries[3].split`."
+    if not schema: return []
     if value is None and schema.get('nullable'): return []
+    kind = schema.get('type')
+    if kind in _SIMPLE and schema.keys() <= _PLAIN_KEYS and type(value) is _SIMPLE[kind]: return []  # fast path: a plain scalar
     if 'anyOf' in schema:
         if any(not check_schema(value, s, path) for s in schema['anyOf']): return []
         return [f"{path}: must be {_describe(schema)}, got {_what(value)}"]
-    kind = schema.get('type')
     if kind and not _type_ok(value, kind): return [f"{path}: must be {_describe(schema)}, got {_what(value)}"]
     if 'enum' in schema and value not in schema['enum']:
         return [f"{path}: must be one of {', '.join(map(json.dumps, schema['enum']))}, got {json.dumps(value)}"]
