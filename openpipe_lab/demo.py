@@ -4,15 +4,16 @@
 
 # %% ../nbs/13_demo.ipynb #24290f82
 from __future__ import annotations
-import difflib, importlib.util, json, os, random, re, shutil, socket, sys, time
+import difflib, importlib.util, json, math, os, random, re, shutil, socket, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from .core import *
 
 # %% auto #0
-__all__ = ['PROMPT_ID', 'TEACHER_MODEL', 'SYSTEM_PROMPT', 'BASE_GGUF', 'BASE_NAME', 'SLUG', 'customer_message',
-           'production_traffic', 'redaction_score', 'record_traffic', 'check_requirements', 'fresh_lab_dir',
-           'pick_port', 'base_model_cache', 'DemoReport', 'run_demo']
+__all__ = ['PROMPT_ID', 'TEACHER_MODEL', 'SYSTEM_PROMPT', 'BASE_GGUF', 'CRITERION_PROMPT', 'HEAD_TO_HEAD_INSTRUCTIONS',
+           'BASE_NAME', 'SLUG', 'STAGES', 'customer_message', 'production_traffic', 'redaction_score', 'record_traffic',
+           'check_requirements', 'fresh_lab_dir', 'pick_port', 'alignment_rows', 'local_judge_criterion',
+           'judge_agreement', 'base_model_cache', 'DemoReport', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #639c17d3
 PROMPT_ID = 'pii-redact'
@@ -178,6 +179,60 @@ def pick_port(port: int | None, say=print) -> int | None:
     return None
 
 # %% ../nbs/13_demo.ipynb #7238725b
+CRITERION_PROMPT = ("Mark the criterion as failed if the output still contains any personal information from the customer's "
+                    "message: a person's name, an email address, a phone number or a street address. Placeholders such as "
+                    "[NAME] or [EMAIL] are fine, and order numbers are not personal. Passed otherwise.")
+HEAD_TO_HEAD_INSTRUCTIONS = ("The task is to redact personal information. The better response replaces every person's name, "
+                             "email address, phone number and street address with [NAME], [EMAIL], [PHONE] or [ADDRESS], keeps "
+                             "order numbers and all other text unchanged, and adds nothing else.")
+
+def _pii_kind(value: str) -> str:
+    if '@' in value: return 'EMAIL'
+    if any(street in value for street in _STREETS): return 'ADDRESS'
+    if sum(c.isdigit() for c in value) >= 7: return 'PHONE'
+    return 'NAME'
+
+def alignment_rows(n: int,  # how many rows: pairs of the same message, correctly redacted (PASS) and with one piece of PII put back (FAIL)
+                   seed: int = 99  # traffic seed: different from the training traffic's
+                  ) -> list[dict]:
+    "Labeled alignment rows for the no-PII criterion, in OpenAI fine-tuning format with a `judgement`."
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        text, redacted, pii = customer_message(rng)
+        if not pii: continue
+        msgs = [{'role': 'system', 'content': SYSTEM_PROMPT}, {'role': 'user', 'content': text}]
+        value = rng.choice(pii)
+        leaky = redacted.replace(f"[{_pii_kind(value)}]", value, 1)
+        out += [{'messages': msgs + [{'role': 'assistant', 'content': redacted}], 'judgement': 'PASS'},
+                {'messages': msgs + [{'role': 'assistant', 'content': leaky}], 'judgement': 'FAIL'}]
+    return out[:n]
+
+# %% ../nbs/13_demo.ipynb #62cc6d5f
+def local_judge_criterion(name: str, cap: int = 200, **kwargs):
+    "A `Criterion` whose judge requests cap the explanation at `cap` characters (for small local judges served by vLLM)."
+    from openpipe_lab.criterion import Criterion
+    class LocalJudgeCriterion(Criterion):
+        def judge_request(self, output, messages=None, tools=None, tool_choice=None) -> dict:
+            req = super().judge_request(output, messages, tools, tool_choice)
+            rf = json.loads(json.dumps(req.get('response_format') or {}))
+            props = ((rf.get('json_schema') or {}).get('schema') or {}).get('properties') or {}
+            if 'explanation' in props: props['explanation']['maxLength'] = cap; req['response_format'] = rf
+            return req
+    return LocalJudgeCriterion(name, **kwargs)
+
+# %% ../nbs/13_demo.ipynb #7c01b654
+def judge_agreement(head_to_head, code_results, grader: str = 'redaction_score') -> dict:
+    "How often the head-to-head's decisive outcomes pick the output the code grader scores higher (where it sees a difference)."
+    scores = code_results[code_results.grader == grader].set_index(['entry', 'model']).score
+    agree = n = 0
+    for c in head_to_head.comparisons_.itertuples():
+        a, b = scores.get((c.entry, c.model_1)), scores.get((c.entry, c.model_2))
+        if c.outcome in (None, 'tie') or a is None or b is None or a == b or a != a or b != b: continue
+        n += 1
+        agree += c.outcome == (c.model_1 if a > b else c.model_2)
+    return {'agreement': agree / n if n else math.nan, 'n': n}
+
+# %% ../nbs/13_demo.ipynb #a1885482
 BASE_NAME = 'SmolLM2-135M-Instruct'
 SLUG = 'pii-smol'
 
@@ -196,6 +251,8 @@ class DemoReport:
     training: dict = field(default_factory=dict)
     scores: list = field(default_factory=list)
     examples: list = field(default_factory=list)
+    criterion: dict = field(default_factory=dict)
+    head_to_head: dict = field(default_factory=dict)
     path: str | None = None
 
     def score(self, model: str, grader: str = 'redaction_score') -> float:
@@ -230,20 +287,46 @@ class DemoReport:
             for e in self.examples:
                 lines += [f"- input: {e['input']}", f"  - base: {e['base']}", f"  - fine-tuned: {e['fine-tuned']}",
                           f"  - dataset: {e['dataset']}"]
+        lines += self._judged_markdown()
         lines += ['', '## Timings (s)', '', '| stage | seconds |', '|---|---|']
         lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
-        lines += ['', '![scores](scores.png) ![loss](loss.png)', '']
+        lines += ['', '![scores](scores.png) ![loss](loss.png)' + (' ![win matrix](win_matrix.png)' if self.head_to_head else ''), '']
         return '\n'.join(lines)
 
+    def _judged_markdown(self) -> list:
+        f = lambda v: 'n/a' if v is None or v != v else f"{v:.2f}"
+        c, h, lines = self.criterion, self.head_to_head, []
+        if c:
+            a = c.get('alignment') or {}
+            lines += ['', f"## Criterion `{c['version']}` (judge: {c['judge']}, {c['entries']} TEST entries)", '',
+                      f"Judge alignment on {a.get('n')} labeled rows (FAIL = positive): precision {f(a.get('precision'))}, "
+                      f"recall {f(a.get('recall'))}, κ {f(a.get('kappa'))}, accuracy {f(a.get('accuracy'))}; "
+                      f"confusion {a.get('confusion')}", '',
+                      '| model | pass rate | 95% CI | corrected for the judge | 95% CI | n | errors |', '|---|---|---|---|---|---|---|']
+            for m, r in c['pass_rates'].items():
+                lines.append(f"| {m} | {f(r['mean'])} | [{f(r['ci_low'])}, {f(r['ci_high'])}] | {f(r['corrected'])} | "
+                             f"[{f(r['corrected_low'])}, {f(r['corrected_high'])}] | {r['n']} | {r['errors']} |")
+        if h:
+            pb, ag = h['position_bias'], h['agreement']
+            lines += ['', f"## Head-to-head, base vs fine-tuned (judge: {h['judge']}, {h['entries']} TEST entries, both orders)", '',
+                      '| model | win rate | 95% CI | wins | losses | ties | errors |', '|---|---|---|---|---|---|---|']
+            for m, r in h['win_rates'].items():
+                lines.append(f"| {m} | {f(r['win_rate'])} | [{f(r['ci_low'])}, {f(r['ci_high'])}] | {r['wins']} | {r['losses']} | {r['ties']} | {r['errors']} |")
+            lines += ['', f"Judge: picks the first position in {f(pb.get('first_position_rate'))} of {pb.get('decisive_verdicts')} "
+                          f"decisive verdicts; flips on {f(pb.get('flip_rate'))} of {pb.get('swapped_pairs')} swapped pairs; agrees with "
+                          f"`redaction_score` on {f(ag.get('agreement'))} of the {ag.get('n')} decisive comparisons where the grader sees a difference."]
+        return lines
+
 # %% ../nbs/13_demo.ipynb #b7ecbcfd
-_SIZES = {False: {'rows': 300, 'steps': 20}, True: {'rows': 100, 'steps': 12}}
+_SIZES = {False: {'rows': 300, 'steps': 20, 'judged': 16, 'alignment': 16}, True: {'rows': 100, 'steps': 12, 'judged': 8, 'alignment': 8}}
+STAGES = 9
 _BATCH, _LR_MULTIPLIER = 8, 8.0
 
 def _stage(report: DemoReport, name: str, say):
     "Context manager timing one stage into `report.timings`."
     class _T:
         def __enter__(s):
-            say(f"[{len(report.timings) + 1}/7] {name} ..."); s.t0 = time.perf_counter(); return s
+            say(f"[{len(report.timings) + 1}/{STAGES}] {name} ..."); s.t0 = time.perf_counter(); return s
         def __exit__(s, *exc):
             report.timings[name] = round(time.perf_counter() - s.t0, 1)
             if exc[0] is None: say(f"      done in {report.timings[name]:.1f} s")
@@ -268,6 +351,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
     from openpipe_lab.finetune import FineTune, prepare_base_model, package_file
     from openpipe_lab.deployment import Deployment
     from openpipe_lab.eval import Eval
+    from openpipe_lab.criterion import Criterion
     teacher = 'openai' if os.environ.get('OPENAI_API_KEY') else 'recorded'
     report = DemoReport(lab=str(lab), counts={}, rows={},
                         teacher=(f"real {TEACHER_MODEL} calls through the logging client" if teacher == 'openai' else
@@ -321,10 +405,41 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
             for entry in list(inputs)[:3]:
                 by = o[o.entry == entry].set_index('model').content
                 report.examples.append({'input': inputs[entry], **{k: by.get(k) for k in ('base', 'fine-tuned', 'dataset')}})
+        judge = TEACHER_MODEL if teacher == 'openai' else base_id
+        judged = ds.test.entries(0, None)[:size['judged']]
+        with _stage(report, f"criterion eval ({'gpt-4o-mini' if teacher == 'openai' else 'local SmolLM2'} judge)", say):
+            crit = (Criterion('no-pii', prompt=CRITERION_PROMPT, judge_model=judge, store=logs, max_tokens=96) if teacher == 'openai'
+                    else local_judge_criterion('no-pii', prompt=CRITERION_PROMPT, judge_model=judge, store=logs, max_tokens=96))
+            path = lab / 'alignment.jsonl'
+            path.write_text(''.join(json.dumps(r) + '\n' for r in alignment_rows(size['alignment'])))
+            crit.add_alignment_jsonl(path).align(concurrency=16, progress=progress)
+            evc = Eval(judged, models=[base_id, ft_id], store=logs, name='demo-criterion', max_tokens=96, concurrency=8,
+                       progress=progress).criterion(crit)
+            plan = evc.plan()
+            say(f"      plan: {int(plan.new.sum())} new calls ({int(plan.cached.sum())} cached); judging {len(judged)} entries")
+            evc.run()
+            st = crit.stats_
+            report.criterion = {'version': crit.version, 'judge': judge, 'entries': len(judged),
+                                'alignment': {k: st.get(k) for k in ('n', 'precision', 'recall', 'f1', 'kappa', 'accuracy', 'confusion')},
+                                'pass_rates': {names[r['model']]: {k: (v.item() if hasattr(v, 'item') else v) for k, v in r.items() if k not in ('model', 'grader')}
+                                               for r in evc.scores_.to_dict('records')}}
+            a = report.criterion['alignment']
+            say(f"      judge alignment on {a['n']} labeled rows: accuracy {a['accuracy']:.2f}, kappa {a['kappa']:.2f}")
+        with _stage(report, f"head-to-head base vs fine-tuned ({'gpt-4o-mini' if teacher == 'openai' else 'local SmolLM2'} judge)", say):
+            evh = Eval(judged, models=[base_id, ft_id], store=logs, name='demo-head-to-head', max_tokens=96, concurrency=8,
+                       progress=progress).head_to_head(judge, instructions=HEAD_TO_HEAD_INSTRUCTIONS, max_tokens=120).run()
+            report.head_to_head = {'judge': judge, 'entries': len(judged),
+                                   'win_rates': {names[r['model']]: {k: (v.item() if hasattr(v, 'item') else v) for k, v in r.items() if k != 'model'}
+                                                 for r in evh.win_rates_.to_dict('records')},
+                                   'position_bias': evh.position_bias_, 'agreement': judge_agreement(evh, ev.results_)}
+            w = report.head_to_head['win_rates']['fine-tuned']
+            say(f"      fine-tuned win rate {w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}] "
+                f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties, {w['errors']} errors)")
         with _stage(report, 'write the report', say):
             import matplotlib
             matplotlib.use('Agg')
             ev.plot(path=lab / 'scores.png', title='PII redaction, TEST split', labels=names)
+            evh.plot_win_matrix(path=lab / 'win_matrix.png', labels=names)
             ax = ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(lab / 'loss.png', dpi=110)
         report.timings['total'] = round(time.perf_counter() - t_start, 1)
         report.path = str(lab / 'report.md')

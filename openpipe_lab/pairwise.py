@@ -15,7 +15,7 @@ from .eval import Eval, _STORED, _message_dict, _model_name, _plan_row, _tokens,
 __all__ = ['DEFAULT_INSTRUCTIONS', 'VERDICT_SCHEMA', 'render_output', 'render_request', 'judge_messages', 'parse_verdict',
            'win_rates', 'win_matrix', 'bradley_terry', 'position_bias']
 
-# %% ../nbs/10a_pairwise.ipynb #b0693c9f
+# %% ../nbs/10a_pairwise.ipynb #69a0343a
 DEFAULT_INSTRUCTIONS = ("Decide which response better does what the request asks: it follows the request's instructions, "
                         "is correct and complete, and adds nothing that was not asked for. The order in which the "
                         "responses are shown and their length are not reasons to prefer one.")
@@ -61,7 +61,7 @@ def judge_messages(entry: dict,  # the eval entry (its input messages and tools)
             f"<response_b>\n{render_output(output_b)}\n</response_b>\n\nWhich response is better? Reply with the JSON object.")
     return [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
 
-# %% ../nbs/10a_pairwise.ipynb #dfdc06a6
+# %% ../nbs/10a_pairwise.ipynb #9ceda7dc
 _WORDS = {'a': 'A', 'b': 'B', 'tie': 'tie', 'draw': 'tie', 'equal': 'tie', 'both': 'tie', 'neither': 'tie', 'same': 'tie'}
 
 def _verdict_word(value) -> str | None:
@@ -85,7 +85,7 @@ def parse_verdict(text: str  # the judge's reply (JSON, fenced JSON, or prose wi
     if m: return _verdict_word(m.group(1)), t
     raise EvalError(f"no verdict (A, B or tie) in the judge's reply: {t[:160]!r}")
 
-# %% ../nbs/10a_pairwise.ipynb #79502372
+# %% ../nbs/10a_pairwise.ipynb #43ff9f6e
 @patch
 def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the lab client routes
                  instructions: str | None = None,  # what "better" means for this task; default `DEFAULT_INSTRUCTIONS`
@@ -112,7 +112,7 @@ def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the la
                                'structured': bool(structured)})
     return self
 
-# %% ../nbs/10a_pairwise.ipynb #e5b4ae8f
+# %% ../nbs/10a_pairwise.ipynb #75f8ac27
 def _same_output(a: dict | None, b: dict | None) -> bool:
     "Identical content and tool calls (names and arguments; call ids ignored)."
     calls = lambda m: [((tc.get('function') or {}).get('name'), (tc.get('function') or {}).get('arguments')) for tc in (m or {}).get('tool_calls') or []]
@@ -142,7 +142,7 @@ def _judge_once(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: di
     except Exception as e:
         return {'verdict': None, 'explanation': None, 'error': f"judge failed: {type(e).__name__}: {e}"[:500]}
 
-# %% ../nbs/10a_pairwise.ipynb #ace1801a
+# %% ../nbs/10a_pairwise.ipynb #239b2ff0
 @patch
 def _run_head_to_head(self: Eval, entries: list, outputs: list):
     "Judge every comparison and set judgements_, comparisons_ and the summaries."
@@ -191,7 +191,7 @@ def _run_head_to_head(self: Eval, entries: list, outputs: list):
                                      columns=['entry', 'model_1', 'model_2', 'outcome', 'reason', 'request'])
     self._summarise_head_to_head()
 
-# %% ../nbs/10a_pairwise.ipynb #dab0e58c
+# %% ../nbs/10a_pairwise.ipynb #f2e2131c
 def win_rates(comparisons, models: list, n_resamples: int = 2000, seed: int = 0, level: float = 0.95):
     "Per model: win rate (ties ½), its bootstrap interval over entries, wins, losses, ties, errors, n."
     import numpy as np, pandas as pd
@@ -261,7 +261,7 @@ def bradley_terry(comparisons, models: list, n_resamples: int = 500, seed: int =
     low, high = np.quantile(boot, alpha, axis=0), np.quantile(boot, 1 - alpha, axis=0)
     return pd.DataFrame({'model': models, 'rating': r, 'ci_low': low, 'ci_high': high}).sort_values('rating', ascending=False, ignore_index=True)
 
-# %% ../nbs/10a_pairwise.ipynb #9e1609e1
+# %% ../nbs/10a_pairwise.ipynb #4a72db02
 def position_bias(judgements) -> dict:
     "First-position pick rate (with Wilson interval) over decisive verdicts, and the flip rate over swapped pairs."
     j = judgements[judgements.order.notna() & judgements.verdict.notna()]
@@ -285,7 +285,7 @@ def _summarise_head_to_head(self: Eval):
 _STORED.extend(n for n in ['judgements_', 'comparisons_', 'win_rates_', 'win_matrix_', 'win_counts_', 'ratings_', 'position_bias_']
                if n not in _STORED)  # stored with the eval
 
-# %% ../nbs/10a_pairwise.ipynb #0e7f747c
+# %% ../nbs/10a_pairwise.ipynb #aa2be139
 @patch
 def _plan_head_to_head(self: Eval, entries: list, known: dict) -> list:
     "The head-to-head's row in `plan()`: judge calls (known outputs: exact and cache-checked; unknown: at most 2 per pair)."
@@ -311,7 +311,7 @@ def _plan_head_to_head(self: Eval, entries: list, known: dict) -> list:
     return [_plan_row('head-to-head', cfg['judge_model'], calls, cached, t_in, t_out,
                       'at most: outputs not generated yet (identical outputs need no call)' if unknown else '')]
 
-# %% ../nbs/10a_pairwise.ipynb #db83071f
+# %% ../nbs/10a_pairwise.ipynb #2ce1161d
 @patch
 def plot_win_matrix(self: Eval, path=None,  # also save the figure here
                     labels: dict | None = None,  # display names for models

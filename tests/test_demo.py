@@ -24,7 +24,7 @@ def _interrupt_during_training(lab):
     try:
         for line in p.stdout:
             out.append(line)
-            if line.startswith('[4/7]'): break
+            if line.startswith('[4/9]'): break
         deadline = time.time() + 120
         while time.time() < deadline:
             kids = psutil.Process(p.pid).children(recursive=True)
@@ -73,6 +73,23 @@ def test_small_demo_end_to_end_after_an_interrupted_run(tmp_path):
     assert report['training']['train_tokens'] > 0 and report['training']['estimated_cost_usd'] is not None
     for f in ('report.md', 'scores.png', 'loss.png'): assert (lab / f).stat().st_size > 500, f
     assert 'Fine-tuned minus base' in r.stdout
+    # the judged stages ran with a real local judge (no API key): the criterion's alignment was measured on its
+    # labeled rows, every judged model has a pass rate, and the head-to-head's win rates are complementary
+    c, h = report['criterion'], report['head_to_head']
+    assert c['version'] == 'no-pii@v1' and c['judge'].startswith('openpipe:demo-vllm/') and c['alignment']['n'] >= 1
+    assert sum(c['alignment']['confusion'].values()) == c['alignment']['n']
+    assert set(c['pass_rates']) == {'base', 'fine-tuned', 'dataset'}
+    for m, r in c['pass_rates'].items(): assert r['n'] + r['errors'] == c['entries'], (m, r)
+    w = h['win_rates']
+    assert set(w) == {'base', 'fine-tuned'}
+    for m in w: assert w[m]['wins'] + w[m]['losses'] + w[m]['ties'] + w[m]['errors'] == h['entries']
+    if w['base']['wins'] + w['base']['losses'] + w['base']['ties']:
+        assert w['base']['win_rate'] + w['fine-tuned']['win_rate'] == pytest.approx(1.0)
+    assert h['position_bias']['decisive_verdicts'] <= 2 * h['entries']
+    for stage in ('criterion eval', 'head-to-head'):
+        assert any(k.startswith(stage) for k in report['timings']), report['timings']
+    assert (lab / 'win_matrix.png').stat().st_size > 500
+    assert 'Judge alignment on' in r.stdout and 'picks the first position' in r.stdout
     # nothing of this lab is left running (vLLM, its engine, the training worker)
     left = [q.pid for q in psutil.process_iter(['cmdline']) if q.info['cmdline'] and str(lab) in ' '.join(q.info['cmdline'])]
     assert not left, left
