@@ -681,7 +681,11 @@ def cancel(self: FineTune):
     for _ in range(50):
         if not any(_pid_alive(p) for p in pids): break
         time.sleep(0.1)
-    else: _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)
+    else:
+        _signal_all([p for p in pids if _pid_alive(p)], signal.SIGKILL)
+        for _ in range(20):
+            if not any(_pid_alive(p) for p in pids): break
+            time.sleep(0.1)
     if self._proc is not None:
         try: self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired: pass

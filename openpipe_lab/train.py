@@ -523,7 +523,7 @@ def _copy_dir(src, dst):
 def run_job(db, model_id: str):
     "Train the job `model_id` to `DEPLOYED` (idempotent: finished stages are skipped, checkpoints resumed)."
     job = _Job(db, model_id)
-    launched = _under_launcher()
+    launched, launcher = _under_launcher(), os.getppid()
     if launched: _record_rank_pid(job.out)
     # under the launcher the row's pid is the launcher's (FineTune wrote it): the supervisor stops it and its workers
     if job.main: _update_model(db, model_id, status='TRAINING', error_message=None, **({} if launched else {'pid': os.getpid()}))
@@ -580,6 +580,11 @@ def run_job(db, model_id: str):
                       progress=dict(loads(db_row_progress(db, model_id)) or {}, eta_s=0))
     except BaseException as e:
         msg = describe_error(e, job.ctx, job.out / 'train.log')
+        if launched and os.getppid() != launcher:  # our watchdog's peers left first: the collective failed
+            msg = f"the launcher (pid {launcher}) stopped while training (killed?): call start() to resume from the last checkpoint"
+        elif launched and _peer_failure(e):
+            msg = (f"another training process stopped ({type(e).__name__}: {str(e)[:160]}); its reason is in "
+                   f"{job.out / 'train.log'}: fix it, then call start() to resume from the last checkpoint")
         traceback.print_exc()
         if job.main: _update_model(db, model_id, status='ERROR', error_message=msg)
         else: print(f"rank {job.rank} failed: {msg}", flush=True)  # the launcher stops rank 0; its log has this line
@@ -598,6 +603,12 @@ def _count_params(job):
     return sum(p.numel() for p in m.parameters())
 
 def _under_launcher() -> bool: return 'TORCHELASTIC_RUN_ID' in os.environ  # set by torchrun for its workers
+
+def _peer_failure(e) -> bool:
+    "Whether `e` is a collective failing because another process left (gloo/NCCL report it as a backend error)."
+    dist = sys.modules.get('torch.distributed')
+    kinds = tuple(k for k in (getattr(dist, 'DistError', None),) if k)
+    return (bool(kinds) and isinstance(e, kinds)) or any(s in str(e) for s in ('gloo/transport', 'Connection reset by peer', 'NCCL'))
 
 def _record_rank_pid(out):
     "Leave `ranks/<host>-<rank>.pid` so the supervisor on this machine can stop every worker, not just the launcher."

@@ -72,8 +72,10 @@ def test_two_processes_survive_kill_and_resume_and_cancel(lab, tiny_model_dir):
     assert len(ranks) == 2 and launcher not in ranks
     os.kill(launcher, signal.SIGKILL)  # the launcher only: its workers run in sessions of their own
     _wait_for(lambda: not any(_alive(p) for p in ranks), timeout=20)  # they notice and leave
-    with pytest.raises(TrainingError, match='exited without reporting'):
+    # rank 0 reports the stopped launcher itself (its collective fails first), or the supervisor notices the exit
+    with pytest.raises(TrainingError, match=r'launcher \(pid \d+\) stopped while training|exited without reporting'):
         ft.wait(progress=False)
+    assert 'call start() to resume' in ft.to_dict()['openpipe']['errorMessage']
     assert any(p.name.startswith('checkpoint-') for p in (ft.output_dir / 'checkpoints' / 'sft').iterdir())
     again = FineTune.get('two-kill', store=lab).start()
     again.wait(progress=False)
