@@ -13,8 +13,9 @@ from .store import tables, dumps, loads
 from .formats import content_hash, validate_messages
 
 # %% auto #0
-__all__ = ['FIELDS', 'SCORINGS', 'PREFIXES', 'VERDICT_TOOL', 'TOP_LOGPROBS', 'VERDICT_SCHEMA', 'JUDGE_INSTRUCTIONS', 'JudgeError',
-           'Criterion', 'as_output', 'parse_verdict', 'pass_probability', 'reward_mapping', 'map_reward']
+__all__ = ['FIELDS', 'SCORINGS', 'PREFIXES', 'VERDICT_TOOL', 'TOP_LOGPROBS', 'VERDICT_SCHEMA', 'LOCAL_VERDICT_SCHEMA',
+           'JUDGE_INSTRUCTIONS', 'JudgeError', 'Criterion', 'as_output', 'parse_verdict', 'pass_probability',
+           'reward_mapping', 'map_reward']
 
 # %% ../nbs/09_criterion.ipynb #708e089e
 class JudgeError(EvalError):
@@ -28,6 +29,11 @@ TOP_LOGPROBS = 20  # alternatives asked for at each token (OpenAI's and vLLM's m
 VERDICT_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': ['explanation', 'verdict'],
                   'properties': {'explanation': {'type': 'string', 'description': 'one or two sentences: why the output passes or fails'},
                                  'verdict': {'type': 'string', 'enum': ['PASS', 'FAIL']}}}
+# a local server (vLLM) enforces the schema while decoding, and a small judge would ramble inside the explanation until
+# max_tokens and never reach the verdict: there the explanation is capped (hosted strict modes reject maxLength)
+LOCAL_VERDICT_SCHEMA = {**VERDICT_SCHEMA, 'properties': {**VERDICT_SCHEMA['properties'],
+                        'explanation': {**VERDICT_SCHEMA['properties']['explanation'], 'maxLength': 240}}}
+_HOSTED = ('openai', 'azure', 'anthropic', 'gemini')
 JUDGE_INSTRUCTIONS = ("You are a careful judge. Read the criterion and the output to judge (with the input that produced it, "
                       "when given). Decide whether the output passes the criterion, say why in one or two sentences in "
                       "`explanation`, then give `verdict`: PASS if the criterion passed, FAIL if it failed.")
@@ -243,7 +249,8 @@ def _route_api(self: Criterion) -> str:
     "The wire protocol of the judge model's route (openai | azure | anthropic | gemini), resolved once."
     if self._api is None:
         from openpipe_lab.providers import resolve
-        self._api = resolve(self.judge_model, self.store).api
+        route = resolve(self.judge_model, self.store)
+        self._api, self._local = route.api, route.provider not in _HOSTED and route.api != 'azure'
     return self._api
 
 @patch
@@ -267,7 +274,8 @@ def judge_request(self: Criterion, output, messages=None, tools=None, tool_choic
     if api in ('anthropic', 'gemini'):
         req['tools'], req['tool_choice'] = [_TOOL], {'type': 'function', 'function': {'name': VERDICT_TOOL}}
     else:
-        req['response_format'] = {'type': 'json_schema', 'json_schema': {'name': 'verdict', 'schema': VERDICT_SCHEMA, 'strict': True}}
+        schema = LOCAL_VERDICT_SCHEMA if self._local else VERDICT_SCHEMA
+        req['response_format'] = {'type': 'json_schema', 'json_schema': {'name': 'verdict', 'schema': schema, 'strict': True}}
         if self._uses_logprobs(api): req['logprobs'], req['top_logprobs'] = True, TOP_LOGPROBS
     return req
 

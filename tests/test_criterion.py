@@ -308,6 +308,9 @@ def test_vllm_judge_in_logprob_mode(vllm_judge):
     store.flush()
     logs = sorted(store.filter(criterion=crit.version), key=lambda x: x['id'])
     assert len(logs) == 8 and all(l['provider'] == 'openpipe' and l['req_payload']['logprobs'] for l in logs)
+    # a local server decodes under the schema: the explanation is capped there, so a small judge reaches its verdict
+    assert all(l['req_payload']['response_format']['json_schema']['schema']['properties']['explanation'].get('maxLength')
+               for l in logs)
     by_output = {}
     for l in logs:
         out = json.loads(re.search(r'<output>\n(.*?)\n</output>', l['req_payload']['messages'][1]['content'], re.S).group(1))['content']
