@@ -297,23 +297,46 @@ def _endpoint(schema_name: str | None = None, blocking: bool = True):
         return endpoint
     return deco
 
-# %% ../nbs/11_server.ipynb #27d9c586
+# %% ../nbs/11_server.ipynb #c839a7f3
 def _int(value, path: str):
     if value is None: return None
     if not float(value).is_integer(): raise APIError(400, 'invalid_request', f"body.{path}: must be a whole number, got {value}")
     return int(value)
 
-async def _durable(lab):
+class _Wakeups:
+    "Resolves the futures of one event loop from the writer thread, waking the loop once per batch rather than once per future."
+    def __init__(self, loop):
+        self.loop, self.ready, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def callback(self, fut):
+        def done(err):  # runs on the writer thread, once per queued marker
+            with self.lock:
+                self.ready.append((fut, err))
+                if self.scheduled: return
+                self.scheduled = True
+            self.loop.call_soon_threadsafe(self.resolve)
+        return done
+
+    def resolve(self):
+        with self.lock: ready, self.ready, self.scheduled = self.ready, [], False
+        for fut, err in ready:
+            if not fut.done(): fut.set_result(err)
+
+async def _durable(lab, wakeups: _Wakeups):
     "Wait (without blocking the event loop) until everything this lab has enqueued so far is committed."
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    def done(err):
-        loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
-    lab.when_durable(done)
+    fut = wakeups.loop.create_future()
+    lab.when_durable(wakeups.callback(fut))
     err = await fut
     if err is not None:
         raise APIError(503, 'store_unavailable', f"the log could not be written to the lab's database ({err}); "
                                                  f"it was saved to {lab.dir / 'unwritten-logs.jsonl'}")
+
+def _wakeups(request) -> _Wakeups:
+    "The app's `_Wakeups` for the running loop (made on first use)."
+    w = getattr(request.app.state, 'wakeups', None)
+    loop = asyncio.get_running_loop()
+    if w is None or w.loop is not loop: w = request.app.state.wakeups = _Wakeups(loop)
+    return w
 
 def _report_args(body: dict) -> dict:
     return dict(requested_at=_int(body.get('requestedAt'), 'requestedAt'), received_at=_int(body.get('receivedAt'), 'receivedAt'),
@@ -325,14 +348,14 @@ def _report_args(body: dict) -> dict:
 async def _report(lab, body, request):
     "Record request logs from OpenAI models."
     lab.report(**_report_args(body))
-    await _durable(lab)
+    await _durable(lab, _wakeups(request))
     return {'status': 'ok'}
 
 @_endpoint('report_anthropic', blocking=False)
 async def _report_anthropic(lab, body, request):
     "Record request logs from Anthropic models (stored translated to the chat-completions shape)."
     lab.report_anthropic(**_report_args(body), metadata=body.get('metadata'))
-    await _durable(lab)
+    await _durable(lab, _wakeups(request))
     return {'status': 'ok'}
 
 # %% ../nbs/11_server.ipynb #2d432e0e
