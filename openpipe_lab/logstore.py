@@ -48,13 +48,25 @@ def _jsonable(obj):
     if hasattr(obj, 'to_dict'): return obj.to_dict()
     raise ValidationError(f"cannot record a payload of type {type(obj).__name__}: pass a dict or an SDK response object")
 
+def _storable(text: str | None) -> str | None:
+    "JSON text the database driver can encode: a lone UTF-16 surrogate (`'\\ud800'`) stays a JSON escape, losslessly."
+    if text is None or text.isascii(): return text
+    try: text.encode('utf-8'); return text
+    except UnicodeEncodeError: return json.dumps(json.loads(text))  # ensure_ascii: every non-ASCII character escaped
+
+def _storable_str(text: str) -> str:
+    "A plain (non-JSON) string the driver can encode: lone surrogates become `\\udXXX` text."
+    if text.isascii(): return text
+    try: text.encode('utf-8'); return text
+    except UnicodeEncodeError: return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
 def _payload_text(obj) -> str | None:
     if obj is None: return None
     if isinstance(obj, str):
         try: json.loads(obj)
         except ValueError as e: raise ValidationError(f"payload is a string but not JSON: {e}") from None
-        return obj
-    return dumps(_jsonable(obj))
+        return _storable(obj)
+    return _storable(dumps(_jsonable(obj)))
 
 class _Durable:
     "A marker in the writer's queue: `callback(error)` runs once every row queued before it is committed (group commit)."
@@ -62,7 +74,19 @@ class _Durable:
     def __init__(self, callback): self.callback, self.error = callback, None
     def set(self): self.callback(self.error)
 
+def _bad_data(e) -> bool:
+    "An error a retry cannot fix: a value the driver cannot encode or the database refuses."
+    return isinstance(e, (UnicodeError, TypeError, sa.exc.DataError, sa.exc.IntegrityError)) or \
+           (isinstance(e, sa.exc.StatementError) and not isinstance(e, sa.exc.DBAPIError))
+
+def _connection_lost(e, dialect: str) -> bool:
+    "The server went away (a Postgres restart): worth retrying for a while. SQLite errors are local (disk full, locked)."
+    if isinstance(e, (sa.exc.DisconnectionError, sa.exc.InterfaceError)) or getattr(e, 'connection_invalidated', False): return True
+    return isinstance(e, sa.exc.OperationalError) and dialect != 'sqlite'
+
 class _Writer:
+    outage_seconds = 60  # how long a lost database connection is retried before rows go to the fallback file
+
     def __init__(self, store, batch_size=5000, linger=0.005):
         self.store, self.batch_size, self.linger = weakref.proxy(store), batch_size, linger
         self.q, self.error = queue.SimpleQueue(), None
@@ -102,11 +126,25 @@ class _Writer:
     def _write(self, batch):
         "Insert a batch (retrying); None when it is in the database, else the error (rows go to a fallback file)."
         if not batch: return None
-        for attempt in range(6):
+        err, attempt, deadline = None, 0, time.monotonic() + self.outage_seconds
+        while True:
             try: self.store._insert_rows(batch); return None
             except ReferenceError: return None
             except Exception as e:
-                err = e; time.sleep(0.05 * 2 ** attempt)
+                err, attempt = e, attempt + 1
+                if _bad_data(e): break  # cannot succeed on a retry
+                if _connection_lost(e, self.store.db.dialect) and time.monotonic() < deadline:
+                    time.sleep(min(2.0, 0.05 * 2 ** attempt)); continue  # a database restart: wait it out
+                if attempt >= 6: break
+                time.sleep(0.05 * 2 ** attempt)
+        if _bad_data(err) and len(batch) > 1:  # keep the good rows: only the ones that fail alone go to the file
+            bad = []
+            for r in batch:
+                try: self.store._insert_rows([r])
+                except ReferenceError: return None
+                except Exception as e: bad.append(r); err = e
+            if not bad: return None
+            batch = bad
         path, saved = self.store.dir / 'unwritten-logs.jsonl', 0
         try:
             with open(path, 'ab', buffering=0) as f:
@@ -202,9 +240,9 @@ class LogStore:
         for r in rows:
             if not isinstance(r['resp_payload'], (str, type(None))): r['resp_payload'] = _payload_text(r['resp_payload'])
             tags = r['_tags']
-            r['tags'] = dumps(tags) if tags else None
+            r['tags'] = _storable(dumps(tags)) if tags else None
             log_vals.append(tuple(r[c] for c in _LOG_COLS))
-            tag_vals.extend((r['id'], k, v) for k, v in tags.items())
+            tag_vals.extend((r['id'], _storable_str(k), _storable_str(v)) for k, v in tags.items())
         ph = '?' if self.db.dialect == 'sqlite' else '%s'
         with self.db.begin() as c:
             c.exec_driver_sql(f"INSERT INTO logs ({', '.join(_LOG_COLS)}) VALUES ({', '.join([ph] * len(_LOG_COLS))})", log_vals)
