@@ -268,7 +268,7 @@ def judge_request(self: Criterion, output, messages=None, tools=None, tool_choic
     k = cfg.get('samples') or 1
     temp = cfg.get('temperature')
     req = {'model': self.judge_model, 'messages': self.judge_messages(output, messages, tools, tool_choice)}
-    if api != 'anthropic': req['temperature'] = temp if temp is not None else (0 if k == 1 else 1)  # anthropic 2.x's SDK takes none
+    req['temperature'] = temp if temp is not None else (0 if k == 1 else 1)
     if k > 1: req['n'] = k
     if cfg.get('max_tokens'): req['max_tokens'] = cfg['max_tokens']
     if api in ('anthropic', 'gemini'):

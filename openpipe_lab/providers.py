@@ -574,18 +574,25 @@ def completion_chunks(completion: dict,  # a chat.completion dict
     return out
 
 # %% ../nbs/04_providers.ipynb #0903a747
+def _openai_http():
+    "The HTTP library the installed `openai` is built on (httpx; httpx2 for openai 3.x), found through openai's public client."
+    import importlib, openai
+    return importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split('.')[0])
+
 def _openai_status_error(status: int, message: str, body, url: str):
-    import openai, httpx2
+    import openai
+    http = _openai_http()
     classes = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
                404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
                429: openai.RateLimitError}
     cls = classes.get(status) or (openai.InternalServerError if status >= 500 else openai.APIStatusError)
-    response = httpx2.Response(status, request=httpx2.Request('POST', url), json=body if isinstance(body, (dict, list)) else None)
+    response = http.Response(status, request=http.Request('POST', url), json=body if isinstance(body, (dict, list)) else None)
     return cls(f"Error code: {status} - {message}", response=response, body=body)
 
 def to_openai_error(exc: Exception, route: Route) -> Exception:
     "The `openai` exception matching an Anthropic or google-genai SDK exception (others are returned unchanged)."
-    import openai, httpx2
+    import openai
+    http = _openai_http()
     url = route.base_url or route.api
     mod = type(exc).__module__
     if mod.startswith('anthropic'):
@@ -594,23 +601,28 @@ def to_openai_error(exc: Exception, route: Route) -> Exception:
             body = exc.body if isinstance(exc.body, dict) else {'message': str(exc)}
             msg = ((body.get('error') or {}).get('message') if isinstance(body.get('error'), dict) else None) or str(exc)
             return _openai_status_error(exc.status_code, f"{route.model}: {msg}", body, url)
-        if isinstance(exc, anthropic.APITimeoutError): return openai.APITimeoutError(request=httpx2.Request('POST', url))
+        if isinstance(exc, anthropic.APITimeoutError): return openai.APITimeoutError(request=http.Request('POST', url))
         if isinstance(exc, anthropic.APIConnectionError):
-            return openai.APIConnectionError(message=f"{route.model}: {exc}", request=httpx2.Request('POST', url))
+            return openai.APIConnectionError(message=f"{route.model}: {exc}", request=http.Request('POST', url))
         return exc
     if mod.startswith('google'):
         from google.genai import errors
         if isinstance(exc, errors.APIError):
             return _openai_status_error(exc.code or 500, f"{route.model}: {exc.message or exc.status}", exc.details, url)
     name = type(exc).__name__
-    if 'Timeout' in name or isinstance(exc, TimeoutError): return openai.APITimeoutError(request=httpx2.Request('POST', url))
+    if 'Timeout' in name or isinstance(exc, TimeoutError): return openai.APITimeoutError(request=http.Request('POST', url))
     if mod.startswith(('httpx', 'aiohttp')) and ('Connect' in name or 'Network' in name or 'Protocol' in name):
-        return openai.APIConnectionError(message=f"{route.model}: {exc}", request=httpx2.Request('POST', url))
+        return openai.APIConnectionError(message=f"{route.model}: {exc}", request=http.Request('POST', url))
     return exc
 
 # %% ../nbs/04_providers.ipynb #46fd3e00
 def _dump(obj) -> dict:
     return obj if isinstance(obj, dict) else obj.model_dump(mode='json', exclude_none=True)
+
+def _create_params(client) -> frozenset:
+    "The keyword parameters of this anthropic SDK's `messages.create`."
+    import inspect
+    return frozenset(inspect.signature(client.messages.create).parameters)
 
 class AnthropicBackend:
     "Calls the Messages API through the `anthropic` SDK and answers in OpenAI dicts."
@@ -621,6 +633,11 @@ class AnthropicBackend:
 
     def _args(self, request, timeout):
         args = to_anthropic({**request, 'model': self.route.name})
+        # sampling parameters the installed SDK's `messages.create` no longer names (anthropic 2.x: temperature, top_p)
+        # still go on the wire, through `extra_body`
+        sdk_params = _create_params(self.client)
+        extra = {k: args.pop(k) for k in ('temperature', 'top_p', 'top_k') if k in args and k not in sdk_params}
+        if extra: args['extra_body'] = extra
         if timeout is not None: args['timeout'] = timeout
         return args
 

@@ -143,7 +143,7 @@ def test_anthropic_and_gemini_judges_use_a_forced_tool_call(lab, up, model):
     if up.last.api == 'anthropic':
         assert body['tool_choice'] == {'type': 'tool', 'name': VERDICT_TOOL}
         assert [t['name'] for t in body['tools']] == [VERDICT_TOOL] and body['tools'][0]['input_schema']['required'] == ['explanation', 'verdict']
-        assert JUDGE_SYSTEM_START in body['system']
+        assert JUDGE_SYSTEM_START in body['system'] and body['temperature'] == 0   # judged deterministically here too
     else:
         assert up.last.api == 'gemini'
         assert body['toolConfig']['functionCallingConfig'] == {'mode': 'ANY', 'allowedFunctionNames': [VERDICT_TOOL]}

@@ -50,6 +50,25 @@ def test_anthropic_plain_system_and_abbreviation(client, env, lab):
     assert log['resp_payload']['choices'][0]['message']['content'] == 'echo: count to 3'
 
 
+def test_anthropic_sampling_parameters_reach_the_wire(client, env):
+    # anthropic 2.x's Messages.create has no temperature/top_p parameters: they travel in the body all the same
+    for stream in (False, True):
+        r = client.chat.completions.create(model='anthropic:claude-3-5-sonnet', temperature=0, top_p=0.5, stream=stream,
+                                           messages=[{'role': 'user', 'content': 'hi'}])
+        if stream: assert ''.join(c.choices[0].delta.content or '' for c in r if c.choices) == 'echo: hi'
+        else: assert r.choices[0].message.content == 'echo: hi'
+        assert env.last.json['temperature'] == 0 and env.last.json['top_p'] == 0.5
+
+
+def test_translated_errors_use_the_http_library_openai_is_built_on(client, env):
+    import importlib
+    http = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split('.')[0])
+    env.script(Reply(status=429))
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model='anthropic:claude-3-5-sonnet', messages=[{'role': 'user', 'content': 'hi'}])
+    assert isinstance(e.value.response, http.Response)
+
+
 def test_anthropic_tools_multiturn_and_images(client, env):
     env.script(Reply(tool_calls=[{'name': 'weather', 'arguments': {'city': 'Paris'}}, {'name': 'weather', 'arguments': {'city': 'Oslo'}}]))
     msgs = [{'role': 'user', 'content': [{'type': 'text', 'text': 'weather where this photo was taken?'},
