@@ -125,8 +125,6 @@ def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b:
     route = resolve(cfg['judge_model'], self._lab_store())
     req = dict(model=cfg['judge_model'], messages=judge_messages(entry, output_a, output_b, cfg['instructions']),
                temperature=0, max_tokens=cfg['max_tokens'])
-    # the installed anthropic SDK (2.x) has no `temperature` parameter: the translated call would fail (request filed)
-    if route.api == 'anthropic': del req['temperature']
     if cfg['structured']: req['response_format'] = _LOCAL_SCHEMA if route.provider not in _HOSTED else VERDICT_SCHEMA
     return req, self._call_options('head-to-head')
 

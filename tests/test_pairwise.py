@@ -148,6 +148,7 @@ def test_verdicts_parse_on_every_provider(lab, monkeypatch, provider):
             judge_model = 'gemini:gemini-2.0-flash'
         ev = Eval(ENTRIES[:1], models=[model('alpha'), model('gamma')], store=lab, progress=False).head_to_head(judge_model).run()
         assert len(up.requests) == 2 and {r.api for r in up.requests} == {provider}
+        if provider == 'anthropic': assert all(r.json['temperature'] == 0 for r in up.requests)   # greedy judge on the wire
     assert ev.judgements_.error.isna().all()
     assert ev.comparisons_.outcome.tolist() == ['alpha']
 
