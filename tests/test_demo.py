@@ -79,7 +79,7 @@ def test_small_demo_end_to_end_after_an_interrupted_run(tmp_path):
     assert c['version'] == 'no-pii@v1' and c['judge'].startswith('openpipe:demo-vllm/') and c['alignment']['n'] >= 1
     assert sum(c['alignment']['confusion'].values()) == c['alignment']['n']
     assert set(c['pass_rates']) == {'base', 'fine-tuned', 'dataset'}
-    for m, r in c['pass_rates'].items(): assert r['n'] + r['errors'] == c['entries'], (m, r)
+    for m, rate in c['pass_rates'].items(): assert rate['n'] + rate['errors'] == c['entries'], (m, rate)
     w = h['win_rates']
     assert set(w) == {'base', 'fine-tuned'}
     for m in w: assert w[m]['wins'] + w[m]['losses'] + w[m]['ties'] + w[m]['errors'] == h['entries']
