@@ -1,12 +1,14 @@
 """Import throughput and peak memory of `Dataset.from_jsonl` on generated chat JSONL files.
 
-Usage: python bench/dataset_import.py [--sizes 10000 100000 200000] [--out bench/results/dataset_import.json]
+Usage: python bench/dataset_import.py [--sizes 10000 100000 200000] [--before 86f4ac1] [--out bench/results/dataset_import.json]
 
 Each measurement runs in a fresh child process whose RSS high-water mark is reset just before the work
 (`/proc/self/clear_refs`; `ru_maxrss` would include the parent's size, inherited across fork+exec):
-  * `baseline`: read + parse the file with `formats.read_jsonl` only (the floor: JSON decoding);
+  * `baseline`: read + parse the file line by line with the standard library's `json.loads` (a fixed yardstick);
   * `validate`: read + validate every line (`validate_entry`), nothing written;
   * `import`  : `Dataset.from_jsonl` into a fresh SQLite lab (validate, hash, batched inserts);
+  * `before`  : the same import by the package as it was at git revision `--before` (extracted with `git archive`
+                to a temporary folder): the before/after comparison of issue 15 in one run, on one machine;
 at each of `--sizes` rows. Memory is *bounded* when the peak RSS stops growing with the file size: the file is
 streamed and entries are written in transactions of 1,000, so what grows is SQLite's page cache, capped by the
 store at 64 MiB per connection (`PRAGMA cache_size=-65536`). Rows/s are reported next to the parse-only
@@ -53,46 +55,70 @@ store = LogStore(lab + '/lab.db')
 open('/proc/self/clear_refs', 'w').write('5')
 rss0 = mib('VmRSS')
 t = time.perf_counter()
-if mode == 'baseline': n = sum(1 for _ in read_jsonl(path))
+if mode == 'baseline':
+    with open(path, 'rb') as f: n = sum(1 for raw in f if json.loads(raw) is not None)
 elif mode == 'validate': n = sum(1 for line, obj in read_jsonl(path) if not validate_entry(obj, line=line))
 else:
     ds = Dataset.from_jsonl(path, 'bench', store=store)
     n = len(ds)
     assert not ds.errors, ds.errors[:3]
 dt = time.perf_counter() - t
-print(json.dumps({'mode': mode, 'rows': n, 'seconds': dt, 'rows_per_s': n / dt,
+import openpipe_lab
+print(json.dumps({'package': openpipe_lab.__file__, 'mode': mode, 'rows': n, 'seconds': dt, 'rows_per_s': n / dt,
                   'rss_after_imports_mb': rss0, 'peak_rss_mb': mib('VmHWM')}))
 '''
 
-def run(mode, path, lab):
-    out = subprocess.run([sys.executable, '-c', CHILD, mode, str(path), lab], capture_output=True, text=True)
+ROOT = Path(__file__).resolve().parents[1]
+
+def old_package(rev: str, into: str) -> str:
+    "A folder holding `openpipe_lab` as it was at git revision `rev` (for PYTHONPATH)."
+    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', into], input=tar, check=True)
+    return into
+
+def run(mode, path, lab, old=None):
+    env = dict(os.environ, PYTHONPATH=old if mode == 'before' else str(ROOT))
+    out = subprocess.run([sys.executable, '-c', CHILD, 'import' if mode == 'before' else mode, str(path), lab],
+                         capture_output=True, text=True, env=env, cwd=lab)  # cwd: no ./openpipe_lab shadows PYTHONPATH
     if out.returncode: raise SystemExit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 200_000])
+    ap.add_argument('--before', default='86f4ac1', help='git revision whose importer is the "before" figure')
     ap.add_argument('--out', default='bench/results/dataset_import.json')
     a = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as d:
+        old = old_package(a.before, tempfile.mkdtemp(dir=d))
         for n in a.sizes:
             path = Path(d) / f'chat_{n}.jsonl'
             make_file(path, n)
             size_mb = path.stat().st_size / 2 ** 20
-            for mode in ('baseline', 'validate', 'import'):
+            for mode in ('baseline', 'validate', 'before', 'import'):
                 lab = tempfile.mkdtemp(dir=d)
-                r = run(mode, path, lab)
+                r = run(mode, path, lab, old)
+                r['mode'] = mode
+                assert r['package'].startswith(old if mode == 'before' else str(ROOT)), (mode, r['package'])
                 r.update(file_rows=n, file_mb=round(size_mb, 1))
-                if mode == 'import': r['db_mb'] = round(Path(lab, 'lab.db').stat().st_size / 2 ** 20, 1)
+                if mode in ('import', 'before'): r['db_mb'] = round(Path(lab, 'lab.db').stat().st_size / 2 ** 20, 1)
                 results.append(r)
                 print(f"{n:>7} rows {size_mb:6.1f} MB  {mode:<8} {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f} s  "
                       f"peak RSS {r['peak_rss_mb']:6.0f} MB (after imports {r['rss_after_imports_mb']:.0f} MB)", flush=True)
     by = {(r['file_rows'], r['mode']): r for r in results}
     summary = {f'{n}_rows': {'import_rows_per_s': round(by[(n, 'import')]['rows_per_s']),
+                             'before_rows_per_s': round(by[(n, 'before')]['rows_per_s']),
+                             'import_vs_before': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'before')]['rows_per_s'], 2),
+                             'before_vs_parse_only': round(by[(n, 'before')]['rows_per_s'] / by[(n, 'baseline')]['rows_per_s'], 3),
                              'import_vs_parse_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'baseline')]['rows_per_s'], 3),
                              'import_vs_validate_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'validate')]['rows_per_s'], 3),
-                             'peak_rss_mb': round(by[(n, 'import')]['peak_rss_mb'])} for n in a.sizes}
+                             'peak_rss_mb': round(by[(n, 'import')]['peak_rss_mb']),
+                             'before_peak_rss_mb': round(by[(n, 'before')]['peak_rss_mb'])} for n in a.sizes}
+    for n in a.sizes:
+        x = summary[f'{n}_rows']
+        print(f"{n:>7} rows: import {x['import_rows_per_s']:,} rows/s vs before ({a.before}) {x['before_rows_per_s']:,} rows/s "
+              f"= {x['import_vs_before']}x; peak RSS {x['peak_rss_mb']} MB (before {x['before_peak_rss_mb']} MB)")
     print(json.dumps(summary))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({'results': results, 'summary': summary}, indent=1))

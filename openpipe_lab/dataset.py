@@ -12,7 +12,7 @@ from fastcore.basics import patch
 from .core import *
 from .store import tables, dumps, loads
 from .formats import (Problem, read_jsonl, validate_entry, functions_to_tools, content_hash,
-                                  apply_pruning_rules, split_output, _lone_surrogate)
+                                  apply_pruning_rules, split_output, _lone_surrogate, msgspec, _json_content_hash)
 from .logstore import LogStore, get_store
 
 # %% auto #0
@@ -30,6 +30,10 @@ _ENTRY_JSON = ('messages', 'tools', 'tool_choice', 'response_format', 'rejected_
 def _entry_hash(entry: dict) -> str:
     "Content hash of an entry's training content (not its split, provenance or history)."
     return content_hash({k: entry.get(k) for k in CONTENT_FIELDS})
+
+def _json_entry_hash(entry: dict) -> str:
+    "`_entry_hash` of an entry decoded from JSON text (the same value, computed faster)."
+    return _json_content_hash({k: entry.get(k) for k in CONTENT_FIELDS})
 
 def _test_score(entry_hash: str, seed: int = 0) -> float:
     "A number in [0, 1) derived from the entry's content hash and `seed`: below `test_fraction` means TEST."
@@ -181,14 +185,26 @@ def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
     if entry['metadata'] == {}: entry['metadata'] = None
     return entry, []
 
+_COL_ENCODE = msgspec.json.Encoder().encode if msgspec is not None else None
+
+def _col_json(v) -> str | None:
+    "JSON text of a content column: `store.dumps`'s value (it reads back equal), written by msgspec when installed."
+    if v is None: return None
+    if _COL_ENCODE is not None:
+        try: return _COL_ENCODE(v).decode()
+        except UnicodeEncodeError: pass  # a lone surrogate: `dumps` writes it and `add` reports it
+    return dumps(v)
+
 _INSERT_COLS = ('id', 'dataset_id', 'position', 'split', 'provenance', 'log_id', 'history', 'entry_hash', 'created_at',
                 'updated_at') + CONTENT_FIELDS
+_N_META = len(_INSERT_COLS) - len(CONTENT_FIELDS)  # the content columns come last in a row tuple
 
 class _Writer:
     "Validates and inserts entries for one dataset in batched transactions; collects problems."
     def __init__(self, ds: Dataset, provenance: str, batch_size: int = _BATCH):
         self.ds, self.provenance, self.batch_size = ds, provenance, batch_size
         self.rows, self.problems, self.written = [], [], 0
+        self.parsed = False  # True: entries come from JSON text (str keys, JSON types only), which hashes faster
         e = tables.dataset_entries
         with ds.db.connect() as c:
             ds._config(c)  # raises if the dataset was deleted
@@ -199,9 +215,9 @@ class _Writer:
         entry, problems = _prepare(obj, line)
         if problems: return problems
         row = self._row(entry, log_id, provenance or self.provenance)
-        for k in CONTENT_FIELDS:   # text no database can store: a lone UTF-16 surrogate (cheap: ASCII is skipped)
-            v = row[k]
-            if v is not None and not v.isascii():
+        for i, k in enumerate(CONTENT_FIELDS, _N_META):   # text no database can store: a lone UTF-16 surrogate
+            v = row[i]
+            if v is not None and not v.isascii():        # (cheap: ASCII is skipped)
                 try: v.encode('utf-8')
                 except UnicodeEncodeError:
                     self.position -= 1
@@ -211,12 +227,12 @@ class _Writer:
         if len(self.rows) >= self.batch_size: self.flush()
         return []
 
-    def _row(self, entry, log_id, provenance):
-        h, now = _entry_hash(entry), now_ms()
+    def _row(self, entry, log_id, provenance) -> tuple:
+        "The entry's row as a tuple in `_INSERT_COLS` order."
+        h, now = (_json_entry_hash if self.parsed else _entry_hash)(entry), now_ms()
         split = entry['split'] or ('TEST' if _test_score(h) < 0.1 else 'TRAIN')
-        row = dict(id=new_id('dse'), dataset_id=self.ds.id, position=self.position, split=split, provenance=provenance,
-                   log_id=log_id, history=None, entry_hash=h, created_at=now, updated_at=now)
-        for k in CONTENT_FIELDS: row[k] = dumps(entry[k])
+        row = (new_id('dse'), self.ds.id, self.position, split, provenance, log_id, None, h, now, now,
+               *[_col_json(entry[k]) for k in CONTENT_FIELDS])
         self.position += 1
         return row
 
@@ -226,7 +242,7 @@ class _Writer:
             self.ds._touch(c)
             ph = '?' if c.dialect.paramstyle == 'qmark' else '%s'  # driver-level executemany: ~5x less overhead
             c.exec_driver_sql(f"INSERT INTO dataset_entries ({', '.join(_INSERT_COLS)}) VALUES ({', '.join([ph] * len(_INSERT_COLS))})",
-                              [tuple(r[k] for k in _INSERT_COLS) for r in self.rows])
+                              self.rows)
         self.written += len(self.rows)
         self.rows = []
 
@@ -306,6 +322,7 @@ def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading
     "Append the valid lines of a JSONL file (streamed, batched); every invalid line is reported in `self.errors`."
     lines = read_jsonl(path)  # raises ConfigError for a missing path / a directory
     w, seen = _Writer(self, 'UPLOAD'), 0
+    w.parsed = True
     for line, obj in lines:
         seen += 1
         w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=line)
