@@ -12,8 +12,8 @@ from .core import *
 # %% auto #0
 __all__ = ['PROMPT_ID', 'TEACHER_MODEL', 'SYSTEM_PROMPT', 'BASE_GGUF', 'CRITERION_PROMPT', 'HEAD_TO_HEAD_INSTRUCTIONS',
            'BASE_NAME', 'SLUG', 'STAGES', 'customer_message', 'production_traffic', 'redaction_score', 'record_traffic',
-           'check_requirements', 'fresh_lab_dir', 'pick_port', 'alignment_rows', 'local_judge_criterion',
-           'judge_agreement', 'base_model_cache', 'DemoReport', 'run_demo']
+           'check_requirements', 'fresh_lab_dir', 'pick_port', 'alignment_rows', 'judge_agreement', 'base_model_cache',
+           'DemoReport', 'run_demo']
 
 # %% ../nbs/13_demo.ipynb #639c17d3
 PROMPT_ID = 'pii-redact'
@@ -207,19 +207,6 @@ def alignment_rows(n: int,  # how many rows: pairs of the same message, correctl
                 {'messages': msgs + [{'role': 'assistant', 'content': leaky}], 'judgement': 'FAIL'}]
     return out[:n]
 
-# %% ../nbs/13_demo.ipynb #62cc6d5f
-def local_judge_criterion(name: str, cap: int = 200, **kwargs):
-    "A `Criterion` whose judge requests cap the explanation at `cap` characters (for small local judges served by vLLM)."
-    from openpipe_lab.criterion import Criterion
-    class LocalJudgeCriterion(Criterion):
-        def judge_request(self, output, messages=None, tools=None, tool_choice=None) -> dict:
-            req = super().judge_request(output, messages, tools, tool_choice)
-            rf = json.loads(json.dumps(req.get('response_format') or {}))
-            props = ((rf.get('json_schema') or {}).get('schema') or {}).get('properties') or {}
-            if 'explanation' in props: props['explanation']['maxLength'] = cap; req['response_format'] = rf
-            return req
-    return LocalJudgeCriterion(name, **kwargs)
-
 # %% ../nbs/13_demo.ipynb #7c01b654
 def judge_agreement(head_to_head, code_results, grader: str = 'redaction_score') -> dict:
     "How often the head-to-head's decisive outcomes pick the output the code grader scores higher (where it sees a difference)."
@@ -408,8 +395,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
         judge = TEACHER_MODEL if teacher == 'openai' else base_id
         judged = ds.test.entries(0, None)[:size['judged']]
         with _stage(report, f"criterion eval ({'gpt-4o-mini' if teacher == 'openai' else 'local SmolLM2'} judge)", say):
-            crit = (Criterion('no-pii', prompt=CRITERION_PROMPT, judge_model=judge, store=logs, max_tokens=96) if teacher == 'openai'
-                    else local_judge_criterion('no-pii', prompt=CRITERION_PROMPT, judge_model=judge, store=logs, max_tokens=96))
+            crit = Criterion('no-pii', prompt=CRITERION_PROMPT, judge_model=judge, store=logs, max_tokens=96)
             path = lab / 'alignment.jsonl'
             path.write_text(''.join(json.dumps(r) + '\n' for r in alignment_rows(size['alignment'])))
             crit.add_alignment_jsonl(path).align(concurrency=16, progress=progress)
