@@ -169,15 +169,32 @@ def layer_cost(n=20000):
     return {'added_p50_us': added[0], 'added_p99_us': added[1]}
 
 
+def layer_before(rev: str) -> dict:
+    "`layer_cost()` measured with the package as it was at git revision `rev` (extracted with `git archive`), in a child."
+    with tempfile.TemporaryDirectory() as d:
+        tar = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
+        subprocess.run(['tar', '-x', '-C', d], input=tar, check=True)
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--_layer_only'], capture_output=True, text=True,
+                             cwd=d, env=dict(os.environ, PYTHONPATH=d), check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r['package'].startswith(d), r['package']  # the old package really was the one measured
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--n', type=int, default=2000, help='calls per client per measurement')
     ap.add_argument('--no-litellm', action='store_true')
+    ap.add_argument('--before', default='86f4ac1', help='git revision whose client layer is measured too (issue 15: before/after in one run); "" to skip')
     ap.add_argument('--_inner', action='store_true', help=argparse.SUPPRESS)
+    ap.add_argument('--_layer_only', action='store_true', help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._layer_only:  # run by `layer_before` with PYTHONPATH at an older package: our layer alone, as JSON
+        import openpipe_lab
+        print(json.dumps(dict(layer_cost(), package=openpipe_lab.__file__))); return
     if not args.no_litellm and not args._inner:
         py = ensure_litellm_python()
-        os.execv(py, [py, __file__, '--_inner', '--n', str(args.n)])
+        os.execv(py, [py, __file__, '--_inner', '--n', str(args.n), '--before', args.before])
     sys.path.insert(0, str(ROOT))
     import openai
     from openpipe_lab.client import _http as httpx2  # openai's own HTTP library (httpx, or httpx2 for openai 3.x)
@@ -197,6 +214,11 @@ def main():
     results['in_process'] = report('in-process transport (isolates client overhead)', *measure(callers, args.n))
 
     results['layer'] = layer_cost()
+    if args.before:
+        before = layer_before(args.before)
+        results['layer_before'] = before
+        print(f"our layer at {args.before} (before issue 15), same run: added p50 {before['added_p50_us']:.1f} µs, "
+              f"p99 {before['added_p99_us']:.1f} µs -> now {results['layer']['added_p50_us'] / before['added_p50_us']:.2f}x of before (p50)")
 
     proc, url = start_fake()
     try:

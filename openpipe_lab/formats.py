@@ -219,6 +219,8 @@ def _message(m, path, out, ids):
         if 'content' not in m: out.append(Problem(f"{path}.content", "is required (a string or null)"))
     elif 'name' in m: _string(m, 'name', path, out)
 
+_PLAIN_ROLES = ('system', 'developer', 'user', 'assistant')  # roles for which {role, content: str} is complete
+
 def validate_messages(messages,  # a list of chat messages
                       path: str = 'messages'  # prefix for problem paths
                      ) -> list[Problem]:
@@ -227,7 +229,10 @@ def validate_messages(messages,  # a list of chat messages
         return [Problem(path, f"must be an array of messages, got {_kind(messages)}")]
     if not messages: return [Problem(path, "must contain at least one message")]
     out, ids = [], set()
-    for i, m in enumerate(messages): _message(m, f"{path}[{i}]", out, ids)
+    for i, m in enumerate(messages):
+        # the common message, {role, content: str} with a role that needs nothing else, has no problem: skip the walk
+        if m.__class__ is dict and len(m) == 2 and m.get('content').__class__ is str and m.get('role') in _PLAIN_ROLES: continue
+        _message(m, f"{path}[{i}]", out, ids)
     return out
 
 # %% ../nbs/01_formats.ipynb #29b4432a
@@ -445,6 +450,8 @@ def validate_entry(obj,  # one parsed JSONL line
 
 # %% ../nbs/01_formats.ipynb #646c942e
 def _convert_messages(msgs):
+    if not any(m.__class__ is dict and ('function_call' in m or m.get('role') == 'function') for m in msgs):
+        return list(msgs)  # nothing deprecated (the common case): the same copy, without rebuilding each message
     res, pending = [], {}
     for i, m in enumerate(msgs):
         if isinstance(m, dict):

@@ -50,7 +50,17 @@ def tricky_lines() -> list[bytes]:
             {'messages': [{'role': 'user', 'content': 'call f'}, {'role': 'assistant', 'content': None,
                           'function_call': {'name': 'f', 'arguments': '{"x": 1}'}}],
              'functions': [{'name': 'f', 'parameters': {'type': 'object', 'properties': {}}}]},
-            ok(split='TRAIN', metadata={'ü': 'é', 'a': '1'})]
+            ok(split='TRAIN', metadata={'ü': 'é', 'a': '1'}),
+            # the shapes at the edge of the plain-message fast path in validation and in the deprecated-field conversion
+            {'messages': [{'role': 'tool', 'content': 'x'}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': ['user'], 'content': 'x'}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': 'user', 'content': 'x', 'name': 'bob'}, {'role': 'assistant', 'content': ''}]},
+            {'messages': [{'role': 'function', 'content': 'x'}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': 'user', 'content': None}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': 'hi'}]}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': None, 'function_call': {'name': 'f', 'arguments': '{}'}},
+                          {'role': 'function', 'name': 'f', 'content': 'r'}, {'role': 'assistant', 'content': 'done'}]},
+            {'messages': [{'role': 'user', 'content': 'q'}, {'content': 'a', 'role': 'assistant'}], 'rejected_message': {'role': 'assistant', 'content': 'b'}}]
     lines = [json.dumps(o, ensure_ascii=i % 2 == 0).encode() for i, o in enumerate(objs)]
     lines += [b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}',  # lone surrogate
               b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00 pair"}, {"role": "assistant", "content": "a"}]}',
@@ -92,7 +102,7 @@ def test_import_identical_before_and_after(tmp_path, before_pkg, which):
     assert new['entries'] == old['entries'] and new['snapshot'] == old['snapshot'] and new['test'] == old['test']
     assert new['errors'] == old['errors']
     if which == 'tricky':
-        assert len(new['entries']) == 10 and len(new['errors']) == 8  # both kinds of line really were in the file
+        assert len(new['entries']) >= 10 and len(new['errors']) >= 8  # both kinds of line really were in the file
         assert any(e['response_format'] for e in new['entries'])  # the float-bearing entry was imported, not refused
 
 # -- properties: each fast path equals the path it replaces --------------------------------------------------------
