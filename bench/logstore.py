@@ -1,15 +1,16 @@
 """LogStore benchmarks: ingest rate through the background writer (SQLite, Postgres) and tag filters on 1M logs.
 
-    python bench/logstore.py [--n 100000] [--big 1000000] [--pg URL]
+    python bench/logstore.py [--n 100000] [--big 1000000] [--pg URL] [--before 86f4ac1] [--repeat 3]
 
 Goals (issue 2): >= 50k logs/s into SQLite; a tag filter on 1M logs <= 200 ms; `import openpipe_lab` <= 0.5 s.
 Each log is realistic: ~2 KB of request + response JSON and 3 metadata tags. Figures print as a table; the ratios
 compare against a baseline measured in the same run (raw sqlite3 executemany of the same rows, no tags).
+Issue 15's before/after: the same ingest by the package as it was at git revision `--before` (extracted with
+`git archive`) and by the working tree, each in a fresh child process, interleaved for `--repeat` rounds (medians).
 """
 import argparse, json, os, sqlite3, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from openpipe_lab.logstore import LogStore
+ROOT = Path(__file__).resolve().parents[1]
 
 def payloads(i):
     text = ('Please redact the personal data in this support ticket. ' * 9)[:480]
@@ -47,11 +48,52 @@ def timed(fn, repeat=5):
         t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
     return statistics.median(out) * 1000
 
+CHILD = r'''
+import json, sys
+import openpipe_lab
+from openpipe_lab.logstore import LogStore
+from logstore import ingest  # this benchmark's own generator and loop
+url, n, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if '://' in url:  # Postgres: start from empty tables
+    import sqlalchemy as sa
+    from openpipe_lab.store import metadata
+    eng = sa.create_engine(url)
+    with eng.begin() as c: metadata.drop_all(c)
+    eng.dispose()
+rate, enq_us, size = ingest(LogStore(url, dir=d), n)
+print(json.dumps({'package': openpipe_lab.__file__, 'rate': rate, 'enq_us': enq_us}))
+'''
+
+def ingest_in_child(url, n, pkg, d):
+    "`ingest` in a fresh process importing openpipe_lab from `pkg`: (logs/s, caller µs per record())."
+    r = subprocess.run([sys.executable, '-c', CHILD, url, str(n), d], capture_output=True, text=True, cwd=d,
+                       env=dict(os.environ, PYTHONPATH=f"{pkg}:{ROOT / 'bench'}"))
+    if r.returncode: raise SystemExit(r.stderr)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out['package'].startswith(pkg), out['package']
+    return out['rate'], out['enq_us']
+
+def before_after(url_for, n, rev, d, repeat):
+    "Median (logs/s, µs) of the package at `rev` and of the working tree, interleaved over `repeat` rounds."
+    old = tempfile.mkdtemp(dir=d)
+    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', old], input=tar, check=True)
+    runs = {'before': [], 'after': []}
+    for i in range(repeat):
+        for tag, pkg in (('before', old), ('after', str(ROOT))):
+            runs[tag].append(ingest_in_child(url_for(f'{tag}{i}'), n, pkg, tempfile.mkdtemp(dir=d)))
+    med = lambda xs, k: statistics.median(x[k] for x in xs)
+    return {t: (med(v, 0), med(v, 1)) for t, v in runs.items()}
+
 def main():
+    sys.path.insert(0, str(ROOT))
+    from openpipe_lab.logstore import LogStore
     ap = argparse.ArgumentParser()
     ap.add_argument('--n', type=int, default=100_000)
     ap.add_argument('--big', type=int, default=1_000_000)
     ap.add_argument('--pg', default=os.environ.get('OPENPIPE_LAB_TEST_PG'))
+    ap.add_argument('--before', default='86f4ac1', help='git revision for the before/after rows ("" to skip)')
+    ap.add_argument('--repeat', type=int, default=3)
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix='oplab-bench-'))
     rows = []
@@ -60,6 +102,12 @@ def main():
     rows += [('raw sqlite3 executemany (baseline, no tags)', f'{base:,.0f} logs/s', ''),
              (f'LogStore -> SQLite ({size} B/log, 3 tags)', f'{rate:,.0f} logs/s', f'{rate / base:.2f}x baseline'),
              ('  caller-thread cost per record()', f'{enq_us:.1f} µs', '')]
+    if a.before:
+        ba = before_after(lambda tag: str(d / f'{tag}.db'), a.n, a.before, d, a.repeat)
+        (b_rate, b_us), (n_rate, n_us) = ba['before'], ba['after']
+        rows += [(f'  before ({a.before}), child process, median of {a.repeat}', f'{b_rate:,.0f} logs/s', f'{b_rate / base:.2f}x baseline; record() {b_us:.1f} µs'),
+                 (f'  after (working tree), child process, median of {a.repeat}', f'{n_rate:,.0f} logs/s',
+                  f'{n_rate / base:.2f}x baseline; record() {n_us:.1f} µs; {n_rate / b_rate:.2f}x before')]
     if a.pg:
         import sqlalchemy as sa
         from openpipe_lab.store import metadata
@@ -68,6 +116,11 @@ def main():
         eng.dispose()
         prate, _, _ = ingest(LogStore(a.pg, dir=d), min(a.n, 50_000))
         rows.append(('LogStore -> Postgres', f'{prate:,.0f} logs/s', f'{prate / base:.2f}x baseline'))
+        if a.before:
+            ba = before_after(lambda tag: a.pg, min(a.n, 50_000), a.before, d, a.repeat)
+            (b_rate, _), (n_rate, _) = ba['before'], ba['after']
+            rows.append((f'  Postgres before -> after ({a.before}, median of {a.repeat})', f'{n_rate:,.0f} logs/s',
+                         f'before {b_rate:,.0f} logs/s: {n_rate / b_rate:.2f}x'))
     if a.big:
         big = LogStore(str(d / 'big.db'))
         t = time.perf_counter()
