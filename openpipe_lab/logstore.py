@@ -67,9 +67,20 @@ def _json_text(value) -> str | None:
     "JSON text of a payload or of tags: msgspec when installed (~4x faster than `dumps`, the same value read back)."
     if value is None: return None
     if _ENCODE is not None:
-        try: return _ENCODE(value).decode()  # valid UTF-8 by construction: nothing for `_storable` to do
+        try: b = _ENCODE(value)  # valid UTF-8 by construction: nothing for `_storable` to do
         except (TypeError, ValueError, OverflowError, UnicodeEncodeError): pass  # lone surrogates, SDK objects: as before
+        else:  # msgspec writes NaN/Infinity as null where `dumps` wrote NaN: only a `null` in the text needs the look
+            if b'null' not in b or not _non_finite(value): return b.decode()
     return _storable(dumps(value))
+
+_INF = float('inf')
+def _non_finite(o) -> bool:
+    "True when `o` holds a NaN or an infinity somewhere."
+    t = o.__class__
+    if t is float: return o != o or o == _INF or o == -_INF
+    if t is dict: return any(_non_finite(v) for v in o.values())
+    if t is list or t is tuple: return any(_non_finite(v) for v in o)
+    return isinstance(o, float) and _non_finite(float(o))
 
 def _payload_text(obj) -> str | None:
     if obj is None: return None

@@ -151,8 +151,11 @@ def test_content_hash_keeps_non_plain_inputs_on_the_stdlib_path():
     import datetime
     with pytest.raises(formats.ValidationError): content_hash({'when': datetime.date(2026, 1, 1)})  # msgspec would encode it
 
-@settings(max_examples=200, deadline=None)
-@given(json_values)
+any_floats = st.floats() | st.sampled_from([math.nan, math.inf, -math.inf])  # record() stores NaN as before: `NaN`
+log_values = st.recursive(scalars | any_floats, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4), max_leaves=25)
+
+@settings(max_examples=300, deadline=None)
+@given(log_values)
 def test_log_payload_text_reads_back_as_before(obj):
     from openpipe_lab.logstore import _payload_text, _storable
     got = _payload_text({'v': obj})
