@@ -178,3 +178,18 @@ def test_logs_store_the_same_values_as_before(lab):
     for i, r in zip(ids, reqs):
         assert got[i]['req_payload'] == json.loads(json.dumps(r))  # int keys become strings, as json.dumps writes them
         assert got[i]['resp_payload'] == expect_resp and got[i]['tags'] == {'k': 'v é'}
+
+def test_a_log_with_a_lone_surrogate_does_not_take_its_batch_down(lab):
+    "msgspec refuses lone surrogates: the old path stores them as JSON escapes, and the good logs of the batch are kept."
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        good = [lab.record(model='m', req_payload={'model': 'm', 'messages': [{'role': 'user', 'content': f'ok {i}'}]}) for i in range(5)]
+        bad = lab.record(model='m', req_payload={'model': 'm', 'messages': [{'role': 'user', 'content': 'bad \ud800'}]},
+                         resp_payload={'choices': [{'message': {'role': 'assistant', 'content': 'x\udc80'}}]}, tags={'t': 'v\ud800'})
+        lab.flush()
+    assert sorted(lab.filter().ids()) == sorted(good + [bad])  # all six stored
+    (row,) = [r for r in lab.filter() if r['id'] == bad]
+    assert row['req_payload']['messages'][0]['content'] == 'bad \ud800'  # losslessly: JSON keeps the escape
+    assert row['resp_payload']['choices'][0]['message']['content'] == 'x\udc80'
+    assert not (lab.dir / 'unwritten-logs.jsonl').exists() and not [w for w in caught if 'unwritten' in str(w.message)]
