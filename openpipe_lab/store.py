@@ -198,8 +198,9 @@ class Database:
         "After opening, SQLite's corruption error on any query or write becomes our StoreError naming the file and the fix."
         msg = str(ctx.original_exception)
         if self._opened and 'malformed' in msg:
+            path = self.url.removeprefix('sqlite:///')
             raise StoreError(f"the lab database {self._safe_url()} is damaged ({msg}). Recover what is readable with "
-                             "`sqlite3 lab.db .recover | sqlite3 recovered.db`, or point OPENPIPE_LAB_DB at a new file.") from None
+                             f"`sqlite3 {path} .recover | sqlite3 recovered.db`, or point OPENPIPE_LAB_DB at a new file.") from None
 
     def _safe_url(self) -> str:
         try: return sa.engine.make_url(self.url).render_as_string(hide_password=True)
