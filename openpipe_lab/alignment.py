@@ -277,15 +277,18 @@ def _repr_markdown_(self: Criterion) -> str:
     return out + ''.join(f"\n\n⚠ {w}" for w in s['warnings'])
 
 # %% ../nbs/09a_alignment.ipynb #28b66667
+_SHOWS = ('all', 'unlabeled', 'disagreements')
+
 class LabelingUI:
     "An ipywidgets UI to label a criterion's alignment rows PASS / FAIL / SKIP, with the judge's verdict shown after."
     def __init__(self, criterion: Criterion,
                  show: str = 'all'  # 'all' | 'unlabeled' | 'disagreements'
                 ):
+        if show not in _SHOWS: raise ConfigError(f"crit.label / LabelingUI: show must be 'all', 'unlabeled' or 'disagreements', got {show!r}")
         W = require('ipywidgets')
         from openpipe_lab.review import render_message
         self.crit, self._render, self.index = criterion, render_message, 0
-        self.filter = W.ToggleButtons(options=['all', 'unlabeled', 'disagreements'], value=show)
+        self.filter = W.ToggleButtons(options=list(_SHOWS), value=show)
         self.progress, self.chat, self.verdict, self.status = W.HTML(), W.HTML(), W.HTML(), W.HTML()
         self.pass_button = W.Button(description='PASS', button_style='success', tooltip='the output passes (p)')
         self.fail_button = W.Button(description='FAIL', button_style='danger', tooltip='the output fails (f)')
@@ -306,8 +309,9 @@ class LabelingUI:
 
 # %% ../nbs/09a_alignment.ipynb #7924a05f
 @patch
-def _rows(self: LabelingUI) -> list:
-    rows, f = self.crit.alignment_rows(), self.filter.value
+def _rows(self: LabelingUI, rows: list) -> list:
+    "The rows the filter shows, out of every alignment row."
+    f = self.filter.value
     if f == 'unlabeled': return [r for r in rows if r['judgement'] is None]
     if f == 'disagreements':
         al = getattr(self.crit, 'alignment_', None)
@@ -317,14 +321,19 @@ def _rows(self: LabelingUI) -> list:
     return rows
 
 @patch
+def _count(self: LabelingUI, every: list):
+    "Count labeled / to-go rows out of `every` alignment row and show them in the progress line."
+    self.labeled = sum(r['judgement'] in JUDGEMENTS for r in every)
+    self.to_go = len(every) - self.labeled
+    self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
+
+@patch
 def go(self: LabelingUI, index: int) -> LabelingUI:
     "Show row `index` of the filtered rows (clamped); the judge's verdict stays hidden until the row is labeled."
     every = self.crit.alignment_rows()
-    self.labeled = sum(r['judgement'] in JUDGEMENTS for r in every)
-    self.to_go = len(every) - self.labeled
-    self.rows_ = self._rows()
+    self.rows_ = self._rows(every)
     self.index = max(0, min(index, len(self.rows_) - 1))
-    self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
+    self._count(every)
     self.verdict.value, self.status.value = '', ''
     if not self.rows_:
         why = 'run crit.align() first to find disagreements' if self.filter.value == 'disagreements' and getattr(self.crit, 'alignment_', None) is None else 'no rows'
@@ -344,10 +353,7 @@ def set(self: LabelingUI, judgement: str) -> LabelingUI:
     if self.row_ is None: return self
     self.crit.set_judgement(self.row_['id'], judgement)
     self.row_['judgement'] = judgement
-    every = self.crit.alignment_rows()
-    self.labeled = sum(r['judgement'] in JUDGEMENTS for r in every)
-    self.to_go = len(every) - self.labeled
-    self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
+    self._count(self.crit.alignment_rows())
     self._show_verdict(self.row_)
     return self
 
@@ -387,5 +393,4 @@ def _repr_mimebundle_(self: LabelingUI, **kw):
 def label(self: Criterion, show: str = 'all'  # 'all' | 'unlabeled' | 'disagreements'
          ) -> LabelingUI:
     "An ipywidgets UI to label this criterion's alignment rows (PASS / FAIL / SKIP buttons and keys)."
-    if show not in ('all', 'unlabeled', 'disagreements'): raise ConfigError(f"label: show must be 'all', 'unlabeled' or 'disagreements', got {show!r}")
     return LabelingUI(self, show)

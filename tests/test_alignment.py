@@ -6,7 +6,7 @@ import pytest
 from fakes import Reply, fake_upstream, fake_providers  # noqa: F401  (fixtures)
 from openpipe_lab.core import ConfigError, EvalError, NotFoundError, ValidationError
 from openpipe_lab.criterion import Criterion
-from openpipe_lab.alignment import MAX_JSONL_BYTES
+from openpipe_lab.alignment import MAX_JSONL_BYTES, LabelingUI
 from openpipe_lab.dataset import Dataset
 
 PROMPT = "Mark the criterion as failed if the output contains an email address; passed otherwise."
@@ -206,6 +206,7 @@ def test_labeling_widget_driven_by_clicks_and_keys(lab, up):
     assert [r['output']['content'] for r in ui.rows_] == expect and len(expect) == 1
     assert repr(ui) == "LabelingUI('no-email', 3 labeled, 0 to go)"
     with pytest.raises(ConfigError, match="show must be 'all'"): crit.label(show='todo')
+    with pytest.raises(ConfigError, match="show must be 'all'"): LabelingUI(crit, show='todo')
 
 
 def test_criteria_and_labels_on_postgres(pg_url, up):
