@@ -393,11 +393,11 @@ class LogQuery:
         prefix = next((p for p in ('metadata.', 'tags.') if key.startswith(p)), '')
         name = key[len(prefix):]
         if not name: raise ConfigError(f"filter: {key!r} needs a tag name, e.g. filter(**{{'metadata.prompt_id': 'pii'}}) or 'tags.prompt_id'")
-        has = sa.select(tt.c.log_id).where(tt.c.key == name)
+        has = sa.select(tt.c.log_id).where(tt.c.key == _storable_str(name))
         if value is None: return t.c.id.not_in(has)
         if not isinstance(value, (str, int, float, bool)):
             raise ConfigError(f"filter: tag {name!r} must be compared with a string, got {type(value).__name__}")
-        value = value if isinstance(value, str) else json.dumps(value)
+        value = _storable_str(value) if isinstance(value, str) else json.dumps(value)  # as `_insert_rows` stored it
         return t.c.id.in_(has.where(tt.c.value == value))
 
     def _where(self, stmt):
@@ -518,14 +518,14 @@ def update_metadata(self: LogQuery, **tags) -> int:
         ids = [r[0] for r in rows]
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            c.execute(tt.delete().where(tt.c.log_id.in_(chunk), tt.c.key.in_(list(tags))))
+            c.execute(tt.delete().where(tt.c.log_id.in_(chunk), tt.c.key.in_([_storable_str(k) for k in tags])))
         new_rows, updates = [], []
         for id_, tag_text in rows:
             cur = (loads(tag_text) or {})
             for k, v in tags.items():
                 if v is None: cur.pop(k, None)
-                else: cur[k] = v; new_rows.append({'log_id': id_, 'key': k, 'value': v})
-            updates.append({'b_id': id_, 'b_tags': dumps(cur) if cur else None})
+                else: cur[k] = v; new_rows.append({'log_id': id_, 'key': _storable_str(k), 'value': _storable_str(v)})
+            updates.append({'b_id': id_, 'b_tags': _json_text(cur) if cur else None})
         if new_rows: c.execute(tt.insert(), new_rows)
         if updates: c.execute(t.update().where(t.c.id == sa.bindparam('b_id')).values(tags=sa.bindparam('b_tags')), updates)
     return len(ids)

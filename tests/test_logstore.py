@@ -122,3 +122,18 @@ def test_report_anthropic_is_stored_in_openai_shape_and_becomes_a_dataset(lab):
     assert entry['messages'][-1] == {'role': 'assistant', 'content': '[NAME] called.'}
     with pytest.raises(ValidationError, match=r'req_payload.messages\[0\]'):
         lab.report_anthropic(req_payload={'model': 'c', 'messages': [{'role': 'system', 'content': 'x'}]})
+
+def test_update_metadata_and_filter_store_lone_surrogate_tags_like_record(lab):
+    "A tag holding a lone UTF-16 surrogate (valid JSON `\\ud800`) is set, re-set and found, never a driver's UnicodeEncodeError."
+    bad_old, bad_new = 'x\ud800', 'y\udc00'  # neither can be encoded as UTF-8
+    lab.record(model='m', req_payload={'messages': []}, tags={'a': bad_old})
+    lab.record(model='m', req_payload={'messages': []}, tags={'a': 'plain'})
+    lab.flush()
+    # the surrogate log's stored tags JSON must be re-written: a new tag, then one with a surrogate value
+    assert lab.all().filter(a=bad_old).update_metadata(b='1') == 1
+    assert lab.all().update_metadata(c=bad_new) == 2
+    tags = sorted((r['tags'] for r in lab.all()), key=lambda t: t['a'])
+    assert tags == sorted([{'a': bad_old, 'b': '1', 'c': bad_new}, {'a': 'plain', 'c': bad_new}], key=lambda t: t['a'])
+    assert len(lab.all().filter(c=bad_new)) == 2 and len(lab.all().filter(a=bad_old, b='1')) == 1
+    assert lab.all().filter(a=bad_old).update_metadata(c=None) == 1
+    assert len(lab.all().filter(c=bad_new)) == 1
