@@ -104,6 +104,10 @@ def served_rows(store):
         return sorted((r.slug, r.served_name, r.status) for r in c.execute(sa.select(dm.c.slug, dm.c.served_name, d.c.status)
                       .select_from(dm.join(d, d.c.id == dm.c.deployment_id))))
 
+def assert_failed_leaving_nothing(dep, store):
+    "A failed start: FAILED, no process of its group left, no model served."
+    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(store) == []
+
 def wait_until(cond, timeout=10):
     t = time.monotonic()
     while time.monotonic() - t < timeout:
@@ -240,7 +244,7 @@ def test_start_failures_leave_nothing(lab, fake_python, monkeypatch):
     dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, speculative=None)
     with pytest.raises(DeploymentError, match=r"(?s)exited with code 3 during start.*ValueError: the model folder is broken"):
         dep.start()
-    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(lab) == []
+    assert_failed_leaving_nothing(dep, lab)
     monkeypatch.setenv('FAKE_VLLM_MODE', 'hang')
     dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, timeout=2)
     with pytest.raises(DeploymentError, match=r"did not answer /health within 2 s"): dep.start()
@@ -296,7 +300,7 @@ def test_engine_that_dies_at_first_request_fails_start_with_its_reason(lab, fake
     dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, speculative=None)
     with pytest.raises(DeploymentError, match=r"could not generate one token with openpipe:ft-a: RuntimeError: Unsupported CPU attention configuration: head_dim=16"):
         dep.start()
-    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(lab) == []
+    assert_failed_leaving_nothing(dep, lab)
     assert Deployment.list(lab).empty
     with pytest.raises(ProviderError, match='no running deployment'):
         lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
