@@ -23,7 +23,6 @@ VERDICT_SCHEMA = {'type': 'json_schema', 'json_schema': {'name': 'verdict', 'str
     'type': 'object', 'additionalProperties': False, 'required': ['explanation', 'verdict'],
     'properties': {'explanation': {'type': 'string'}, 'verdict': {'type': 'string', 'enum': ['A', 'B', 'tie']}}}}}
 
-_HOSTED = ('openai', 'azure', 'anthropic', 'gemini')
 # a local server (vLLM) enforces the schema while decoding; a small judge would ramble past max_tokens inside the
 # explanation string and never reach the verdict, so there the explanation is capped (hosted strict modes reject maxLength)
 _LOCAL_SCHEMA = json.loads(json.dumps(VERDICT_SCHEMA))
@@ -122,6 +121,7 @@ def _same_output(a: dict | None, b: dict | None) -> bool:
 def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> tuple:
     "(request kwargs, openpipe options) of one judge call."
     from openpipe_lab.providers import resolve
+    from openpipe_lab.criterion import _HOSTED  # one list of the hosted providers (their strict modes reject maxLength)
     route = resolve(cfg['judge_model'], self._lab_store())
     req = dict(model=cfg['judge_model'], messages=judge_messages(entry, output_a, output_b, cfg['instructions']),
                temperature=0, max_tokens=cfg['max_tokens'])
