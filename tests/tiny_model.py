@@ -15,6 +15,7 @@ text, JSON and digits tokenise into a few hundred ids. A folder already built wi
 """
 from __future__ import annotations
 import json, os
+from contextlib import contextmanager
 from pathlib import Path
 
 # The ChatML template (Qwen2.5-style, renders tools, tool calls and tool results) is the library's own: the one the
@@ -106,6 +107,19 @@ def build_tiny_model(path, template: str = "chatml", hidden_size: int = 64, num_
     model.save_pretrained(path)
     (path / "tiny_model.json").write_text(json.dumps(stamp))
     return path
+
+
+@contextmanager
+def default_lab(d):
+    "A LogStore at `d/lab.db` that is also the default lab (OPENPIPE_LAB_DIR=d), so other processes (vLLM, workers) find it; closed on exit."
+    import pytest
+    from openpipe_lab.logstore import LogStore, _STORES
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('OPENPIPE_LAB_DIR', str(d)); mp.delenv('OPENPIPE_LAB_DB', raising=False)
+        store = _STORES[str(d / 'lab.db')] = LogStore(str(d / 'lab.db'))
+        try: yield store
+        finally: store.close(); _STORES.pop(str(d / 'lab.db'), None)
+
 
 if __name__ == "__main__":
     import sys, time
