@@ -6,6 +6,7 @@ import pytest
 from conftest_tiny import tiny_model_dir  # session fixture: a tiny Qwen2/ChatML model
 from openpipe_lab.core import TrainingError
 from openpipe_lab.finetune import FineTune, _model_row
+from test_finetune import losses, _wait_for  # shared helpers (the one-process lifecycle tests)
 
 CAPITALS = [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Tasmania', 'Hobart'),
             ('Peru', 'Lima'), ('Kenya', 'Nairobi'), ('Chile', 'Santiago'), ('Egypt', 'Cairo')]
@@ -14,16 +15,6 @@ def rows(n=32):
     "`n` TRAIN rows (no TEST rows: the comparison is about training alone)."
     return [{'messages': [{'role': 'user', 'content': f'Capital of {c}?'}, {'role': 'assistant', 'content': a}], 'split': 'TRAIN'}
             for c, a in (CAPITALS * (n // len(CAPITALS) + 1))[:n]]
-
-def losses(ft):
-    return ft.history_['loss'].dropna().tolist()
-
-def _wait_for(pred, timeout=180):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred(): return True
-        time.sleep(0.2)
-    raise AssertionError('timed out')
 
 def _alive(pid):
     try: return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0] not in 'ZX'
@@ -67,7 +58,7 @@ def test_two_processes_survive_kill_and_resume_and_cancel(lab, tiny_model_dir):
     ft = FineTune(rows(32), str(tiny_model_dir), 'two-kill', num_processes=2, device='cpu', checkpoint_every=3, eval_every=0,
                   sft={'num_epochs': 6, 'batch_size': 4, 'learning_rate_multiplier': 20})
     ft.start()
-    _wait_for(lambda: (ft.progress_.get('step') or 0) >= 5)
+    _wait_for(lambda: (ft.progress_.get('step') or 0) >= 5, timeout=180)
     launcher, ranks = ft._row()['pid'], _rank_pids(ft)
     assert len(ranks) == 2 and launcher not in ranks
     os.kill(launcher, signal.SIGKILL)  # the launcher only: its workers run in sessions of their own
@@ -87,7 +78,7 @@ def test_two_processes_survive_kill_and_resume_and_cancel(lab, tiny_model_dir):
     c = FineTune(rows(32), str(tiny_model_dir), 'two-cancel', num_processes=2, device='cpu', eval_every=0,
                  sft={'num_epochs': 50, 'batch_size': 4})
     c.start()
-    _wait_for(lambda: c.status == 'TRAINING' and len(_rank_pids(c)) == 2)
+    _wait_for(lambda: c.status == 'TRAINING' and len(_rank_pids(c)) == 2, timeout=180)
     pids = [c._row()['pid'], *_rank_pids(c)]
     c.cancel()
     assert c.status == 'ERROR' and 'cancelled' in c.to_dict()['openpipe']['errorMessage']
@@ -98,7 +89,7 @@ def test_finished_worker_is_reaped_without_wait(lab, tiny_model_dir):
                   sft={'num_epochs': 1, 'batch_size': 4}).start()
     pid = ft._row()['pid']
     # follow the job through the store only (no wait(), no poll of the child): nothing else reaps it
-    _wait_for(lambda: _model_row(lab, slug='reap')['status'] in ('DEPLOYED', 'ERROR'))
+    _wait_for(lambda: _model_row(lab, slug='reap')['status'] in ('DEPLOYED', 'ERROR'), timeout=180)
     def state():
         try: return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0]
         except OSError: return None  # gone: reaped

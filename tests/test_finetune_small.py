@@ -5,6 +5,7 @@ import pytest
 from conftest_tiny import tiny_model_dir  # session fixture: a tiny Qwen2/ChatML model
 from openpipe_lab.finetune import FineTune, TrainingWarning
 from openpipe_lab.train import MIN_STEPS_PER_EPOCH
+from test_finetune import losses  # loss per step of one stage
 
 PAIRS = [('red', 'rouge'), ('blue', 'bleu'), ('green', 'vert'), ('black', 'noir'), ('white', 'blanc'),
          ('cat', 'chat'), ('dog', 'chien'), ('house', 'maison'), ('water', 'eau')]
@@ -14,10 +15,6 @@ def short_rows(n):
     return [{'messages': [{'role': 'user', 'content': f'French for {en}?'}, {'role': 'assistant', 'content': fr}],
              'rejected_message': {'role': 'assistant', 'content': PAIRS[(i + 1) % len(PAIRS)][1]}, 'split': 'TRAIN'}
             for i, (en, fr) in enumerate((PAIRS * (n // len(PAIRS) + 1))[:n])]
-
-def losses(ft, stage):
-    h = ft.history_
-    return h[h['stage'] == stage]['loss'].dropna().tolist()
 
 def test_ninety_short_rows_train_with_auto_batch(lab, tiny_model_dir):
     # the issue's case: 90 short rows, 2 epochs, multiplier 10, default batch_size "auto", on CPU
