@@ -578,7 +578,7 @@ async def _acreate(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
     if call.criteria:
         import asyncio
-        criteria = _load_criteria(comp._client, call.criteria)
+        criteria = await asyncio.to_thread(_load_criteria, comp._client, call.criteria)  # database reads, maybe a reward model: off the event loop
         result = await _acreate_plain(comp, call)
         return await asyncio.to_thread(_judge_choices, result, call.request, criteria)
     return await _acreate_plain(comp, call)
