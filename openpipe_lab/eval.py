@@ -434,7 +434,7 @@ def _config(self: Eval, entries: list) -> dict:
     return {'models': self.model_names, 'n_entries': len(entries),
             'graders': [{'kind': 'code', 'name': g['name'], 'timeout': g['timeout']} for g in self.graders],
             'criteria': [{'name': c['name'], 'judge_model': c['judge_model']} for c in self.criteria],
-            'head_to_head': [{k: v for k, v in h.items() if k != 'fn'} for h in self.head_to_heads],
+            'head_to_head': [dict(h) for h in self.head_to_heads],
             **{k: getattr(self, k) for k in ('temperature', 'max_tokens', 'cache', 'concurrency')}}
 
 @patch
