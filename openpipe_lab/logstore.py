@@ -94,7 +94,10 @@ class _Durable:
     "A marker in the writer's queue: `callback(error)` runs once every row queued before it is committed (group commit)."
     __slots__ = ('callback', 'error')
     def __init__(self, callback): self.callback, self.error = callback, None
-    def set(self): self.callback(self.error)
+    def set(self):
+        try: self.callback(self.error)
+        except Exception as e:  # a failing callback must not end the writer thread (every later log would wait forever)
+            warnings.warn(f"openpipe_lab: a when_durable callback raised {type(e).__name__}: {e}; the log writer carries on")
 
 def _bad_data(e) -> bool:
     "An error a retry cannot fix: a value the driver cannot encode or the database refuses."

@@ -137,3 +137,17 @@ def test_update_metadata_and_filter_store_lone_surrogate_tags_like_record(lab):
     assert len(lab.all().filter(c=bad_new)) == 2 and len(lab.all().filter(a=bad_old, b='1')) == 1
     assert lab.all().filter(a=bad_old).update_metadata(c=None) == 1
     assert len(lab.all().filter(c=bad_new)) == 1
+
+def test_a_raising_when_durable_callback_does_not_stop_the_writer(lab):
+    "The callback runs on the writer thread: its exception is a warning, and the logs after it are still written."
+    import threading, warnings
+    first = lab.record(model='m', req_payload={'messages': []})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        lab.when_durable(lambda err: 1 / 0)
+        later = lab.record(model='m', req_payload={'messages': []})
+        done, got = threading.Event(), []
+        lab.when_durable(lambda err: (got.append(err), done.set()))
+        assert done.wait(10) and got == [None]
+    assert sorted(lab.all().ids()) == sorted([first, later])
+    assert any('when_durable callback raised ZeroDivisionError' in str(w.message) for w in caught)
