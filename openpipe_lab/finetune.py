@@ -580,7 +580,7 @@ def _launch(self: FineTune, machine_rank: int = 0):
     out = self.output_dir
     env = dict(os.environ, OPENPIPE_LAB_DB=self.store.db.url, OPENPIPE_LAB_DIR=str(Path(self.store.dir).resolve()),
                PYTHONUNBUFFERED='1', TOKENIZERS_PARALLELISM='false')
-    shutil.rmtree(out / 'ranks', ignore_errors=True)  # pid files of an earlier run
+    for f in (out / 'ranks').glob(f'{socket.gethostname()}-*.pid'): f.unlink(missing_ok=True)  # this machine's, of an earlier run
     log = open(out / 'train.log', 'ab')
     self._proc = subprocess.Popen(self.launch_command(machine_rank), stdout=log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
