@@ -59,6 +59,7 @@ def cases(lab, tmp):
         ('Dataset.set_split', "split 'VALID'", ConfigError, lambda: ds.set_split([], 'VALID')),
         ('FineTune', 'a slug with spaces', ConfigError, lambda: FineTune([ROW], 'HuggingFaceTB/SmolLM2-135M-Instruct', 'My Model', store=lab)),
         ('FineTune', 'lora_rank=0', ConfigError, lambda: FineTune([ROW], 'HuggingFaceTB/SmolLM2-135M-Instruct', 'ok-slug', lora_rank=0, store=lab)),
+        ('FineTune', 'num_machines=2 without main_process_ip', ConfigError, lambda: FineTune([ROW], 'HuggingFaceTB/SmolLM2-135M-Instruct', 'ok-slug', num_machines=2, store=lab)),
         ('FineTune', 'a base model folder that does not exist', ConfigError, lambda: FineTune([ROW], str(tmp / 'no-model'), 'ok-slug', store=lab)),
         ('FineTune.get', 'an unknown slug', NotFoundError, lambda: FineTune.get('no-such-model', store=lab)),
         ('Deployment', 'no models and no base_model', ConfigError, lambda: Deployment([], store=lab)),
