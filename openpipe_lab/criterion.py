@@ -388,6 +388,7 @@ def judge_many(self: Criterion, rows: list,  # dicts with `output` and optionall
 # %% ../nbs/09_criterion.ipynb #cfc88cb7
 _REWARD_MODELS: dict = {}
 _REWARD_LOCK = threading.Lock()
+_MAPPINGS: dict = {}  # (lab, criterion name, model id, labels hash) -> fitted mapping, for from_reward_model
 
 def reward_mapping(rewards, labels) -> dict:
     "The 0..1 mapping of raw rewards: a logistic fitted on PASS/FAIL `labels` when both occur, else the plain sigmoid."
@@ -427,9 +428,12 @@ def from_reward_model(cls: Criterion, slug: str,  # a DEPLOYED `FineTune.reward_
     with store.db.connect() as c:
         labeled = c.execute(sa.select(r.c.messages, r.c.tools, r.c.output, r.c.judgement).where(
             r.c.criterion == crit.name, r.c.judgement.in_(['PASS', 'FAIL'])).order_by(r.c.position)).all()
-    if labeled:
-        rewards = [crit._raw_reward(loads(x.output), loads(x.messages), loads(x.tools))[0] for x in labeled]
-        crit.config['mapping'] = reward_mapping(rewards, [x.judgement for x in labeled])
+    if labeled:  # the fit runs the model over every labeled row: reused while the model and the labels are the same
+        key = (store.url, crit.name, ft.id, content_hash([[x.messages, x.tools, x.output, x.judgement] for x in labeled]))
+        if key not in _MAPPINGS:
+            rewards = [crit._raw_reward(loads(x.output), loads(x.messages), loads(x.tools))[0] for x in labeled]
+            _MAPPINGS[key] = reward_mapping(rewards, [x.judgement for x in labeled])
+        crit.config['mapping'] = dict(_MAPPINGS[key])
     return crit
 
 @patch(as_prop=True)

@@ -203,7 +203,7 @@ CAPITALS = [('France', 'Paris', 'London'), ('Sweden', 'Stockholm', 'Berlin'), ('
 def ask(country): return [{'role': 'system', 'content': 'Answer with the city.'}, {'role': 'user', 'content': f'Capital of {country}?'}]
 
 
-def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, up, tiny_model_dir):
+def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, up, tiny_model_dir, monkeypatch):
     import torch
     from sklearn.linear_model import LogisticRegression
     from openpipe_lab.finetune import FineTune
@@ -243,6 +243,14 @@ def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, up, tin
     many = fitted.judge_many([{'output': r['output'], 'messages': r['messages']} for r in labeled], progress=False)
     assert all(m['error'] is None for m in many) and 'logistic fitted on 8' in many[0]['explanation']
     assert fitted.align(progress=False).stats_['n'] == 8
+    # reopening (op-criteria does, per request) reuses the fit while the labels are the same; a changed label refits
+    calls, real = [], Criterion._raw_reward
+    monkeypatch.setattr(Criterion, '_raw_reward', lambda self, *a: calls.append(a) or real(self, *a))
+    again = Criterion.from_reward_model('rm', store=lab)
+    assert calls == [] and again.version == 'rm@v2' and again.config['mapping'] == fitted.config['mapping']
+    crit.set_judgement(labeled[0]['id'], 'SKIP')
+    refit = Criterion.from_reward_model('rm', store=lab)
+    assert len(calls) == 7 and refit.mapping_ == 'logistic fitted on 7 alignment labels'
     with pytest.raises(NotFoundError, match="no reward model 'nope'"): Criterion.from_reward_model('nope', store=lab)
 
 
