@@ -34,6 +34,10 @@ VERDICT_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': [
 LOCAL_VERDICT_SCHEMA = {**VERDICT_SCHEMA, 'properties': {**VERDICT_SCHEMA['properties'],
                         'explanation': {**VERDICT_SCHEMA['properties']['explanation'], 'maxLength': 240}}}
 _HOSTED = ('openai', 'azure', 'anthropic', 'gemini')
+
+def _local_route(route) -> bool:
+    "True for a route to a local server (vLLM, a custom OpenAI-compatible provider), where the capped schema is sent."
+    return route.provider not in _HOSTED and route.api != 'azure'
 JUDGE_INSTRUCTIONS = ("You are a careful judge. Read the criterion and the output to judge (with the input that produced it, "
                       "when given). Decide whether the output passes the criterion, say why in one or two sentences in "
                       "`explanation`, then give `verdict`: PASS if the criterion passed, FAIL if it failed.")
@@ -250,7 +254,7 @@ def _route_api(self: Criterion) -> str:
     if self._api is None:
         from openpipe_lab.providers import resolve
         route = resolve(self.judge_model, self.store)
-        self._api, self._local = route.api, route.provider not in _HOSTED and route.api != 'azure'
+        self._api, self._local = route.api, _local_route(route)
     return self._api
 
 @patch

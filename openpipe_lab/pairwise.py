@@ -121,11 +121,11 @@ def _same_output(a: dict | None, b: dict | None) -> bool:
 def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> tuple:
     "(request kwargs, openpipe options) of one judge call."
     from openpipe_lab.providers import resolve
-    from openpipe_lab.criterion import _HOSTED  # one list of the hosted providers (their strict modes reject maxLength)
+    from openpipe_lab.criterion import _local_route  # one rule for where the capped schema goes (hosted strict modes reject maxLength)
     route = resolve(cfg['judge_model'], self._lab_store())
     req = dict(model=cfg['judge_model'], messages=judge_messages(entry, output_a, output_b, cfg['instructions']),
                temperature=0, max_tokens=cfg['max_tokens'])
-    if cfg['structured']: req['response_format'] = _LOCAL_SCHEMA if route.provider not in _HOSTED else VERDICT_SCHEMA
+    if cfg['structured']: req['response_format'] = _LOCAL_SCHEMA if _local_route(route) else VERDICT_SCHEMA
     return req, self._call_options('head-to-head')
 
 @patch
