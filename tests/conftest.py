@@ -8,16 +8,10 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture
-def lab(tmp_path, monkeypatch):
-    "A fresh LogStore in a temporary directory, also made the default lab for the test."
-    from openpipe_lab.logstore import LogStore, _STORES
-    monkeypatch.setenv('OPENPIPE_LAB_DIR', str(tmp_path))
-    monkeypatch.delenv('OPENPIPE_LAB_DB', raising=False)
-    store = LogStore(str(tmp_path / 'lab.db'))
-    _STORES[str(tmp_path / 'lab.db')] = store
-    yield store
-    store.close()
-    _STORES.pop(str(tmp_path / 'lab.db'), None)
+def lab(tmp_path):
+    "A fresh LogStore in a temporary directory, also made the default lab for the test (see tiny_model.default_lab)."
+    from tiny_model import default_lab
+    with default_lab(tmp_path) as store: yield store
 
 @pytest.fixture
 def pg_url():
