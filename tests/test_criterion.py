@@ -6,6 +6,7 @@ import pytest
 from fakes import FakeUpstream, Reply, fake_upstream, fake_providers  # noqa: F401  (fixtures)
 from openpipe_lab.core import ConfigError, EvalError, NotFoundError, ValidationError
 from openpipe_lab.criterion import Criterion, JudgeError, VERDICT_TOOL, TOP_LOGPROBS
+import openpipe_lab.alignment  # noqa: F401,E402  (adds add_alignment, set_judgement, align to Criterion)
 from openpipe_lab.store import tables
 
 PROMPT = "Mark the criterion as failed if the output contains an email address; passed otherwise."
