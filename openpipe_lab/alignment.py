@@ -16,12 +16,13 @@ from .criterion import Criterion, as_output
 # %% auto #0
 __all__ = ['JUDGEMENTS', 'MAX_JSONL_BYTES', 'MIN_ROWS', 'MIN_PER_CLASS', 'alignment_stats', 'LabelingUI']
 
-# %% ../nbs/09a_alignment.ipynb #f6c27aaa
+# %% ../nbs/09a_alignment.ipynb #48800743
 JUDGEMENTS = ('PASS', 'FAIL', 'SKIP')  # human labels; None = unlabeled
 MAX_JSONL_BYTES = 10 * 1024 * 1024   # the spec's upload limit for alignment sets
 MIN_ROWS, MIN_PER_CLASS = 30, 10     # below these, alignment stats carry a warning
 
 def _check_judgement(judgement, where: str):
+    "`judgement` if it is one of `JUDGEMENTS` or None; `ConfigError` naming `where` otherwise."
     if judgement is not None and judgement not in JUDGEMENTS:
         raise ConfigError(f"{where}: judgement must be one of {list(JUDGEMENTS)} or None (unlabeled), got {judgement!r}")
     return judgement
@@ -29,6 +30,18 @@ def _check_judgement(judgement, where: str):
 def _row_hash(messages, tools, tool_choice, output) -> str:
     return content_hash({'messages': messages, 'tools': tools, 'tool_choice': tool_choice, 'output': output})
 
+# %% ../nbs/09a_alignment.ipynb #7b4651bc
+@patch
+def alignment_rows(self: Criterion) -> list[dict]:
+    "The alignment set of this criterion's name, in order: dicts with id, messages, tools, tool_choice, output, judgement, source."
+    t = tables.criterion_rows
+    with self.store.db.connect() as c:
+        rows = c.execute(sa.select(t).where(t.c.criterion == self.name).order_by(t.c.position)).mappings().all()
+    return [{'id': r['id'], 'position': r['position'], 'messages': loads(r['messages']), 'tools': loads(r['tools']),
+             'tool_choice': loads(r['tool_choice']), 'output': loads(r['output']), 'judgement': r['judgement'],
+             'source': loads(r['source'])} for r in rows]
+
+# %% ../nbs/09a_alignment.ipynb #c201773f
 @patch
 def _add_rows(self: Criterion, rows: list) -> int:
     "Insert alignment rows (dicts: messages, tools, tool_choice, output, judgement, source); returns how many were new."
@@ -48,25 +61,7 @@ def _add_rows(self: Criterion, rows: list) -> int:
                                         judgement=r.get('judgement'), source=dumps(r.get('source')), row_hash=h, created_at=now, updated_at=now))
     return added
 
-@patch
-def alignment_rows(self: Criterion) -> list[dict]:
-    "The alignment set of this criterion's name, in order: dicts with id, messages, tools, tool_choice, output, judgement, source."
-    t = tables.criterion_rows
-    with self.store.db.connect() as c:
-        rows = c.execute(sa.select(t).where(t.c.criterion == self.name).order_by(t.c.position)).mappings().all()
-    return [{'id': r['id'], 'position': r['position'], 'messages': loads(r['messages']), 'tools': loads(r['tools']),
-             'tool_choice': loads(r['tool_choice']), 'output': loads(r['output']), 'judgement': r['judgement'],
-             'source': loads(r['source'])} for r in rows]
-
-# %% ../nbs/09a_alignment.ipynb #e15b7546
-def _source_rows(data) -> tuple[list, str | None]:
-    "(rows with an optional entry id, dataset name) from a Dataset, a DatasetSplit or a list of row dicts."
-    if hasattr(data, 'entries') and hasattr(data, 'store'):
-        name = getattr(data, 'name', None)
-        return data.entries(0, None), (name if isinstance(name, str) else getattr(getattr(data, 'dataset', None), 'name', None))
-    if isinstance(data, (list, tuple)): return list(data), None
-    raise ConfigError(f"add_alignment: data must be a Dataset, a split (ds.test) or a list of row dicts, got {type(data).__name__}")
-
+# %% ../nbs/09a_alignment.ipynb #d49cb119
 @patch
 def add_alignment(self: Criterion, data,  # a Dataset, a split (`ds.test`) or a list of rows with `messages`
                   n: int = 30,  # rows to sample (all of them when there are fewer)
@@ -78,6 +73,22 @@ def add_alignment(self: Criterion, data,  # a Dataset, a split (`ds.test`) or a 
     if not (isinstance(n, int) and n >= 1): raise ConfigError(f"add_alignment: n must be a positive integer, got {n!r}")
     rows, dataset = _source_rows(data)
     picked = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    out, problems = _sampled_rows(rows, picked, dataset, output_model)
+    if output_model is not None: self._generate_outputs(out, output_model, concurrency)
+    self.errors, self.added_ = problems, self._add_rows(out)
+    return self
+
+# %% ../nbs/09a_alignment.ipynb #9f559cb4
+def _source_rows(data) -> tuple[list, str | None]:
+    "(rows with an optional entry id, dataset name) from a Dataset, a DatasetSplit or a list of row dicts."
+    if hasattr(data, 'entries') and hasattr(data, 'store'):
+        name = getattr(data, 'name', None)
+        return data.entries(0, None), (name if isinstance(name, str) else getattr(getattr(data, 'dataset', None), 'name', None))
+    if isinstance(data, (list, tuple)): return list(data), None
+    raise ConfigError(f"add_alignment: data must be a Dataset, a split (ds.test) or a list of row dicts, got {type(data).__name__}")
+
+def _sampled_rows(rows: list, picked: list, dataset, output_model) -> tuple[list, list]:
+    "(alignment rows, problems) for the picked indices of `rows`."
     out, problems = [], []
     for i in picked:
         r = functions_to_tools(rows[i]) if isinstance(rows[i], dict) else None
@@ -89,10 +100,9 @@ def add_alignment(self: Criterion, data,  # a Dataset, a split (`ds.test`) or a 
         source = {'dataset': dataset, 'entry_id': r.get('id'), 'index': i, 'output_model': output_model}
         out.append({'messages': inputs, 'tools': r.get('tools'), 'tool_choice': r.get('tool_choice'), 'output': output,
                     'source': {k: v for k, v in source.items() if v is not None}})
-    if output_model is not None: self._generate_outputs(out, output_model, concurrency)
-    self.errors, self.added_ = problems, self._add_rows(out)
-    return self
+    return out, problems
 
+# %% ../nbs/09a_alignment.ipynb #184cfb39
 @patch
 def _generate_outputs(self: Criterion, rows: list, model: str, concurrency: int):
     "Fill each row's output with `model`'s answer to its input (logged, cached)."
@@ -105,7 +115,7 @@ def _generate_outputs(self: Criterion, rows: list, model: str, concurrency: int)
         r['output'] = as_output(c.choices[0].message)
     with ThreadPoolExecutor(concurrency) as pool: list(pool.map(one, rows))
 
-# %% ../nbs/09a_alignment.ipynb #b1143a66
+# %% ../nbs/09a_alignment.ipynb #d94b0bfd
 @patch
 def add_alignment_jsonl(self: Criterion, path: str | Path  # a .jsonl file: OpenAI fine-tuning rows + optional "judgement"
                        ) -> Criterion:
@@ -114,6 +124,16 @@ def add_alignment_jsonl(self: Criterion, path: str | Path  # a .jsonl file: Open
     size = Path(path).expanduser().stat().st_size
     if size > MAX_JSONL_BYTES:
         raise ConfigError(f"{path} is {size / 1e6:.1f} MB; alignment set uploads are limited to 10 MB: split the file or sample it")
+    rows, problems, seen = _jsonl_rows(lines, Path(path).name)
+    if not rows:
+        raise ValidationError(f"nothing to import from {path}: no valid line ({seen} line{'s' * (seen != 1)} read); "
+                              f"the alignment set of {self.name!r} is unchanged", problems or [Problem('', 'the file is empty')])
+    self.errors, self.added_ = problems, self._add_rows(rows)
+    return self
+
+# %% ../nbs/09a_alignment.ipynb #9ad411ee
+def _jsonl_rows(lines, file: str) -> tuple[list, list, int]:
+    "(alignment rows, problems, lines seen) from `read_jsonl`'s (line, object or Problem) pairs."
     rows, problems, seen = [], [], 0
     for line, obj in lines:
         seen += 1
@@ -126,14 +146,10 @@ def add_alignment_jsonl(self: Criterion, path: str | Path  # a .jsonl file: Open
         obj = functions_to_tools(obj)
         inputs, output = split_output(obj['messages'])
         rows.append({'messages': inputs, 'tools': obj.get('tools'), 'tool_choice': obj.get('tool_choice'), 'output': output,
-                     'judgement': j, 'source': {'file': Path(path).name, 'line': line}})
-    if not rows:
-        raise ValidationError(f"nothing to import from {path}: no valid line ({seen} line{'s' * (seen != 1)} read); "
-                              f"the alignment set of {self.name!r} is unchanged", problems or [Problem('', 'the file is empty')])
-    self.errors, self.added_ = problems, self._add_rows(rows)
-    return self
+                     'judgement': j, 'source': {'file': file, 'line': line}})
+    return rows, problems, seen
 
-# %% ../nbs/09a_alignment.ipynb #e739b9b4
+# %% ../nbs/09a_alignment.ipynb #8da977ff
 @patch
 def set_judgement(self: Criterion, row_id: str,  # an alignment row's id (`alignment_rows()`, `alignment_.row_id`)
                   judgement: str | None  # 'PASS' | 'FAIL' | 'SKIP' | None (unlabeled)
@@ -146,19 +162,7 @@ def set_judgement(self: Criterion, row_id: str,  # an alignment row's id (`align
     if not n: raise NotFoundError(f"no alignment row {row_id!r} for criterion {self.name!r}: crit.alignment_rows() lists them")
     return self
 
-# %% ../nbs/09a_alignment.ipynb #54f20e57
-def _from_counts(tp, fp, fn, tn):
-    "precision, recall, f1, kappa, accuracy from confusion counts (arrays allowed); NaN where undefined."
-    import numpy as np
-    tp, fp, fn, tn = (np.asarray(x, dtype=float) for x in (tp, fp, fn, tn))
-    n = tp + fp + fn + tn
-    with np.errstate(divide='ignore', invalid='ignore'):
-        precision, recall = tp / (tp + fp), tp / (tp + fn)
-        f1 = 2 * tp / (2 * tp + fp + fn)
-        po, pe = (tp + tn) / n, ((tp + fn) * (tp + fp) + (fp + tn) * (fn + tn)) / n ** 2
-        kappa = (po - pe) / (1 - pe)
-    return {'precision': precision, 'recall': recall, 'f1': f1, 'kappa': kappa, 'accuracy': po}
-
+# %% ../nbs/09a_alignment.ipynb #60a538ac
 def alignment_stats(human: list,  # the human labels, 'PASS' | 'FAIL'
                     judge: list,  # the judge's verdicts for the same rows
                     n_boot: int = 2000,  # bootstrap resamples for the intervals
@@ -173,39 +177,65 @@ def alignment_stats(human: list,  # the human labels, 'PASS' | 'FAIL'
     p, r, f, _ = precision_recall_fscore_support(h, j, labels=['FAIL'], average=None, zero_division=np.nan)
     (tp, fn), (fp, tn) = confusion_matrix(h, j, labels=['FAIL', 'PASS'])
     kappa = cohen_kappa_score(h, j, labels=['FAIL', 'PASS']) if len(set(h) | set(j)) > 1 else float('nan')
-    stats = {'precision': float(p[0]), 'recall': float(r[0]), 'f1': float(f[0]), 'kappa': float(kappa),
-             'accuracy': float(accuracy_score(h, j)), 'n': int(len(h)),
-             'confusion': {'tp': int(tp), 'fp': int(fp), 'fn': int(fn), 'tn': int(tn)}}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(h), size=(n_boot, len(h)))
+    return {'precision': float(p[0]), 'recall': float(r[0]), 'f1': float(f[0]), 'kappa': float(kappa),
+            'accuracy': float(accuracy_score(h, j)), 'n': int(len(h)),
+            'confusion': {'tp': int(tp), 'fp': int(fp), 'fn': int(fn), 'tn': int(tn)}, 'intervals': _intervals(h, j, n_boot, seed)}
+
+# %% ../nbs/09a_alignment.ipynb #dfbc5663
+def _intervals(h, j, n_boot: int, seed: int) -> dict:
+    "95% percentile-bootstrap intervals of every statistic of `_from_counts`, resampling rows."
+    import numpy as np
+    idx = np.random.default_rng(seed).integers(0, len(h), size=(n_boot, len(h)))
     hf, jf = (h == 'FAIL')[idx], (j == 'FAIL')[idx]
     boot = _from_counts((hf & jf).sum(1), (~hf & jf).sum(1), (hf & ~jf).sum(1), (~hf & ~jf).sum(1))
-    stats['intervals'] = {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) if np.isfinite(v).any() else (float('nan'),) * 2
-                          for k, v in boot.items()}
-    return stats
+    return {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) if np.isfinite(v).any() else (float('nan'),) * 2
+            for k, v in boot.items()}
 
-# %% ../nbs/09a_alignment.ipynb #7ce8a9eb
-_ALIGN_COLUMNS = ['row_id', 'messages', 'tools', 'output', 'judgement', 'score', 'verdict', 'explanation', 'error', 'agree']
+def _from_counts(tp, fp, fn, tn):
+    "precision, recall, f1, kappa, accuracy from confusion counts (arrays allowed); NaN where undefined."
+    import numpy as np
+    tp, fp, fn, tn = (np.asarray(x, dtype=float) for x in (tp, fp, fn, tn))
+    n = tp + fp + fn + tn
+    with np.errstate(divide='ignore', invalid='ignore'):
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        po, pe = (tp + tn) / n, ((tp + fn) * (tp + fp) + (fp + tn) * (fn + tn)) / n ** 2
+        kappa = (po - pe) / (1 - pe)
+    return {'precision': precision, 'recall': recall, 'f1': f1, 'kappa': kappa, 'accuracy': po}
 
+# %% ../nbs/09a_alignment.ipynb #edde2a11
 @patch
 def align(self: Criterion, concurrency: int = 16,  # judgements in flight at once
           progress: bool = True  # show a progress bar
          ) -> Criterion:
     "Judge every alignment row with this version and compare with the human labels: fills `alignment_` and `stats_`."
-    import pandas as pd
     rows = self.alignment_rows()
     if not rows:
         raise EvalError(f"criterion {self.name!r} has no alignment rows: add some with crit.add_alignment(ds.test, n=30) "
                         f"or crit.add_alignment_jsonl(path), then label them")
     results = self.judge_many(rows, concurrency=concurrency, progress=progress)
+    self.alignment_, self.aligned_version_, self.stats_ = _alignment_frame(rows, results), self.version, None
+    self.stats_ = self._alignment_stats(self.alignment_)
+    return self
+
+# %% ../nbs/09a_alignment.ipynb #3c010735
+_ALIGN_COLUMNS = ['row_id', 'messages', 'tools', 'output', 'judgement', 'score', 'verdict', 'explanation', 'error', 'agree']
+
+def _alignment_frame(rows: list, results: list) -> 'pd.DataFrame':
+    "One row per alignment row: the human label, the judge's score and verdict, and whether they agree."
+    import pandas as pd
     recs = []
     for r, res in zip(rows, results):
         verdict = None if res['score'] is None else ('PASS' if res['score'] >= 0.5 else 'FAIL')
         agree = None if verdict is None or r['judgement'] not in ('PASS', 'FAIL') else verdict == r['judgement']
         recs.append({'row_id': r['id'], 'messages': r['messages'], 'tools': r['tools'], 'output': r['output'], 'judgement': r['judgement'],
                      'score': res['score'], 'verdict': verdict, 'explanation': res['explanation'], 'error': res['error'], 'agree': agree})
-    self.alignment_, self.aligned_version_, self.stats_ = pd.DataFrame(recs, columns=_ALIGN_COLUMNS), self.version, None
-    df = self.alignment_
+    return pd.DataFrame(recs, columns=_ALIGN_COLUMNS)
+
+# %% ../nbs/09a_alignment.ipynb #d960394c
+@patch
+def _alignment_stats(self: Criterion, df) -> dict:
+    "`alignment_stats` over the labeled, judged rows of `df`, with counts, the version and warnings."
     labeled = df[df['judgement'].isin(['PASS', 'FAIL'])]
     if labeled.empty:
         raise EvalError(f"criterion {self.name!r}: none of its {len(df)} alignment rows is labeled PASS or FAIL, so there is "
@@ -220,10 +250,10 @@ def align(self: Criterion, concurrency: int = 16,  # judgements in flight at onc
                        'skipped': int((df['judgement'] == 'SKIP').sum()), 'unlabeled': int(df['judgement'].isna().sum()),
                        'judge_pass': int(jc.get('PASS', 0)), 'judge_fail': int(jc.get('FAIL', 0)), 'errors': int(df['error'].notna().sum())}
     stats['version'], stats['warnings'] = self.version, _warnings(stats)
-    self.stats_ = stats
-    return self
+    return stats
 
 def _warnings(stats) -> list[str]:
+    "What makes these statistics shaky: too few labeled rows, too few of one label, failed judgements."
     c, out = stats['counts'], []
     if stats['n'] < MIN_ROWS: out.append(f"only {stats['n']} labeled rows: label at least {MIN_ROWS} for meaningful stats (the spec's advice)")
     for label in ('FAIL', 'PASS'):
@@ -232,13 +262,14 @@ def _warnings(stats) -> list[str]:
     if c['errors']: out.append(f"{c['errors']} judgements failed (see alignment_.error): they are left out of the stats")
     return out
 
+# %% ../nbs/09a_alignment.ipynb #90d4011c
 @patch(as_prop=True)
 def disagreements_(self: Criterion) -> 'pd.DataFrame':
     "The aligned rows where the judge's verdict differs from the human label."
     if getattr(self, 'alignment_', None) is None: raise EvalError(f"criterion {self.name!r} is not aligned yet: call crit.align()")
     return self.alignment_[self.alignment_['agree'] == False]  # noqa: E712 (None means 'not comparable')
 
-# %% ../nbs/09a_alignment.ipynb #745645df
+# %% ../nbs/09a_alignment.ipynb #2537f066
 @patch
 def compare(self: Criterion, other: Criterion,  # another version of the same criterion (same name, same labels)
             alpha: float = 0.05,  # significance level for `better`
@@ -260,7 +291,7 @@ def compare(self: Criterion, other: Criterion,  # another version of the same cr
             'accuracy_a': float(right_a.mean()) if len(both) else float('nan'),
             'accuracy_b': float(right_b.mean()) if len(both) else float('nan'), 'p_value': float(p), 'better': better}
 
-# %% ../nbs/09a_alignment.ipynb #c7d2e986
+# %% ../nbs/09a_alignment.ipynb #d4f656c4
 def _fmt(v) -> str: return '—' if v is None or v != v else f"{v:.2f}"
 
 @patch
@@ -276,7 +307,7 @@ def _repr_markdown_(self: Criterion) -> str:
             f"\n\nConfusion: {c['tp']} both FAIL, {c['tn']} both PASS, {c['fp']} judge-only FAIL, {c['fn']} human-only FAIL.")
     return out + ''.join(f"\n\n⚠ {w}" for w in s['warnings'])
 
-# %% ../nbs/09a_alignment.ipynb #28b66667
+# %% ../nbs/09a_alignment.ipynb #ece2e0f5
 _SHOWS = ('all', 'unlabeled', 'disagreements')
 
 class LabelingUI:
@@ -288,45 +319,54 @@ class LabelingUI:
         W = require('ipywidgets')
         from openpipe_lab.review import render_message
         self.crit, self._render, self.index = criterion, render_message, 0
-        self.filter = W.ToggleButtons(options=list(_SHOWS), value=show)
-        self.progress, self.chat, self.verdict, self.status = W.HTML(), W.HTML(), W.HTML(), W.HTML()
-        self.pass_button = W.Button(description='PASS', button_style='success', tooltip='the output passes (p)')
-        self.fail_button = W.Button(description='FAIL', button_style='danger', tooltip='the output fails (f)')
-        self.skip_button = W.Button(description='SKIP', tooltip='unsure: leave it out of the stats (s)')
-        self.prev_button, self.next_button = W.Button(description='◀ back'), W.Button(description='next ▶')
-        self.keys = W.Text(placeholder='p f s, n b', description='keys', continuous_update=True, layout=W.Layout(width='200px'))
-        for b, j in ((self.pass_button, 'PASS'), (self.fail_button, 'FAIL'), (self.skip_button, 'SKIP')): b.on_click(lambda _, j=j: self.set(j))
-        self.prev_button.on_click(lambda _: self.go(self.index - 1))
-        self.next_button.on_click(lambda _: self.go(self.index + 1))
-        self.filter.observe(lambda _: self.go(0), 'value')
-        self.keys.observe(self._on_key, 'value')
-        self.widget = W.VBox([W.HBox([self.filter, self.progress]), self.chat,
-                              W.HBox([self.pass_button, self.fail_button, self.skip_button, self.prev_button, self.next_button, self.keys]),
-                              self.verdict, self.status])
+        self._build(W, show)
         self.go(0)
 
     def __repr__(self): return f"LabelingUI({self.crit.name!r}, {self.labeled} labeled, {self.to_go} to go)"
 
-# %% ../nbs/09a_alignment.ipynb #7924a05f
 @patch
-def _rows(self: LabelingUI, rows: list) -> list:
-    "The rows the filter shows, out of every alignment row."
-    f = self.filter.value
-    if f == 'unlabeled': return [r for r in rows if r['judgement'] is None]
-    if f == 'disagreements':
-        al = getattr(self.crit, 'alignment_', None)
-        if al is None: return []
-        ids = set(al.loc[al['agree'] == False, 'row_id'])  # noqa: E712
-        return [r for r in rows if r['id'] in ids]
-    return rows
+def label(self: Criterion, show: str = 'all'  # 'all' | 'unlabeled' | 'disagreements'
+         ) -> LabelingUI:
+    "An ipywidgets UI to label this criterion's alignment rows (PASS / FAIL / SKIP buttons and keys)."
+    return LabelingUI(self, show)
+
+# %% ../nbs/09a_alignment.ipynb #3027b9be
+@patch
+def _build(self: LabelingUI, W, show: str):
+    "Create and wire the widgets (`self.widget` is the whole UI)."
+    self.filter = W.ToggleButtons(options=list(_SHOWS), value=show)
+    self.progress, self.chat, self.verdict, self.status = W.HTML(), W.HTML(), W.HTML(), W.HTML()
+    self.pass_button = W.Button(description='PASS', button_style='success', tooltip='the output passes (p)')
+    self.fail_button = W.Button(description='FAIL', button_style='danger', tooltip='the output fails (f)')
+    self.skip_button = W.Button(description='SKIP', tooltip='unsure: leave it out of the stats (s)')
+    self.prev_button, self.next_button = W.Button(description='◀ back'), W.Button(description='next ▶')
+    self.keys = W.Text(placeholder='p f s, n b', description='keys', continuous_update=True, layout=W.Layout(width='200px'))
+    for b, j in ((self.pass_button, 'PASS'), (self.fail_button, 'FAIL'), (self.skip_button, 'SKIP')): b.on_click(lambda _, j=j: self.set(j))
+    self.prev_button.on_click(lambda _: self.go(self.index - 1))
+    self.next_button.on_click(lambda _: self.go(self.index + 1))
+    self.filter.observe(lambda _: self.go(0), 'value')
+    self.keys.observe(self._on_key, 'value')
+    self.widget = W.VBox([W.HBox([self.filter, self.progress]), self.chat,
+                          W.HBox([self.pass_button, self.fail_button, self.skip_button, self.prev_button, self.next_button, self.keys]),
+                          self.verdict, self.status])
 
 @patch
-def _count(self: LabelingUI, every: list):
-    "Count labeled / to-go rows out of `every` alignment row and show them in the progress line."
-    self.labeled = sum(r['judgement'] in JUDGEMENTS for r in every)
-    self.to_go = len(every) - self.labeled
-    self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
+def _on_key(self: LabelingUI, change):
+    key = (change['new'] or '').strip().lower()
+    if not key: return
+    self.keys.value = ''
+    action = {'p': lambda: self.set('PASS'), 'f': lambda: self.set('FAIL'), 's': lambda: self.set('SKIP'),
+              'n': lambda: self.go(self.index + 1), 'b': lambda: self.go(self.index - 1)}.get(key[-1])
+    if action: action()
+    else: self.status.value = f"<span style='color:#b91c1c'>unknown key {html.escape(key)!r}: p f s label, n b move</span>"
 
+@patch
+def _repr_mimebundle_(self: LabelingUI, **kw):
+    bundle = self.widget._repr_mimebundle_(**kw) or {}
+    if isinstance(bundle, tuple): bundle = bundle[0]
+    return {**bundle, 'text/plain': repr(self)}
+
+# %% ../nbs/09a_alignment.ipynb #f4237119
 @patch
 def go(self: LabelingUI, index: int) -> LabelingUI:
     "Show row `index` of the filtered rows (clamped); the judge's verdict stays hidden until the row is labeled."
@@ -347,6 +387,27 @@ def go(self: LabelingUI, index: int) -> LabelingUI:
     if r['judgement']: self._show_verdict(r)
     return self
 
+# %% ../nbs/09a_alignment.ipynb #e898b8ee
+@patch
+def _rows(self: LabelingUI, rows: list) -> list:
+    "The rows the filter shows, out of every alignment row."
+    f = self.filter.value
+    if f == 'unlabeled': return [r for r in rows if r['judgement'] is None]
+    if f == 'disagreements':
+        al = getattr(self.crit, 'alignment_', None)
+        if al is None: return []
+        ids = set(al.loc[al['agree'] == False, 'row_id'])  # noqa: E712
+        return [r for r in rows if r['id'] in ids]
+    return rows
+
+@patch
+def _count(self: LabelingUI, every: list):
+    "Count labeled / to-go rows out of `every` alignment row and show them in the progress line."
+    self.labeled = sum(r['judgement'] in JUDGEMENTS for r in every)
+    self.to_go = len(every) - self.labeled
+    self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
+
+# %% ../nbs/09a_alignment.ipynb #c70b8c98
 @patch
 def set(self: LabelingUI, judgement: str) -> LabelingUI:
     "Label the row shown, then reveal the judge's verdict on it."
@@ -357,8 +418,10 @@ def set(self: LabelingUI, judgement: str) -> LabelingUI:
     self._show_verdict(self.row_)
     return self
 
+# %% ../nbs/09a_alignment.ipynb #57c9313f
 @patch
 def _show_verdict(self: LabelingUI, r: dict):
+    "Show the judge's verdict on row `r` (from `alignment_` when it is there, else judged now) and whether it agrees."
     al = getattr(self.crit, 'alignment_', None)
     hit = al[al['row_id'] == r['id']] if al is not None else None
     if hit is not None and len(hit) and hit['error'].iloc[0] is None:
@@ -372,25 +435,3 @@ def _show_verdict(self: LabelingUI, r: dict):
     mark = '' if r['judgement'] not in ('PASS', 'FAIL') else (' ✓ agrees' if v == r['judgement'] else ' ✗ disagrees')
     self.verdict.value = (f"<div style='padding:4px 8px;background:#f3f4f6'>judge <b>{v}</b> ({score:.2f}){mark}: "
                           f"{html.escape(why or '')}</div>")
-
-@patch
-def _on_key(self: LabelingUI, change):
-    key = (change['new'] or '').strip().lower()
-    if not key: return
-    self.keys.value = ''
-    action = {'p': lambda: self.set('PASS'), 'f': lambda: self.set('FAIL'), 's': lambda: self.set('SKIP'),
-              'n': lambda: self.go(self.index + 1), 'b': lambda: self.go(self.index - 1)}.get(key[-1])
-    if action: action()
-    else: self.status.value = f"<span style='color:#b91c1c'>unknown key {html.escape(key)!r}: p f s label, n b move</span>"
-
-@patch
-def _repr_mimebundle_(self: LabelingUI, **kw):
-    bundle = self.widget._repr_mimebundle_(**kw) or {}
-    if isinstance(bundle, tuple): bundle = bundle[0]
-    return {**bundle, 'text/plain': repr(self)}
-
-@patch
-def label(self: Criterion, show: str = 'all'  # 'all' | 'unlabeled' | 'disagreements'
-         ) -> LabelingUI:
-    "An ipywidgets UI to label this criterion's alignment rows (PASS / FAIL / SKIP buttons and keys)."
-    return LabelingUI(self, show)
