@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from .core import *
 from .store import Database, tables, dumps, loads
 from .finetune import (BASE_LEARNING_RATES, default_epochs, tokenize_conversation, normalize_messages,
-                                   choose_chat_template, training_price, estimate_training_cost, _update_model, _model_row)
+                                   choose_chat_template, training_price, estimate_training_cost, _update_model, _model_row,
+                                   CHATML_TOOLS_TEMPLATE, assistant_spans, template_renders_tools)
 
 # %% auto #0
 __all__ = ['CHECKPOINT_MIN_INTERVAL_S', 'MIN_STEPS_PER_EPOCH', 'VARLEN_ATTENTION', 'cpu_threads', 'activation_bytes_per_token',
