@@ -82,11 +82,11 @@ import json, math, time
 from fakes import FakeUpstream
 from openpipe_lab.core import NotFoundError
 from openpipe_lab.criterion import Criterion
+import openpipe_lab.alignment, openpipe_lab.pairwise  # noqa: F401,E402  (add align() to Criterion, head_to_head() to Eval)
+from judges import loopback_judge, block  # noqa: F401,E402  (fixture)
 
 
-def _block(received, tag):
-    text = received.json['messages'][-1]['content']
-    return text.split(f'<{tag}>')[1].split(f'</{tag}>')[0] if f'<{tag}>' in text else None
+def _block(received, tag): return block(received.json['messages'][-1]['content'], tag)
 
 
 def criterion_or_pairwise_judge(received):
@@ -103,11 +103,7 @@ def criterion_or_pairwise_judge(received):
 
 
 @pytest.fixture
-def judge(lab, monkeypatch):
-    monkeypatch.setenv('FAKE_KEY', 'k')
-    with FakeUpstream(responder=criterion_or_pairwise_judge) as up:
-        lab.add_provider('judge', base_url=up.openai_url, api_key_env='FAKE_KEY')
-        yield up
+def judge(loopback_judge): return loopback_judge(criterion_or_pairwise_judge)
 
 
 PHONES = ['Call 555-0101', 'Hi from Ann', 'Text 555-0199 now', 'Thanks, Bo', 'Room 12 please', 'explode here']

@@ -6,9 +6,11 @@ import json, os, re, subprocess, sys
 from itertools import combinations
 import pytest
 from fakes import FakeUpstream, Reply
+from judges import loopback_judge, block, shown_content, last_user_text  # noqa: F401  (fixture)
 from openpipe_lab.core import ConfigError, EvalError
 from openpipe_lab.dataset import Dataset
 from openpipe_lab.eval import Eval
+import openpipe_lab.pairwise  # noqa: F401,E402  (adds Eval.head_to_head)
 
 BLOCK = re.compile(r'<response_a>\n(.*?)\n</response_a>\n\n<response_b>\n(.*?)\n</response_b>', re.S)
 
@@ -19,9 +21,19 @@ def _strings(obj):
     elif isinstance(obj, list): yield from (s for v in obj for s in _strings(v))
 
 
+def prompt(received):
+    "The judge prompt of one request, whatever the wire format (OpenAI, Anthropic, Gemini)."
+    return next(s for s in _strings(received.json) if BLOCK.search(s))
+
+
 def blocks(received):
-    "(A text, B text) shown in one judge request, whatever the wire format (OpenAI, Anthropic, Gemini)."
-    return next(m.groups() for s in _strings(received.json) if (m := BLOCK.search(s)))
+    "(A text, B text) shown in one judge request."
+    return tuple(shown_content(x) for x in BLOCK.search(prompt(received)).groups())
+
+
+def question(received):
+    "The entry number a judge request is about (from its rendered request)."
+    return int(last_user_text(block(prompt(received), 'messages')).split()[-1])
 
 
 def quality(text):
@@ -53,11 +65,7 @@ def model(name):
 
 
 @pytest.fixture
-def judge(lab, monkeypatch):
-    monkeypatch.setenv('FAKE_KEY', 'k')
-    with FakeUpstream(responder=biased_judge) as up:
-        lab.add_provider('judge', base_url=up.openai_url, api_key_env='FAKE_KEY')
-        yield up
+def judge(loopback_judge): return loopback_judge(biased_judge)
 
 
 def expected_outcome(i, m1, m2):
@@ -97,7 +105,7 @@ def test_three_models_matrix_ratings_and_position_bias(lab, judge):
     assert len(ev.comparisons_) == 4 * 3                     # 3 pairs per entry (the spec's 100*2 + 100*1 rule)
     exp = {(i, m1, m2): expected_outcome(i, m1, m2) for i in range(4) for m1, m2 in combinations(models, 2)}
     # what was asked: both orders of every differing pair (the same texts asked twice may come from the cache)
-    asked = {(int(r.json['messages'][-1]['content'].split('question ')[1].split()[0]),) + blocks(r) for r in judge.requests}
+    asked = {(question(r),) + blocks(r) for r in judge.requests}
     want = {(i, OUTPUTS[x][i], OUTPUTS[y][i]) for (i, m1, m2), (_, n) in exp.items() if n for x, y in ((m1, m2), (m2, m1))}
     assert asked == want and len(want) <= len(judge.requests) <= sum(n for _, n in exp.values())
     got = {(c.entry, c.model_1, c.model_2): c.outcome for c in ev.comparisons_.itertuples()}
@@ -121,15 +129,12 @@ def test_three_models_matrix_ratings_and_position_bias(lab, judge):
     assert (ev.comparisons_.reason == 'orders disagree').sum() == ties_by_disagreement
 
 
-def test_one_order_only_and_unparseable_replies_are_errors(lab, monkeypatch):
-    monkeypatch.setenv('FAKE_KEY', 'k')
-    def mumble(received): return Reply(text='Both have merit, hard to say.')
-    with FakeUpstream(responder=mumble) as up:
-        lab.add_provider('mumble', base_url=up.openai_url, api_key_env='FAKE_KEY')
-        ev = Eval(ENTRIES, models=[model('alpha'), model('gamma')], store=lab, progress=False)
-        ev.head_to_head('openpipe:mumble/j', both_orders=False).run()
-        differing = sum(OUTPUTS['alpha'][i] != OUTPUTS['gamma'][i] for i in range(4))
-        assert len(up.requests) == differing                 # one call per comparison
+def test_one_order_only_and_unparseable_replies_are_errors(lab, loopback_judge):
+    up = loopback_judge(lambda received: Reply(text='Both have merit, hard to say.'), name='mumble')
+    ev = Eval(ENTRIES, models=[model('alpha'), model('gamma')], store=lab, progress=False)
+    ev.head_to_head('openpipe:mumble/j', both_orders=False).run()
+    differing = sum(OUTPUTS['alpha'][i] != OUTPUTS['gamma'][i] for i in range(4))
+    assert len(up.requests) == differing                 # one call per comparison
     w = ev.win_rates_.set_index('model')
     assert w.loc['alpha', 'errors'] == differing and w.loc['alpha', 'ties'] == 4 - differing   # errors are not ties
     assert ev.judgements_.error.dropna().str.contains('no verdict').all()
@@ -181,7 +186,7 @@ def test_cached_rerun_and_one_more_model_only_make_new_calls(lab, judge):
     # same order) comes from the cache even when it belongs to another pair
     new = {(i, OUTPUTS[x][i], OUTPUTS[y][i]) for i in range(4) for m1, m2 in [('alpha', 'gamma'), ('beta', 'gamma')]
            if expected_outcome(i, m1, m2)[1] for x, y in ((m1, m2), (m2, m1))}
-    asked_before = {(int(r.json['messages'][-1]['content'].split('question ')[1].split()[0]),) + blocks(r) for r in judge.requests[:first]}
+    asked_before = {(question(r),) + blocks(r) for r in judge.requests[:first]}
     assert len(judge.requests) == first + len(new - asked_before) == 4 + 6   # entry 3's 'good' vs 'meh' was asked before
     assert ev3.win_rates_.set_index('model').loc[['alpha', 'beta'], 'n'].tolist() == [8, 8]
 
