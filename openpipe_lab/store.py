@@ -11,9 +11,10 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy import event
 from .core import *
+from .formats import dumps, loads  # the JSON column codec (re-exported: `from openpipe_lab.store import dumps`)
 
 # %% auto #0
-__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'dumps', 'loads', 'Database']
+__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'Database']
 
 # %% ../nbs/02_store.ipynb #0443fb57
 SCHEMA_VERSION = 1
@@ -136,15 +137,6 @@ tables = SimpleNamespace(
         sa.Column('prefix', _s(16), nullable=False),           # first characters, to recognise a key in a list
         sa.Column('created_at', _i, nullable=False), sa.Column('revoked_at', _i), sa.Column('last_used_at', _i)),
 )
-
-# %% ../nbs/02_store.ipynb #0c7bcaff
-def dumps(value) -> str | None:
-    "JSON text for a column (`None` stays `None`)."
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(',', ':'))
-
-def loads(text: str | None):
-    "The Python value of a JSON column (`None` stays `None`)."
-    return None if text is None else json.loads(text)
 
 # %% ../nbs/02_store.ipynb #668c0b5e
 def _normalise_url(url: str) -> str:
