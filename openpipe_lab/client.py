@@ -540,65 +540,7 @@ def _criteria_hook(self: _Call):
                           "(or use `from openpipe_lab import LogStore`, which loads it)")
     return self
 
-# %% ../nbs/05_client.ipynb #6a8a3d17
-# transitional: these move to 09_criterion (its owner patches them onto _Call; theirs wins, criterion imports later)
-def _judge_client(client):
-    if isinstance(client, openai.OpenAI): return client
-    twin = getattr(client, '_judge_twin', None)
-    if twin is None:
-        twin = client._judge_twin = OpenAI(store=client.store, api_key=client.api_key, base_url=client.base_url, timeout=client.timeout,
-                                           max_retries=client.max_retries, openpipe=client.openpipe_options or None)
-    return twin
-
-@patch
-def _load_criteria(self: _Call, ids: list) -> list:
-    from openpipe_lab.criterion import Criterion
-    out, judge = [], _judge_client(self.client)
-    for cid in ids:
-        try: out.append(Criterion.get(cid, store=self.store, client=judge))
-        except NotFoundError:
-            from openpipe_lab.finetune import _model_row
-            row = _model_row(self.store, slug=cid)
-            if row is None or row['kind'] != 'openpipeReward': raise
-            out.append(Criterion.from_reward_model(cid, store=self.store))
-    return out
-
-# %% ../nbs/05_client.ipynb #e645fd3d
-# transitional (see above)
-def _combined(results: dict) -> float | None:
-    scores = [r['score'] for r in results.values() if r['status'] == 'success']
-    return sum(scores) / len(scores) if scores else None
-
-@patch
-def _best_of_n(self: _Call, completion, criteria: list):
-    if not isinstance(completion, ChatCompletion):
-        raise ConfigError("the op-criteria header cannot be combined with with_raw_response / with_streaming_response")
-    from concurrent.futures import ThreadPoolExecutor
-    request = self.request
-    names = [c.name for c in criteria]
-    keys = [c.version if names.count(c.name) > 1 else c.name for c in criteria]
-    choices, req = completion.choices, {k: request.get(k) for k in ('messages', 'tools', 'tool_choice')}
-    def one(job):
-        i, k = job
-        try: return i, k, criteria[k].judge(choices[i].message, req['messages'], req['tools'], req['tool_choice']), None
-        except Exception as e: return i, k, None, e
-    jobs = [(i, k) for i in range(len(choices)) for k in range(len(criteria))]
-    with ThreadPoolExecutor(min(16, max(len(jobs), 1))) as pool: done = list(pool.map(one, jobs))
-    results, usage = [{} for _ in choices], {key: {'total_tokens': 0} for key in keys}
-    for i, k, r, e in done:
-        if e is None:
-            results[i][keys[k]] = {'status': 'success', 'score': r['score'], 'explanation': r['explanation']}
-            usage[keys[k]]['total_tokens'] += (r.get('usage') or {}).get('total_tokens') or 0
-        else:
-            code = getattr(e.__cause__, 'status_code', None) or getattr(e, 'status_code', None) or 500
-            results[i][keys[k]] = {'status': 'error', 'errorCode': code, 'errorMessage': str(e)}
-    order = sorted(range(len(choices)), key=lambda i: (_combined(results[i]) is None, -(_combined(results[i]) or 0), i))
-    data = completion.model_dump(mode='json', exclude_unset=True)
-    data['choices'] = [{**data['choices'][i], 'index': pos, 'criteria_results': results[i]} for pos, i in enumerate(order)]
-    if data.get('usage') is not None: data['usage']['criteria'] = usage
-    return ChatCompletion.model_validate(data)
-
-# %% ../nbs/05_client.ipynb #fce9b72d
+# %% ../nbs/05_client.ipynb #9e46b899
 class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     "A drop-in `openai.AsyncOpenAI` that routes model ids, records every chat completion in the lab, caches and falls back."
     @delegates(openai.AsyncOpenAI.__init__)
@@ -615,14 +557,14 @@ class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
-# %% ../nbs/05_client.ipynb #cc2dc206
+# %% ../nbs/05_client.ipynb #1059d17a
 @patch
 @delegates(AsyncOpenAI.__init__, but=['store'])
 def async_openai(self: LogStore, **kwargs) -> AsyncOpenAI:
     "A drop-in `openai.AsyncOpenAI` that records every call in this lab."
     return AsyncOpenAI(store=self, **kwargs)
 
-# %% ../nbs/05_client.ipynb #e90b5595
+# %% ../nbs/05_client.ipynb #18609681
 class AsyncCompletions(_SDKAsyncCompletions):
     "Async `chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
     def __init__(self, client  # the lab `AsyncOpenAI` client
@@ -634,7 +576,7 @@ class AsyncCompletions(_SDKAsyncCompletions):
         "Create a chat completion (any routed model id); the SDK's `ChatCompletion` or `AsyncStream` comes back."
         return await _acreate(self, kwargs, openpipe)
 
-# %% ../nbs/05_client.ipynb #e681bfff
+# %% ../nbs/05_client.ipynb #3a271c99
 class AsyncChat(_SDKAsyncChat):
     "`client.chat` of the async client, with our `completions`."
     def __init__(self, client  # the lab `AsyncOpenAI` client
@@ -643,7 +585,7 @@ class AsyncChat(_SDKAsyncChat):
     @cached_property
     def completions(self) -> AsyncCompletions: return AsyncCompletions(self._client)
 
-# %% ../nbs/05_client.ipynb #63e37dc5
+# %% ../nbs/05_client.ipynb #38836c0a
 async def _acreate(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
     if not call.criteria: return await _acreate_plain(comp, call)
@@ -652,7 +594,7 @@ async def _acreate(comp, kwargs, openpipe):
     result = await _acreate_plain(comp, call)
     return await asyncio.to_thread(call._best_of_n, result, criteria)
 
-# %% ../nbs/05_client.ipynb #b11988b8
+# %% ../nbs/05_client.ipynb #8f4af0c8
 async def _acreate_plain(comp, call):
     if call.cache:
         hit = call.cached_answer(AsyncChunkStream)
@@ -669,7 +611,7 @@ async def _acreate_plain(comp, call):
     out = _wrap_async_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
     return out if raw is None else raw
 
-# %% ../nbs/05_client.ipynb #21a00f73
+# %% ../nbs/05_client.ipynb #c8bc1b97
 async def _aattempt(comp, call, model, timeout):
     "One async upstream call for `model`: returns (route, ChatCompletion or AsyncStream)."
     route, body = call.prepare(model)
@@ -686,7 +628,7 @@ async def _aattempt(comp, call, model, timeout):
         body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (AsyncChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
-# %% ../nbs/05_client.ipynb #80ec7494
+# %% ../nbs/05_client.ipynb #400d4055
 async def _afallback_attempt(comp, call, timeout):
     fb_client = comp._client.fallback_client
     if fb_client is None: return await _aattempt(comp, call, call.opts['fallback']['model'], timeout)
@@ -694,7 +636,7 @@ async def _afallback_attempt(comp, call, timeout):
     result = fb_client.chat.completions.create(**body)
     return route, (await result if hasattr(result, '__await__') else result)
 
-# %% ../nbs/05_client.ipynb #eb53eb6b
+# %% ../nbs/05_client.ipynb #2f3d5a39
 def _wrap_async_stream(call, route, stream, requested_at):
     inner, rewrite, log = stream._iterator, None if route.uses_client else route.model, _StreamLog(call, route, requested_at)
     async def chunks():
@@ -710,7 +652,7 @@ def _wrap_async_stream(call, route, stream, requested_at):
     if type(stream) is openai.AsyncStream: stream.__class__ = AsyncLoggedStream
     return stream
 
-# %% ../nbs/05_client.ipynb #7dd1943a
+# %% ../nbs/05_client.ipynb #f1d2a144
 class AsyncLoggedStream(openai.AsyncStream):
     "An `openai.AsyncStream` whose `close()` also logs the call."
     async def close(self):
@@ -718,7 +660,7 @@ class AsyncLoggedStream(openai.AsyncStream):
         if log is not None: await self._iterator.aclose(); log.closed()
         await super().close()
 
-# %% ../nbs/05_client.ipynb #f0a0b639
+# %% ../nbs/05_client.ipynb #efa9f48e
 class AsyncChunkStream(AsyncLoggedStream):
     "An `openai.AsyncStream` of `ChatCompletionChunk` fed from chunk dicts (sync or async iterables)."
     def __init__(self, chunks, client, url: str | None = None):

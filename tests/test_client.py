@@ -4,6 +4,7 @@ import openai, pytest
 from openai.types.chat import ChatCompletion
 from fakes import FakeUpstream, Reply, fake_upstream, fake_providers  # noqa: F401  (fixtures)
 from openpipe_lab.client import OpenAI, AsyncOpenAI
+import openpipe_lab.criterion  # noqa: F401  (patches the op-criteria best-of-N hooks onto the client's _Call)
 from openpipe_lab.core import ConfigError
 from openpipe_lab.store import tables
 
@@ -385,3 +386,14 @@ def test_async_best_of_n(lab, up):
     r = asyncio.run(main())
     assert [c.message.content for c in r.choices] == ['answer [2]', 'answer [0]', 'answer [1]']
     assert not any(k.startswith('op-') for q in up.requests for k in q.headers)
+
+
+def test_best_of_n_without_the_criterion_module_says_how_to_load_it():
+    "openpipe_lab.client imported alone has no op-criteria hooks: a ConfigError that names the import, before any request."
+    import subprocess, sys
+    code = ("from openpipe_lab.client import OpenAI\n"
+            "c = OpenAI(store=None, api_key='sk', base_url='http://127.0.0.1:9/v1', max_retries=0)\n"
+            "try: c.chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}], extra_headers={'op-criteria': '[\"c1\"]'})\n"
+            "except Exception as e: print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith('ConfigError chat.completions.create: the op-criteria header needs openpipe_lab.criterion: import openpipe_lab.criterion'), out
