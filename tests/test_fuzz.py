@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from openpipe_lab.core import OpenPipeLabError, ValidationError
 from openpipe_lab.formats import (Problem, validate_messages, validate_entry, validate_request, validate_tools, read_jsonl,
                                   canonical_json)
-from openpipe_lab import providers as P
+from openpipe_lab import translate as P
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
