@@ -78,7 +78,7 @@ def add_alignment(self: Criterion, data,  # a Dataset, a split (`ds.test`) or a 
     self.errors, self.added_ = problems, self._add_rows(out)
     return self
 
-# %% ../nbs/09a_alignment.ipynb #9f559cb4
+# %% ../nbs/09a_alignment.ipynb #ceb51f98
 def _source_rows(data) -> tuple[list, str | None]:
     "(rows with an optional entry id, dataset name) from a Dataset, a DatasetSplit or a list of row dicts."
     if hasattr(data, 'entries') and hasattr(data, 'store'):
@@ -87,6 +87,7 @@ def _source_rows(data) -> tuple[list, str | None]:
     if isinstance(data, (list, tuple)): return list(data), None
     raise ConfigError(f"add_alignment: data must be a Dataset, a split (ds.test) or a list of row dicts, got {type(data).__name__}")
 
+# %% ../nbs/09a_alignment.ipynb #161909f2
 def _sampled_rows(rows: list, picked: list, dataset, output_model) -> tuple[list, list]:
     "(alignment rows, problems) for the picked indices of `rows`."
     out, problems = [], []
@@ -102,7 +103,7 @@ def _sampled_rows(rows: list, picked: list, dataset, output_model) -> tuple[list
                     'source': {k: v for k, v in source.items() if v is not None}})
     return out, problems
 
-# %% ../nbs/09a_alignment.ipynb #184cfb39
+# %% ../nbs/09a_alignment.ipynb #a30af6fa
 @patch
 def _generate_outputs(self: Criterion, rows: list, model: str, concurrency: int):
     "Fill each row's output with `model`'s answer to its input (logged, cached)."
@@ -115,7 +116,7 @@ def _generate_outputs(self: Criterion, rows: list, model: str, concurrency: int)
         r['output'] = as_output(c.choices[0].message)
     with ThreadPoolExecutor(concurrency) as pool: list(pool.map(one, rows))
 
-# %% ../nbs/09a_alignment.ipynb #d94b0bfd
+# %% ../nbs/09a_alignment.ipynb #3163d4d8
 @patch
 def add_alignment_jsonl(self: Criterion, path: str | Path  # a .jsonl file: OpenAI fine-tuning rows + optional "judgement"
                        ) -> Criterion:
@@ -131,7 +132,7 @@ def add_alignment_jsonl(self: Criterion, path: str | Path  # a .jsonl file: Open
     self.errors, self.added_ = problems, self._add_rows(rows)
     return self
 
-# %% ../nbs/09a_alignment.ipynb #9ad411ee
+# %% ../nbs/09a_alignment.ipynb #9f8e8c18
 def _jsonl_rows(lines, file: str) -> tuple[list, list, int]:
     "(alignment rows, problems, lines seen) from `read_jsonl`'s (line, object or Problem) pairs."
     rows, problems, seen = [], [], 0
@@ -149,7 +150,7 @@ def _jsonl_rows(lines, file: str) -> tuple[list, list, int]:
                      'judgement': j, 'source': {'file': file, 'line': line}})
     return rows, problems, seen
 
-# %% ../nbs/09a_alignment.ipynb #8da977ff
+# %% ../nbs/09a_alignment.ipynb #c700feb8
 @patch
 def set_judgement(self: Criterion, row_id: str,  # an alignment row's id (`alignment_rows()`, `alignment_.row_id`)
                   judgement: str | None  # 'PASS' | 'FAIL' | 'SKIP' | None (unlabeled)
@@ -162,7 +163,7 @@ def set_judgement(self: Criterion, row_id: str,  # an alignment row's id (`align
     if not n: raise NotFoundError(f"no alignment row {row_id!r} for criterion {self.name!r}: crit.alignment_rows() lists them")
     return self
 
-# %% ../nbs/09a_alignment.ipynb #60a538ac
+# %% ../nbs/09a_alignment.ipynb #3fe4c7da
 def alignment_stats(human: list,  # the human labels, 'PASS' | 'FAIL'
                     judge: list,  # the judge's verdicts for the same rows
                     n_boot: int = 2000,  # bootstrap resamples for the intervals
@@ -181,7 +182,7 @@ def alignment_stats(human: list,  # the human labels, 'PASS' | 'FAIL'
             'accuracy': float(accuracy_score(h, j)), 'n': int(len(h)),
             'confusion': {'tp': int(tp), 'fp': int(fp), 'fn': int(fn), 'tn': int(tn)}, 'intervals': _intervals(h, j, n_boot, seed)}
 
-# %% ../nbs/09a_alignment.ipynb #dfbc5663
+# %% ../nbs/09a_alignment.ipynb #98fb7d96
 def _intervals(h, j, n_boot: int, seed: int) -> dict:
     "95% percentile-bootstrap intervals of every statistic of `_from_counts`, resampling rows."
     import numpy as np
@@ -191,6 +192,7 @@ def _intervals(h, j, n_boot: int, seed: int) -> dict:
     return {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) if np.isfinite(v).any() else (float('nan'),) * 2
             for k, v in boot.items()}
 
+# %% ../nbs/09a_alignment.ipynb #3bc3442a
 def _from_counts(tp, fp, fn, tn):
     "precision, recall, f1, kappa, accuracy from confusion counts (arrays allowed); NaN where undefined."
     import numpy as np
@@ -203,7 +205,7 @@ def _from_counts(tp, fp, fn, tn):
         kappa = (po - pe) / (1 - pe)
     return {'precision': precision, 'recall': recall, 'f1': f1, 'kappa': kappa, 'accuracy': po}
 
-# %% ../nbs/09a_alignment.ipynb #edde2a11
+# %% ../nbs/09a_alignment.ipynb #f1949f23
 @patch
 def align(self: Criterion, concurrency: int = 16,  # judgements in flight at once
           progress: bool = True  # show a progress bar
@@ -218,7 +220,7 @@ def align(self: Criterion, concurrency: int = 16,  # judgements in flight at onc
     self.stats_ = self._alignment_stats(self.alignment_)
     return self
 
-# %% ../nbs/09a_alignment.ipynb #3c010735
+# %% ../nbs/09a_alignment.ipynb #7cec915a
 _ALIGN_COLUMNS = ['row_id', 'messages', 'tools', 'output', 'judgement', 'score', 'verdict', 'explanation', 'error', 'agree']
 
 def _alignment_frame(rows: list, results: list) -> 'pd.DataFrame':
@@ -232,7 +234,7 @@ def _alignment_frame(rows: list, results: list) -> 'pd.DataFrame':
                      'score': res['score'], 'verdict': verdict, 'explanation': res['explanation'], 'error': res['error'], 'agree': agree})
     return pd.DataFrame(recs, columns=_ALIGN_COLUMNS)
 
-# %% ../nbs/09a_alignment.ipynb #d960394c
+# %% ../nbs/09a_alignment.ipynb #f2f8f735
 @patch
 def _alignment_stats(self: Criterion, df) -> dict:
     "`alignment_stats` over the labeled, judged rows of `df`, with counts, the version and warnings."
@@ -252,6 +254,7 @@ def _alignment_stats(self: Criterion, df) -> dict:
     stats['version'], stats['warnings'] = self.version, _warnings(stats)
     return stats
 
+# %% ../nbs/09a_alignment.ipynb #cbd489db
 def _warnings(stats) -> list[str]:
     "What makes these statistics shaky: too few labeled rows, too few of one label, failed judgements."
     c, out = stats['counts'], []
@@ -262,14 +265,14 @@ def _warnings(stats) -> list[str]:
     if c['errors']: out.append(f"{c['errors']} judgements failed (see alignment_.error): they are left out of the stats")
     return out
 
-# %% ../nbs/09a_alignment.ipynb #90d4011c
+# %% ../nbs/09a_alignment.ipynb #0c56a665
 @patch(as_prop=True)
 def disagreements_(self: Criterion) -> 'pd.DataFrame':
     "The aligned rows where the judge's verdict differs from the human label."
     if getattr(self, 'alignment_', None) is None: raise EvalError(f"criterion {self.name!r} is not aligned yet: call crit.align()")
     return self.alignment_[self.alignment_['agree'] == False]  # noqa: E712 (None means 'not comparable')
 
-# %% ../nbs/09a_alignment.ipynb #2537f066
+# %% ../nbs/09a_alignment.ipynb #016398d4
 @patch
 def compare(self: Criterion, other: Criterion,  # another version of the same criterion (same name, same labels)
             alpha: float = 0.05,  # significance level for `better`
@@ -291,7 +294,7 @@ def compare(self: Criterion, other: Criterion,  # another version of the same cr
             'accuracy_a': float(right_a.mean()) if len(both) else float('nan'),
             'accuracy_b': float(right_b.mean()) if len(both) else float('nan'), 'p_value': float(p), 'better': better}
 
-# %% ../nbs/09a_alignment.ipynb #d4f656c4
+# %% ../nbs/09a_alignment.ipynb #ac6670f5
 def _fmt(v) -> str: return '—' if v is None or v != v else f"{v:.2f}"
 
 @patch
@@ -307,7 +310,7 @@ def _repr_markdown_(self: Criterion) -> str:
             f"\n\nConfusion: {c['tp']} both FAIL, {c['tn']} both PASS, {c['fp']} judge-only FAIL, {c['fn']} human-only FAIL.")
     return out + ''.join(f"\n\n⚠ {w}" for w in s['warnings'])
 
-# %% ../nbs/09a_alignment.ipynb #ece2e0f5
+# %% ../nbs/09a_alignment.ipynb #fac94992
 _SHOWS = ('all', 'unlabeled', 'disagreements')
 
 class LabelingUI:
@@ -330,7 +333,7 @@ def label(self: Criterion, show: str = 'all'  # 'all' | 'unlabeled' | 'disagreem
     "An ipywidgets UI to label this criterion's alignment rows (PASS / FAIL / SKIP buttons and keys)."
     return LabelingUI(self, show)
 
-# %% ../nbs/09a_alignment.ipynb #3027b9be
+# %% ../nbs/09a_alignment.ipynb #76013a90
 @patch
 def _build(self: LabelingUI, W, show: str):
     "Create and wire the widgets (`self.widget` is the whole UI)."
@@ -350,6 +353,7 @@ def _build(self: LabelingUI, W, show: str):
                           W.HBox([self.pass_button, self.fail_button, self.skip_button, self.prev_button, self.next_button, self.keys]),
                           self.verdict, self.status])
 
+# %% ../nbs/09a_alignment.ipynb #1eeb947d
 @patch
 def _on_key(self: LabelingUI, change):
     key = (change['new'] or '').strip().lower()
@@ -360,13 +364,14 @@ def _on_key(self: LabelingUI, change):
     if action: action()
     else: self.status.value = f"<span style='color:#b91c1c'>unknown key {html.escape(key)!r}: p f s label, n b move</span>"
 
+# %% ../nbs/09a_alignment.ipynb #194928e3
 @patch
 def _repr_mimebundle_(self: LabelingUI, **kw):
     bundle = self.widget._repr_mimebundle_(**kw) or {}
     if isinstance(bundle, tuple): bundle = bundle[0]
     return {**bundle, 'text/plain': repr(self)}
 
-# %% ../nbs/09a_alignment.ipynb #f4237119
+# %% ../nbs/09a_alignment.ipynb #50b2d2ff
 @patch
 def go(self: LabelingUI, index: int) -> LabelingUI:
     "Show row `index` of the filtered rows (clamped); the judge's verdict stays hidden until the row is labeled."
@@ -387,7 +392,7 @@ def go(self: LabelingUI, index: int) -> LabelingUI:
     if r['judgement']: self._show_verdict(r)
     return self
 
-# %% ../nbs/09a_alignment.ipynb #e898b8ee
+# %% ../nbs/09a_alignment.ipynb #e61810a4
 @patch
 def _rows(self: LabelingUI, rows: list) -> list:
     "The rows the filter shows, out of every alignment row."
@@ -400,6 +405,7 @@ def _rows(self: LabelingUI, rows: list) -> list:
         return [r for r in rows if r['id'] in ids]
     return rows
 
+# %% ../nbs/09a_alignment.ipynb #fbf26322
 @patch
 def _count(self: LabelingUI, every: list):
     "Count labeled / to-go rows out of `every` alignment row and show them in the progress line."
@@ -407,7 +413,7 @@ def _count(self: LabelingUI, every: list):
     self.to_go = len(every) - self.labeled
     self.progress.value = f"<b>{self.labeled}</b> labeled · <b>{self.to_go}</b> to go · {len(self.rows_)} shown"
 
-# %% ../nbs/09a_alignment.ipynb #c70b8c98
+# %% ../nbs/09a_alignment.ipynb #7d314c7d
 @patch
 def set(self: LabelingUI, judgement: str) -> LabelingUI:
     "Label the row shown, then reveal the judge's verdict on it."
@@ -418,7 +424,7 @@ def set(self: LabelingUI, judgement: str) -> LabelingUI:
     self._show_verdict(self.row_)
     return self
 
-# %% ../nbs/09a_alignment.ipynb #57c9313f
+# %% ../nbs/09a_alignment.ipynb #ced763f5
 @patch
 def _show_verdict(self: LabelingUI, r: dict):
     "Show the judge's verdict on row `r` (from `alignment_` when it is there, else judged now) and whether it agrees."

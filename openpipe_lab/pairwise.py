@@ -52,7 +52,7 @@ def judge_messages(entry: dict,  # the eval entry (its input messages and tools)
             f"<response_b>\n{render_output(output_b)}\n</response_b>\n\nWhich response is better? Reply with the JSON object.")
     return [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
 
-# %% ../nbs/10a_pairwise.ipynb #adace7f8
+# %% ../nbs/10a_pairwise.ipynb #a7641457
 _WORDS = {'a': 'A', 'b': 'B', 'tie': 'tie', 'draw': 'tie', 'equal': 'tie', 'both': 'tie', 'neither': 'tie', 'same': 'tie'}
 
 def _verdict_word(value) -> str | None:
@@ -60,6 +60,7 @@ def _verdict_word(value) -> str | None:
     v = re.sub(r'^(response|output|answer|assistant)[\s_]*', '', value.strip().strip('."\'*').lower()).strip()
     return _WORDS.get(v)
 
+# %% ../nbs/10a_pairwise.ipynb #2c6a2de5
 def parse_verdict(text: str  # the judge's reply (JSON, fenced JSON, or prose with "verdict: A")
                  ) -> tuple:
     "(verdict, explanation) with verdict 'A', 'B' or 'tie'; `EvalError` when the reply has no readable verdict."
@@ -76,7 +77,7 @@ def parse_verdict(text: str  # the judge's reply (JSON, fenced JSON, or prose wi
     if m: return _verdict_word(m.group(1)), t
     raise EvalError(f"no verdict (A, B or tie) in the judge's reply: {t[:160]!r}")
 
-# %% ../nbs/10a_pairwise.ipynb #94ad98f0
+# %% ../nbs/10a_pairwise.ipynb #ba2cf604
 @patch
 def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the lab client routes
                  instructions: str | None = None,  # what "better" means for this task; default `DEFAULT_INSTRUCTIONS`
@@ -103,12 +104,13 @@ def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the la
                                'structured': bool(structured)})
     return self
 
-# %% ../nbs/10a_pairwise.ipynb #98bdae7d
+# %% ../nbs/10a_pairwise.ipynb #87f6f8b0
 def _same_output(a: dict | None, b: dict | None) -> bool:
     "Identical content and tool calls (names and arguments; call ids ignored)."
     calls = lambda m: [((tc.get('function') or {}).get('name'), (tc.get('function') or {}).get('arguments')) for tc in (m or {}).get('tool_calls') or []]
     return (a or {}).get('content') == (b or {}).get('content') and calls(a) == calls(b)
 
+# %% ../nbs/10a_pairwise.ipynb #6811b9f0
 @patch
 def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> tuple:
     "(request kwargs, openpipe options) of one judge call."
@@ -119,6 +121,7 @@ def _judge_request(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b:
     if cfg['structured']: req['response_format'] = _LOCAL_SCHEMA if local_route(route) else VERDICT_SCHEMA
     return req, self._call_options('head-to-head')
 
+# %% ../nbs/10a_pairwise.ipynb #254af4da
 @patch
 def _judge_once(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: dict) -> dict:
     "One judge call: {'verdict', 'explanation', 'error'}."
@@ -131,7 +134,7 @@ def _judge_once(self: Eval, cfg: dict, entry: dict, output_a: dict, output_b: di
     except Exception as e:
         return {'verdict': None, 'explanation': None, 'error': f"judge failed: {type(e).__name__}: {e}"[:500]}
 
-# %% ../nbs/10a_pairwise.ipynb #a9729bf3
+# %% ../nbs/10a_pairwise.ipynb #40c215b6
 @patch
 def _run_head_to_head(self: Eval, entries: list, outputs: list):
     "Judge every comparison and set judgements_, comparisons_ and the summaries."
@@ -149,7 +152,7 @@ def _run_head_to_head(self: Eval, entries: list, outputs: list):
                                      columns=['entry', 'model_1', 'model_2', 'outcome', 'reason', 'request'])
     self._summarise_head_to_head()
 
-# %% ../nbs/10a_pairwise.ipynb #39c162dc
+# %% ../nbs/10a_pairwise.ipynb #0ab20ff6
 def _comparisons(cfg: dict, entries: list, by: dict) -> tuple[list, list]:
     "(comparisons, judge jobs (comparison index, order, model A, model B, entry)) for every pair of models on every entry."
     comps, jobs = [], []
@@ -173,7 +176,7 @@ def _comparisons(cfg: dict, entries: list, by: dict) -> tuple[list, list]:
             comps.append(c)
     return comps, jobs
 
-# %% ../nbs/10a_pairwise.ipynb #fa794b31
+# %% ../nbs/10a_pairwise.ipynb #d77f533f
 @patch
 def _judge_jobs(self: Eval, cfg: dict, jobs: list, by: dict) -> list:
     "Each job's `_judge_once` result, in job order."
@@ -186,6 +189,7 @@ def _judge_jobs(self: Eval, cfg: dict, jobs: list, by: dict) -> list:
         for f in as_completed(futures): done[futures[f]] = f.result(); bar.update(1)
     return done
 
+# %% ../nbs/10a_pairwise.ipynb #28050760
 def _settle(c: dict):
     "Set a judged comparison's outcome and reason from its rows' winners."
     if c['reason'] is not None: return
@@ -195,7 +199,7 @@ def _settle(c: dict):
     elif winners[0] == winners[1]: c['outcome'], c['reason'] = winners[0], 'orders agree'
     else: c['outcome'], c['reason'] = 'tie', 'orders disagree'
 
-# %% ../nbs/10a_pairwise.ipynb #96e0f1fa
+# %% ../nbs/10a_pairwise.ipynb #ee93415d
 def win_rates(comparisons, models: list, n_resamples: int = 2000, seed: int = 0, level: float = 0.95):
     "Per model: win rate (ties ½), its bootstrap interval over entries, wins, losses, ties, errors, n."
     import numpy as np, pandas as pd
@@ -218,7 +222,7 @@ def win_rates(comparisons, models: list, n_resamples: int = 2000, seed: int = 0,
                     'errors': int(mine.outcome.isna().sum()), 'n': int(len(ok))})
     return pd.DataFrame(out, columns=['model', 'win_rate', 'ci_low', 'ci_high', 'wins', 'losses', 'ties', 'errors', 'n'])
 
-# %% ../nbs/10a_pairwise.ipynb #3336e059
+# %% ../nbs/10a_pairwise.ipynb #794925ee
 def win_matrix(comparisons, models: list) -> tuple:
     "(rates, counts): square frames of the row model's win rate against the column model, and 'wins–losses–ties'."
     import pandas as pd
@@ -234,7 +238,7 @@ def win_matrix(comparisons, models: list) -> tuple:
             counts.loc[a, b] = f"{w}–{l}–{t}"
     return rates, counts
 
-# %% ../nbs/10a_pairwise.ipynb #b5fdf11d
+# %% ../nbs/10a_pairwise.ipynb #168bd936
 def bradley_terry(comparisons, models: list, n_resamples: int = 500, seed: int = 0, level: float = 0.95):
     "Per model: Bradley–Terry rating (log-strength, mean 0) with a bootstrap interval over entries."
     import numpy as np, pandas as pd
@@ -253,7 +257,7 @@ def bradley_terry(comparisons, models: list, n_resamples: int = 500, seed: int =
     low, high = np.quantile(boot, alpha, axis=0), np.quantile(boot, 1 - alpha, axis=0)
     return pd.DataFrame({'model': models, 'rating': r, 'ci_low': low, 'ci_high': high}).sort_values('rating', ascending=False, ignore_index=True)
 
-# %% ../nbs/10a_pairwise.ipynb #396c0bb0
+# %% ../nbs/10a_pairwise.ipynb #c355a42a
 def _bt_fit(W, iters: int = 500):
     "Bradley–Terry log-strengths (centred) from a wins matrix W[i, j] (ties as ½ each way), by MM iterations."
     import numpy as np
@@ -268,7 +272,7 @@ def _bt_fit(W, iters: int = 500):
     r = np.log(p)
     return r - r.mean()
 
-# %% ../nbs/10a_pairwise.ipynb #e19ba07e
+# %% ../nbs/10a_pairwise.ipynb #10da7871
 def position_bias(judgements) -> dict:
     "First-position pick rate (with Wilson interval) over decisive verdicts, and the flip rate over swapped pairs."
     j = judgements[judgements.order.notna() & judgements.verdict.notna()]
@@ -281,6 +285,7 @@ def position_bias(judgements) -> dict:
     return {'decisive_verdicts': int(len(decisive)), 'first_position_rate': rate, 'first_position_ci': [low, high],
             'swapped_pairs': len(groups), 'flips': int(flips), 'flip_rate': flips / len(groups) if groups else math.nan}
 
+# %% ../nbs/10a_pairwise.ipynb #4786316a
 @patch
 def _summarise_head_to_head(self: Eval):
     cfg = self.head_to_heads[0]
@@ -292,7 +297,7 @@ def _summarise_head_to_head(self: Eval):
 STORED_RESULTS.extend(n for n in ['judgements_', 'comparisons_', 'win_rates_', 'win_matrix_', 'win_counts_', 'ratings_', 'position_bias_']
                if n not in STORED_RESULTS)  # stored with the eval
 
-# %% ../nbs/10a_pairwise.ipynb #3965fea2
+# %% ../nbs/10a_pairwise.ipynb #65db1aff
 @patch
 def _plan_head_to_head(self: Eval, entries: list, known: dict) -> list:
     "The head-to-head's row in `plan()`: judge calls (known outputs: exact and cache-checked; unknown: at most 2 per pair)."
@@ -318,7 +323,7 @@ def _plan_head_to_head(self: Eval, entries: list, known: dict) -> list:
     return [plan_row('head-to-head', cfg['judge_model'], calls, cached, t_in, t_out,
                       'at most: outputs not generated yet (identical outputs need no call)' if unknown else '')]
 
-# %% ../nbs/10a_pairwise.ipynb #a97435b4
+# %% ../nbs/10a_pairwise.ipynb #18eb32eb
 @patch
 def plot_win_matrix(self: Eval, path=None,  # also save the figure here
                     labels: dict | None = None,  # display names for models
@@ -344,7 +349,7 @@ def plot_win_matrix(self: Eval, path=None,  # also save the figure here
     if path is not None: fig.savefig(path, dpi=110)
     return fig
 
-# %% ../nbs/10a_pairwise.ipynb #5bf5762e
+# %% ../nbs/10a_pairwise.ipynb #43c7c755
 @patch
 def browse_judgements(self: Eval):
     "An ipywidgets browser of the head-to-head: pick an entry, read its outputs and the judge's verdicts and reasoning."
@@ -359,7 +364,7 @@ def browse_judgements(self: Eval):
     pick.observe(lambda change: setattr(view, 'value', self._judgement_html(change['new'])), names='value')
     return widgets.VBox([pick, view])
 
-# %% ../nbs/10a_pairwise.ipynb #66965fa5
+# %% ../nbs/10a_pairwise.ipynb #fc818957
 @patch
 def _judgement_html(self: Eval, entry) -> str:
     "One entry's request, outputs and verdicts as HTML."

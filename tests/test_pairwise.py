@@ -240,7 +240,7 @@ def test_models_and_judge_served_by_vllm(served):
     data = [{'messages': [{'role': 'user', 'content': f'Capital of {c}?'}, {'role': 'assistant', 'content': a}]}
             for c, a in [('France', 'Paris'), ('Japan', 'Tokyo'), ('Peru', 'Lima')]]
     ev = Eval(data, models=['openpipe:vllm/tiny', 'openpipe:rand-h2h'], store=lab, name='vllm-h2h', max_tokens=16,
-              progress=False).head_to_head('openpipe:vllm/tiny', include_dataset=True, max_tokens=160).run()
+              progress=False).head_to_head('openpipe:vllm/tiny', include_dataset=True, max_tokens=400).run()
     assert ev.outputs_.error.isna().all()
     differing = (ev.comparisons_.reason != 'identical outputs').sum()
     lab.flush()
