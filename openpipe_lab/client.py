@@ -35,7 +35,7 @@ class _LabClient:
             raise ConfigError(f"store= must be a LogStore (or None for the default lab), got {type(store).__name__}")
         self._store, self._backends = store, {}
 
-# %% ../nbs/05_client.ipynb #13e6ed49
+# %% ../nbs/05_client.ipynb #312b4180
 @patch(as_prop=True)
 def store(self: _LabClient):
     "The `LogStore` calls are recorded in (the default lab unless one was given)."
@@ -51,7 +51,7 @@ def _lab_copy_kwargs(self: _LabClient, kw):
                            **(kw.get('_extra_kwargs') or {})}
     return kw
 
-# %% ../nbs/05_client.ipynb #f6b4ca21
+# %% ../nbs/05_client.ipynb #1b71747b
 class OpenAI(_LabClient, openai.OpenAI):
     "A drop-in `openai.OpenAI` that routes model ids, records every chat completion in the lab, caches and falls back."
     @delegates(openai.OpenAI.__init__)
@@ -68,20 +68,20 @@ class OpenAI(_LabClient, openai.OpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
-# %% ../nbs/05_client.ipynb #131bad49
+# %% ../nbs/05_client.ipynb #0ed3883c
 @patch
 @delegates(OpenAI.__init__, but=['store'])
 def openai(self: LogStore, **kwargs) -> OpenAI:
     "A drop-in `openai.OpenAI` that records every call in this lab."
     return OpenAI(store=self, **kwargs)
 
-# %% ../nbs/05_client.ipynb #2a89a6c8
+# %% ../nbs/05_client.ipynb #efdbe4cb
 CACHE_MODES = ('readWrite', 'readOnly', 'writeOnly')
 CACHE_TTL_MS = 7 * 24 * 3600 * 1000  # cached responses expire after one week (spec: Caching)
 _OPTION_KEYS = {'cache', 'fallback', 'store', 'tags'}
 _IGNORED_KEYS = {'api_key', 'base_url'}  # the hosted SDK's settings; a local lab needs neither
 
-# %% ../nbs/05_client.ipynb #a5c8f7fe
+# %% ../nbs/05_client.ipynb #da306867
 def _check_options(options, where: str) -> dict:
     "Validated `openpipe={...}` options."
     if options is None: return {}
@@ -98,7 +98,7 @@ def _check_options(options, where: str) -> dict:
         raise ConfigError(f"{where}: openpipe['tags'] must be a dict of strings, got {type(out['tags']).__name__}")
     return out
 
-# %% ../nbs/05_client.ipynb #ad30afa5
+# %% ../nbs/05_client.ipynb #31a42435
 _NO_KEY = 'openpipe-lab-no-openai-key'
 
 def _default_key(kwargs: dict) -> dict:
@@ -111,12 +111,12 @@ def _check_openai_key(client, model):
         raise MissingAPIKeyError(f"model {model!r} is sent to OpenAI, but OPENAI_API_KEY is not set: export OPENAI_API_KEY=sk-... "
                                  "(or pass api_key=, or base_url= for an OpenAI-compatible server)")
 
-# %% ../nbs/05_client.ipynb #1b53202f
+# %% ../nbs/05_client.ipynb #ff1deebd
 # the HTTP library this openai release is built on (httpx up to openai 2.x, its fork httpx2 in 3.x), found through
 # openai's own public client class, so the package imports with every supported openai
 _http = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split('.')[0])
 
-# %% ../nbs/05_client.ipynb #55530783
+# %% ../nbs/05_client.ipynb #b8a917b9
 class Completions(_SDKCompletions):
     "`chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
     def __init__(self, client  # the lab `OpenAI` client
@@ -128,7 +128,7 @@ class Completions(_SDKCompletions):
         "Create a chat completion (any routed model id); the SDK's `ChatCompletion` or `Stream` comes back."
         return _create(self, kwargs, openpipe)
 
-# %% ../nbs/05_client.ipynb #265e7da8
+# %% ../nbs/05_client.ipynb #e498e8b5
 class Chat(_SDKChat):
     "`client.chat`: the SDK's chat resource with our `completions`."
     def __init__(self, client  # the lab `OpenAI` client
@@ -137,14 +137,14 @@ class Chat(_SDKChat):
     @cached_property
     def completions(self) -> Completions: return Completions(self._client)
 
-# %% ../nbs/05_client.ipynb #adb866bc
+# %% ../nbs/05_client.ipynb #0c1ea5bf
 def _create(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
     if not call.criteria: return _create_plain(comp, call)
     criteria = call._criteria_hook()._load_criteria(call.criteria)  # unknown ids fail before generating
     return call._best_of_n(_create_plain(comp, call), criteria)
 
-# %% ../nbs/05_client.ipynb #d859548e
+# %% ../nbs/05_client.ipynb #7310a521
 def _create_plain(comp, call):
     if call.cache:
         hit = call.cached_answer(ChunkStream)
@@ -160,7 +160,7 @@ def _create_plain(comp, call):
     out = _wrap_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
     return out if raw is None else raw
 
-# %% ../nbs/05_client.ipynb #48ad9c7f
+# %% ../nbs/05_client.ipynb #5ec04011
 _TRANSPORT = ('extra_headers', 'extra_query', 'extra_body', 'timeout')
 _WHERE = 'chat.completions.create'
 
@@ -183,7 +183,7 @@ class _Call:
     @property
     def store(self): return self.client.store
 
-# %% ../nbs/05_client.ipynb #47c13d8d
+# %% ../nbs/05_client.ipynb #b9b9bd9d
 @patch
 def _options(self: _Call, openpipe) -> tuple:
     "(options, criterion ids or None) of this call, from the client's defaults, the op-* headers and `openpipe=`."
@@ -197,7 +197,7 @@ def _options(self: _Call, openpipe) -> tuple:
         opts = {**opts, **call_opts}
     return opts, criteria
 
-# %% ../nbs/05_client.ipynb #1f2b860c
+# %% ../nbs/05_client.ipynb #56235b88
 _OMITTED = (openai.NotGiven, openai.Omit)
 
 @patch
@@ -211,14 +211,14 @@ def _plain_request(self: _Call, req: dict) -> dict:
         if k in req and not isinstance(req[k], (str, dict, type(None))): req[k] = _plain(req[k])
     return req
 
-# %% ../nbs/05_client.ipynb #a38f2529
+# %% ../nbs/05_client.ipynb #f23af5fe
 def _plain(value):
     "A JSON-ready copy of a request value (SDK objects become dicts; omitted values disappear)."
     if isinstance(value, dict): return {k: _plain(v) for k, v in value.items() if not isinstance(v, _OMITTED)}
     if isinstance(value, (list, tuple)): return [_plain(v) for v in value]
     return jsonable(value, drop_none=True)
 
-# %% ../nbs/05_client.ipynb #86f234db
+# %% ../nbs/05_client.ipynb #059646a3
 _SDK_TAGS = {'$sdk': 'python', '$sdk.version': f'openpipe_lab-{__version__}'}
 
 @patch
@@ -229,7 +229,7 @@ def _tags(self: _Call) -> dict:
     if any(type(v) is not str for v in tags.values()): tags = check_tags(tags, 'metadata')
     return {**_SDK_TAGS, **tags}
 
-# %% ../nbs/05_client.ipynb #90e318d5
+# %% ../nbs/05_client.ipynb #6e3c2cc6
 @patch
 def prepare(self: _Call, model: str):
     "(route, upstream body) for an attempt on `model`."
@@ -241,7 +241,7 @@ def prepare(self: _Call, model: str):
         body['stream_options'] = {**(body.get('stream_options') or {}), 'include_usage': True}
     return route, body
 
-# %% ../nbs/05_client.ipynb #f6921771
+# %% ../nbs/05_client.ipynb #9550bc7f
 def _attempt(comp, call, model, timeout):
     "One upstream call for `model`: returns (route, ChatCompletion or Stream)."
     route, body = call.prepare(model)
@@ -257,7 +257,7 @@ def _attempt(comp, call, model, timeout):
     out = backend(route, client._backends, max_retries=client.max_retries).create(body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (ChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
-# %% ../nbs/05_client.ipynb #a3e74d32
+# %% ../nbs/05_client.ipynb #a1db9c56
 def _unreachable(e, route):
     "A connection error that names the model id, the URL and (for deployments) what to check."
     if isinstance(e, openai.APITimeoutError): return e
@@ -271,7 +271,7 @@ def _seconds(timeout) -> float | None:
     if isinstance(timeout, (int, float)): return float(timeout)
     return getattr(timeout, 'read', None) or getattr(timeout, 'connect', None)
 
-# %% ../nbs/05_client.ipynb #066ea5e4
+# %% ../nbs/05_client.ipynb #b0dc5667
 @patch
 def log(self: _Call, *, model, result=None, error=None, requested_at, stream=False, cache_hit=False, resp=None,
         completion_id=None, usage=None, provider=None) -> str | None:
@@ -290,7 +290,7 @@ def log(self: _Call, *, model, result=None, error=None, requested_at, stream=Fal
     except TypeError:  # an SDK object nested inside a dict message: deep-convert, then log
         return self.store.record(req_payload=_plain(request), **fields)
 
-# %% ../nbs/05_client.ipynb #80f22ddf
+# %% ../nbs/05_client.ipynb #cec51a28
 class _StreamClosed(Exception):
     "The caller closed a stream before it ended."
 
@@ -300,13 +300,13 @@ def _status_of(exc) -> tuple[int | None, str, object]:
     if isinstance(exc, openai.APITimeoutError): return None, f"timeout: {exc}", None
     return None, f"{type(exc).__name__}: {exc}", None
 
-# %% ../nbs/05_client.ipynb #aa48c132
+# %% ../nbs/05_client.ipynb #09ada205
 def _provider_of(model) -> str | None:
     if not isinstance(model, str): return None
     prefix, sep, _ = model.partition(':')
     return prefix if sep else 'openai'
 
-# %% ../nbs/05_client.ipynb #97f18051
+# %% ../nbs/05_client.ipynb #0dc39b9b
 @patch
 def first_failed(self: _Call, error, requested_at) -> bool:
     "Log the failed first attempt; True when a fallback is configured."
@@ -314,7 +314,7 @@ def first_failed(self: _Call, error, requested_at) -> bool:
     self.parent_id = self.log(model=model, error=error, requested_at=requested_at, provider=_provider_of(model))
     return bool(self.opts.get('fallback'))
 
-# %% ../nbs/05_client.ipynb #40d18d56
+# %% ../nbs/05_client.ipynb #26eb1759
 @patch
 def done(self: _Call, route, result, requested_at):
     "Record a successful non-streamed completion and cache it; returns it."
@@ -325,13 +325,13 @@ def done(self: _Call, route, result, requested_at):
     if self.cache: self.cache_put(jsonable(result))
     return result
 
-# %% ../nbs/05_client.ipynb #35a93510
+# %% ../nbs/05_client.ipynb #8e390289
 def _raw_split(result, stream_type):
     "(raw response or None, parsed result): `with_raw_response` hands us the raw wrapper; we log what it parses to."
     if isinstance(result, (ChatCompletion, stream_type)) or not hasattr(result, 'parse'): return None, result
     return result, result.parse()
 
-# %% ../nbs/05_client.ipynb #37a3c131
+# %% ../nbs/05_client.ipynb #74fc1052
 OP_HEADERS = ('op-cache', 'op-log-request', 'op-tags', 'op-criteria')
 
 def _op_headers(transport: dict) -> dict:
@@ -345,7 +345,7 @@ def _op_headers(transport: dict) -> dict:
         else: del transport['extra_headers']
     return {k: v for k, v in found.items() if not isinstance(v, _OMITTED)}
 
-# %% ../nbs/05_client.ipynb #8c187fb9
+# %% ../nbs/05_client.ipynb #3a0dfb95
 def _header_options(found: dict, where: str) -> dict:
     "`openpipe={...}`-style options (plus `criteria`) from the `op-*` header values."
     out = {}
@@ -367,14 +367,14 @@ def _header_options(found: dict, where: str) -> dict:
         out['criteria'] = ids
     return out
 
-# %% ../nbs/05_client.ipynb #632a5b2c
+# %% ../nbs/05_client.ipynb #5715fd21
 def _json_header(name, value, kind, where, example):
     try: parsed = json.loads(value) if isinstance(value, str) else value
     except ValueError: parsed = None
     if not isinstance(parsed, kind): raise ConfigError(f"{where}: header {name} must be a JSON {kind.__name__} like {example}, got {value!r}")
     return parsed
 
-# %% ../nbs/05_client.ipynb #c811a824
+# %% ../nbs/05_client.ipynb #3b399cb0
 class _StreamLog:
     "Logs a stream exactly once: when it ends, fails, or is closed (even if it was never iterated)."
     __slots__ = ('call', 'route', 'requested_at', 'got', 'logged')
@@ -385,7 +385,7 @@ class _StreamLog:
         self.call.stream_done(self.route, self.got, error, self.requested_at)
     def closed(self): self.end(_StreamClosed(f"the caller closed the stream after {len(self.got)} chunks"))
 
-# %% ../nbs/05_client.ipynb #50a71a55
+# %% ../nbs/05_client.ipynb #d8b2e7b9
 def _hidden(chunk, include_usage) -> bool:
     return not include_usage and not chunk.choices and chunk.usage is not None
 
@@ -404,7 +404,7 @@ def _wrap_stream(call, route, stream, requested_at):
     if type(stream) is openai.Stream: stream.__class__ = LoggedStream  # same object, a close() that also logs
     return stream
 
-# %% ../nbs/05_client.ipynb #e495949f
+# %% ../nbs/05_client.ipynb #7eaf2bf1
 class LoggedStream(openai.Stream):
     "An `openai.Stream` whose `close()` also logs the call (with the chunks received so far)."
     def close(self):
@@ -412,7 +412,7 @@ class LoggedStream(openai.Stream):
         if log is not None: self._iterator.close(); log.closed()
         super().close()
 
-# %% ../nbs/05_client.ipynb #93df9b4c
+# %% ../nbs/05_client.ipynb #d766e35d
 @patch
 def stream_done(self: _Call, route, chunks, error, requested_at):
     "Record (and cache) a stream once it has ended, failed or been closed."
@@ -422,14 +422,14 @@ def stream_done(self: _Call, route, chunks, error, requested_at):
              stream=True, completion_id=chunks[0].id if chunks else None, provider=route.provider,
              usage=(usage.prompt_tokens, usage.completion_tokens) if usage else None)
 
-# %% ../nbs/05_client.ipynb #d6e35b7e
+# %% ../nbs/05_client.ipynb #cf43e73b
 class _Assembled:
     "A stream's chunks, assembled into a completion only when the log writer serialises them (off the caller's thread)."
     __slots__ = ('chunks',)
     def __init__(self, chunks): self.chunks = chunks
     def model_dump(self, **kw): return assemble_chunks([jsonable(c) for c in self.chunks])
 
-# %% ../nbs/05_client.ipynb #cecb4250
+# %% ../nbs/05_client.ipynb #1c396765
 def _fake_response(url: str) -> _http.Response:
     return _http.Response(200, request=_http.Request('POST', url or 'http://openpipe-lab.local'))
 
@@ -443,12 +443,12 @@ class ChunkStream(LoggedStream):
         if hasattr(self._source, 'close'): self._source.close()
         super().close()
 
-# %% ../nbs/05_client.ipynb #f2a777e4
+# %% ../nbs/05_client.ipynb #022337cd
 # request fields that do not change the output: left out of the cache key
 _NOT_OUTPUT = {'stream', 'stream_options', 'metadata', 'store', 'user', 'safety_identifier', 'service_tier',
                'prompt_cache_key', 'prompt_cache_retention', 'prompt_cache_options'} | set(_TRANSPORT)
 
-# %% ../nbs/05_client.ipynb #c9556414
+# %% ../nbs/05_client.ipynb #72c38de9
 @patch(as_prop=True)
 def cache_key(self: _Call) -> str:
     "Hash of the model and every request field that can change the output (computed once per call)."
@@ -459,7 +459,7 @@ def cache_key(self: _Call) -> str:
         key = self._cache_key = content_hash(fields)
     return key
 
-# %% ../nbs/05_client.ipynb #8144f246
+# %% ../nbs/05_client.ipynb #744f1933
 # built once; SQLite >= 3.35 and Postgres have RETURNING
 _CACHE_HIT = (tables.cache.update().where(tables.cache.c.key == sa.bindparam('cache_key'), tables.cache.c.expires_at > sa.bindparam('now_ms'))
               .values(hits=tables.cache.c.hits + 1).returning(tables.cache.c.response))
@@ -471,7 +471,7 @@ def cache_get(self: _Call) -> dict | None:
     with self.store.db.begin() as c: text = c.execute(_CACHE_HIT, {'cache_key': self.cache_key, 'now_ms': now_ms()}).scalar()
     return None if text is None else loads(text)
 
-# %% ../nbs/05_client.ipynb #5219e512
+# %% ../nbs/05_client.ipynb #276954dd
 @patch
 def cache_put(self: _Call, completion: dict):
     "Store a completion under this request's key for one week."
@@ -482,7 +482,7 @@ def cache_put(self: _Call, completion: dict):
         c.execute(t.insert().values(key=self.cache_key, model=self.request.get('model'), created_at=now,
                                     expires_at=now + CACHE_TTL_MS, response=dumps(completion), hits=0))
 
-# %% ../nbs/05_client.ipynb #45879094
+# %% ../nbs/05_client.ipynb #7484e76a
 @patch
 def cached_answer(self: _Call, stream_cls):
     "The cached answer (a completion, or a replayed stream), logged as a hit; None on a miss."
@@ -492,7 +492,7 @@ def cached_answer(self: _Call, stream_cls):
     if self.stream: return stream_cls(completion_chunks(cached, self.include_usage), self.client)
     return ChatCompletion.model_validate(cached)
 
-# %% ../nbs/05_client.ipynb #6b619f91
+# %% ../nbs/05_client.ipynb #7f7f731d
 @patch
 def replay(self: _Call, cached: dict, requested_at):
     "Log the cached completion as a cache hit; returns it."
@@ -501,7 +501,7 @@ def replay(self: _Call, cached: dict, requested_at):
              completion_id=cached.get('id'), usage=(u.get('prompt_tokens'), u.get('completion_tokens')), provider='cache')
     return cached
 
-# %% ../nbs/05_client.ipynb #f080e937
+# %% ../nbs/05_client.ipynb #3fa5a6e3
 @patch
 def fallback_failed(self: _Call, error, requested_at):
     "Log the failed fallback attempt (linked to the first)."
@@ -514,13 +514,13 @@ def _fallback_attempt(comp, call, timeout):
     route, body = call.fallback_client_call(fb_client, timeout)
     return route, fb_client.chat.completions.create(**body)
 
-# %% ../nbs/05_client.ipynb #b2b69eed
+# %% ../nbs/05_client.ipynb #ff829b82
 @patch
 def fallback_timeout(self: _Call):
     fb = self.opts['fallback']
     return fb['timeout'] if fb.get('timeout') is not None else self.transport.get('timeout', openai.NOT_GIVEN)
 
-# %% ../nbs/05_client.ipynb #38923702
+# %% ../nbs/05_client.ipynb #6ffe4107
 @patch
 def fallback_client_call(self: _Call, fb_client, timeout):
     "(route, kwargs) for the fallback attempt made by a `fallback_client`."
@@ -530,7 +530,7 @@ def fallback_client_call(self: _Call, fb_client, timeout):
     if isinstance(fb_client, _LabClient): body['openpipe'] = {'store': False}  # we log it, linked
     return Route(model, 'fallback_client', 'openai', model, base_url=str(fb_client.base_url)), body
 
-# %% ../nbs/05_client.ipynb #41a1f1c6
+# %% ../nbs/05_client.ipynb #a21fc02b
 @patch
 def _criteria_hook(self: _Call):
     "This call, when the op-criteria hooks are loaded (openpipe_lab.criterion patches them on); ConfigError when not."
@@ -539,7 +539,7 @@ def _criteria_hook(self: _Call):
                           "(or use `from openpipe_lab import LogStore`, which loads it)")
     return self
 
-# %% ../nbs/05_client.ipynb #9e46b899
+# %% ../nbs/05_client.ipynb #fce9b72d
 class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     "A drop-in `openai.AsyncOpenAI` that routes model ids, records every chat completion in the lab, caches and falls back."
     @delegates(openai.AsyncOpenAI.__init__)
@@ -556,14 +556,14 @@ class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
-# %% ../nbs/05_client.ipynb #1059d17a
+# %% ../nbs/05_client.ipynb #2a209035
 @patch
 @delegates(AsyncOpenAI.__init__, but=['store'])
 def async_openai(self: LogStore, **kwargs) -> AsyncOpenAI:
     "A drop-in `openai.AsyncOpenAI` that records every call in this lab."
     return AsyncOpenAI(store=self, **kwargs)
 
-# %% ../nbs/05_client.ipynb #18609681
+# %% ../nbs/05_client.ipynb #fd3180d2
 class AsyncCompletions(_SDKAsyncCompletions):
     "Async `chat.completions` with routing, logging, `openpipe={...}` options, caching and fallback."
     def __init__(self, client  # the lab `AsyncOpenAI` client
@@ -575,7 +575,7 @@ class AsyncCompletions(_SDKAsyncCompletions):
         "Create a chat completion (any routed model id); the SDK's `ChatCompletion` or `AsyncStream` comes back."
         return await _acreate(self, kwargs, openpipe)
 
-# %% ../nbs/05_client.ipynb #3a271c99
+# %% ../nbs/05_client.ipynb #b3526700
 class AsyncChat(_SDKAsyncChat):
     "`client.chat` of the async client, with our `completions`."
     def __init__(self, client  # the lab `AsyncOpenAI` client
@@ -584,7 +584,7 @@ class AsyncChat(_SDKAsyncChat):
     @cached_property
     def completions(self) -> AsyncCompletions: return AsyncCompletions(self._client)
 
-# %% ../nbs/05_client.ipynb #38836c0a
+# %% ../nbs/05_client.ipynb #294d4cc5
 async def _acreate(comp, kwargs, openpipe):
     call = _Call(comp._client, kwargs, openpipe)
     if not call.criteria: return await _acreate_plain(comp, call)
@@ -593,7 +593,7 @@ async def _acreate(comp, kwargs, openpipe):
     result = await _acreate_plain(comp, call)
     return await asyncio.to_thread(call._best_of_n, result, criteria)
 
-# %% ../nbs/05_client.ipynb #8f4af0c8
+# %% ../nbs/05_client.ipynb #44313516
 async def _acreate_plain(comp, call):
     if call.cache:
         hit = call.cached_answer(AsyncChunkStream)
@@ -610,7 +610,7 @@ async def _acreate_plain(comp, call):
     out = _wrap_async_stream(call, route, result, requested_at) if call.stream else call.done(route, result, requested_at)
     return out if raw is None else raw
 
-# %% ../nbs/05_client.ipynb #c8bc1b97
+# %% ../nbs/05_client.ipynb #b0733f30
 async def _aattempt(comp, call, model, timeout):
     "One async upstream call for `model`: returns (route, ChatCompletion or AsyncStream)."
     route, body = call.prepare(model)
@@ -627,7 +627,7 @@ async def _aattempt(comp, call, model, timeout):
         body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (AsyncChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
 
-# %% ../nbs/05_client.ipynb #400d4055
+# %% ../nbs/05_client.ipynb #603af1b9
 async def _afallback_attempt(comp, call, timeout):
     fb_client = comp._client.fallback_client
     if fb_client is None: return await _aattempt(comp, call, call.opts['fallback']['model'], timeout)
@@ -635,7 +635,7 @@ async def _afallback_attempt(comp, call, timeout):
     result = fb_client.chat.completions.create(**body)
     return route, (await result if hasattr(result, '__await__') else result)
 
-# %% ../nbs/05_client.ipynb #2f3d5a39
+# %% ../nbs/05_client.ipynb #ac3cd187
 def _wrap_async_stream(call, route, stream, requested_at):
     inner, rewrite, log = stream._iterator, None if route.uses_client else route.model, _StreamLog(call, route, requested_at)
     async def chunks():
@@ -651,7 +651,7 @@ def _wrap_async_stream(call, route, stream, requested_at):
     if type(stream) is openai.AsyncStream: stream.__class__ = AsyncLoggedStream
     return stream
 
-# %% ../nbs/05_client.ipynb #f1d2a144
+# %% ../nbs/05_client.ipynb #0716d187
 class AsyncLoggedStream(openai.AsyncStream):
     "An `openai.AsyncStream` whose `close()` also logs the call."
     async def close(self):
@@ -659,7 +659,7 @@ class AsyncLoggedStream(openai.AsyncStream):
         if log is not None: await self._iterator.aclose(); log.closed()
         await super().close()
 
-# %% ../nbs/05_client.ipynb #efa9f48e
+# %% ../nbs/05_client.ipynb #3d00237c
 class AsyncChunkStream(AsyncLoggedStream):
     "An `openai.AsyncStream` of `ChatCompletionChunk` fed from chunk dicts (sync or async iterables)."
     def __init__(self, chunks, client, url: str | None = None):
