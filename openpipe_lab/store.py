@@ -27,7 +27,7 @@ def _table(name, *cols, **kw): return sa.Table(name, metadata, *cols, **kw)
 tables = SimpleNamespace()  # every table by name: `tables.logs`, `tables.datasets`, ...
 tables.meta = _table('meta', sa.Column('key', _s(64), primary_key=True), sa.Column('value', _t, nullable=False))
 
-# %% ../nbs/02_store.ipynb #0ba8a035
+# %% ../nbs/02_store.ipynb #8c8fd125
 tables.logs = _table('logs',
     sa.Column('id', _s(40), primary_key=True),
     sa.Column('created_at', _i, nullable=False),          # ms: when the row was recorded
@@ -47,26 +47,32 @@ tables.logs = _table('logs',
     sa.Column('parent_id', _s(40)),                        # fallback: the failed attempt this one retried
     sa.Column('source', _s(32)),                           # client | report | report_anthropic | proxy
 )
+
+# %% ../nbs/02_store.ipynb #9408d3c5
 tables.log_tags = _table('log_tags',                      # clustered by log (no rowid): one index for filters
     sa.Column('log_id', _s(40), primary_key=True),
     sa.Column('key', _s(255), primary_key=True), sa.Column('value', _t, nullable=False),
     sa.Index('ix_log_tags_key_value', 'key', 'value', 'log_id'), sqlite_with_rowid=False)
 
-# %% ../nbs/02_store.ipynb #85dff95d
+# %% ../nbs/02_store.ipynb #c5b0bf46
 tables.cache = _table('cache',
     sa.Column('key', _s(64), primary_key=True), sa.Column('model', _s(256)),
     sa.Column('created_at', _i, nullable=False), sa.Column('expires_at', _i, nullable=False, index=True),
     sa.Column('response', _t, nullable=False), sa.Column('hits', sa.Integer, nullable=False, default=0))
+
+# %% ../nbs/02_store.ipynb #af3e51be
 tables.providers = _table('providers',
     sa.Column('name', _s(128), primary_key=True), sa.Column('base_url', _t, nullable=False),
     sa.Column('api_key_env', _s(128)), sa.Column('kind', _s(16), nullable=False),
     sa.Column('config', _t), sa.Column('created_at', _i, nullable=False))
 
-# %% ../nbs/02_store.ipynb #f76e3ab5
+# %% ../nbs/02_store.ipynb #4f72db2a
 tables.datasets = _table('datasets',
     sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(255), nullable=False, unique=True),
     sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False),
     sa.Column('config', _t))
+
+# %% ../nbs/02_store.ipynb #cef709fa
 tables.dataset_entries = _table('dataset_entries',
     sa.Column('id', _s(40), primary_key=True),
     sa.Column('dataset_id', _s(40), nullable=False, index=True),
@@ -80,12 +86,14 @@ tables.dataset_entries = _table('dataset_entries',
     sa.Column('entry_hash', _s(64), nullable=False),
     sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False),
     sa.Index('ix_entries_dataset_position', 'dataset_id', 'position'))
+
+# %% ../nbs/02_store.ipynb #b7a9af0f
 tables.pruning_rules = _table('pruning_rules',
     sa.Column('id', _s(40), primary_key=True), sa.Column('dataset_id', _s(40), nullable=False, index=True),
     sa.Column('text', _t, nullable=False), sa.Column('position', sa.Integer, nullable=False),
     sa.Column('created_at', _i, nullable=False))
 
-# %% ../nbs/02_store.ipynb #65923889
+# %% ../nbs/02_store.ipynb #49b240a2
 tables.models = _table('models',
     sa.Column('id', _s(40), primary_key=True), sa.Column('slug', _s(128), nullable=False, unique=True),
     sa.Column('kind', _s(16), nullable=False),             # openpipe (LLM) | openpipeReward
@@ -98,9 +106,13 @@ tables.models = _table('models',
     sa.Column('output_dir', _t), sa.Column('pid', sa.Integer),
     sa.Column('progress', _t), sa.Column('metrics', _t),   # JSON
     sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False))
+
+# %% ../nbs/02_store.ipynb #e84c8cdc
 tables.training_history = _table('training_history',
     sa.Column('model_id', _s(40), nullable=False, index=True), sa.Column('step', sa.Integer, nullable=False),
     sa.Column('record', _t, nullable=False), sa.Column('created_at', _i, nullable=False))
+
+# %% ../nbs/02_store.ipynb #4252281c
 tables.deployments = _table('deployments',
     sa.Column('id', _s(40), primary_key=True), sa.Column('url', _t), sa.Column('base_model', _t),
     sa.Column('status', _s(16), nullable=False), sa.Column('pid', sa.Integer), sa.Column('host', _s(255)),
@@ -110,7 +122,7 @@ tables.deployment_models = _table('deployment_models',
     sa.Column('deployment_id', _s(40), nullable=False, index=True),
     sa.Column('slug', _s(128), nullable=False, index=True), sa.Column('served_name', _s(255), nullable=False))
 
-# %% ../nbs/02_store.ipynb #7f3dfb83
+# %% ../nbs/02_store.ipynb #b4ea83b5
 tables.criteria = _table('criteria',                      # one row per criterion version: name@v<version>
     sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(128), nullable=False, index=True),
     sa.Column('version', sa.Integer, nullable=False),
@@ -120,6 +132,8 @@ tables.criteria = _table('criteria',                      # one row per criterio
     sa.Column('config_hash', _s(64), nullable=False),      # content hash of what defines the version
     sa.Column('created_at', _i, nullable=False),
     sa.UniqueConstraint('name', 'version', name='uq_criteria_name_version'))
+
+# %% ../nbs/02_store.ipynb #53ecd72c
 tables.criterion_rows = _table('criterion_rows',          # alignment set rows + human labels: belong to the *name*
     sa.Column('id', _s(40), primary_key=True), sa.Column('criterion', _s(128), nullable=False),
     sa.Column('position', _i, nullable=False),
@@ -132,7 +146,7 @@ tables.criterion_rows = _table('criterion_rows',          # alignment set rows +
     sa.Index('ix_criterion_rows_name_position', 'criterion', 'position'),
     sa.UniqueConstraint('criterion', 'row_hash', name='uq_criterion_rows_hash'))
 
-# %% ../nbs/02_store.ipynb #8ec5c1c8
+# %% ../nbs/02_store.ipynb #64abf6b3
 tables.evals = _table('evals',
     sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(255), nullable=False, unique=True),
     sa.Column('status', _s(16), nullable=False),           # RUNNING | COMPLETE | ERROR
@@ -140,16 +154,20 @@ tables.evals = _table('evals',
     sa.Column('data_name', _t), sa.Column('dataset_id', _s(40)), sa.Column('dataset_snapshot', _s(64)),
     sa.Column('summary', _t),                              # JSON: headline figures for Eval.list()
     sa.Column('created_at', _i, nullable=False), sa.Column('updated_at', _i, nullable=False))
+
+# %% ../nbs/02_store.ipynb #6f081122
 tables.eval_results = _table('eval_results',              # one row per stored frame of an eval
     sa.Column('eval_id', _s(40), primary_key=True), sa.Column('name', _s(64), primary_key=True),  # e.g. outputs_, judgements_
     sa.Column('payload', _t, nullable=False))             # JSON (records orient)
+
+# %% ../nbs/02_store.ipynb #59105e72
 tables.api_keys = _table('api_keys',                      # bearer keys of `openpipe-lab serve`, stored hashed
     sa.Column('id', _s(40), primary_key=True), sa.Column('name', _s(255)),
     sa.Column('key_hash', _s(64), nullable=False, unique=True),  # sha256 hex of the key
     sa.Column('prefix', _s(16), nullable=False),           # first characters, to recognise a key in a list
     sa.Column('created_at', _i, nullable=False), sa.Column('revoked_at', _i), sa.Column('last_used_at', _i))
 
-# %% ../nbs/02_store.ipynb #7ec44cce
+# %% ../nbs/02_store.ipynb #a7cdb031
 class Database:
     "A lab database: engine, schema and version check, over SQLite or Postgres."
     def __init__(self, url: str  # SQLite path or SQLAlchemy URL
@@ -172,13 +190,16 @@ class Database:
         self._init_schema()
         self._opened = True
 
-    def __repr__(self): return f"Database({self._safe_url()!r})"
+# %% ../nbs/02_store.ipynb #8910346e
+@patch
+def __repr__(self: Database): return f"Database({self._safe_url()!r})"
 
-    def _safe_url(self) -> str:
-        try: return sa.engine.make_url(self.url).render_as_string(hide_password=True)
-        except Exception: return '<database url>'
+@patch
+def _safe_url(self: Database) -> str:
+    try: return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+    except Exception: return '<database url>'
 
-# %% ../nbs/02_store.ipynb #6d28afcf
+# %% ../nbs/02_store.ipynb #0fe1e917
 @patch
 def begin(self: Database):
     "A write transaction (context manager): committed on success, rolled back on error."
@@ -192,7 +213,7 @@ def connect(self: Database):
 @patch
 def dispose(self: Database): self.engine.dispose()
 
-# %% ../nbs/02_store.ipynb #f213fe65
+# %% ../nbs/02_store.ipynb #99ce8550
 def _normalise_url(url: str) -> str:
     if '://' in url: return url
     path = Path(url).expanduser()
@@ -202,7 +223,7 @@ def _normalise_url(url: str) -> str:
                           "Pass a writable path or set OPENPIPE_LAB_DB.") from None
     return f"sqlite:///{path.resolve()}"
 
-# %% ../nbs/02_store.ipynb #023852c7
+# %% ../nbs/02_store.ipynb #ec4cb308
 def _sqlite_pragmas(dbapi_conn, _):
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
     cur = dbapi_conn.cursor()
@@ -219,7 +240,7 @@ def _sqlite_begin(conn):
     # writes take the lock up front (no deadlock between two read-then-write transactions); reads stay deferred
     conn.exec_driver_sql('BEGIN IMMEDIATE' if conn.get_execution_options().get('openpipe_write') else 'BEGIN')
 
-# %% ../nbs/02_store.ipynb #99d60d20
+# %% ../nbs/02_store.ipynb #088d0dd3
 @patch
 def _init_schema(self: Database):
     try:
@@ -244,7 +265,7 @@ def _init_schema(self: Database):
             f"the lab database {self._safe_url()} has schema version {found}, newer than this openpipe_lab "
             f"understands ({SCHEMA_VERSION}). Upgrade: pip install -U openpipe-lab (nothing was changed in the database).")
 
-# %% ../nbs/02_store.ipynb #f94feb0e
+# %% ../nbs/02_store.ipynb #08a41593
 @patch
 def _damaged(self: Database, ctx):
     "After opening, SQLite's corruption error on any query or write becomes our StoreError naming the file and the fix."
