@@ -30,7 +30,7 @@ class Problem:
         s = f"{self.path}: {self.message}" if self.path else self.message
         return s if self.line is None else f"line {self.line}: {s}"
 
-# %% ../nbs/01_formats.ipynb #dd0da075
+# %% ../nbs/01_formats.ipynb #8c940b7b
 ROLES = ('system', 'developer', 'user', 'assistant', 'tool', 'function')
 
 _FIELDS = {
@@ -43,6 +43,7 @@ _FIELDS = {
     'function': frozenset({'role', 'name', 'content'}),
 }
 
+# %% ../nbs/01_formats.ipynb #d934175c
 _PART_TYPES = {'system': ('text',), 'developer': ('text',), 'tool': ('text',),
                'user': ('text', 'image_url', 'input_audio'), 'assistant': ('text', 'refusal')}
 
@@ -55,7 +56,7 @@ _ARRAY = (list, tuple)  # a JSON array, as Python code may write it
 
 def _kind(v) -> str: return _JSON_TYPES.get(type(v)) or type(v).__name__
 
-# %% ../nbs/01_formats.ipynb #96b7321b
+# %% ../nbs/01_formats.ipynb #a14b240f
 _PLAIN_ROLES = ('system', 'developer', 'user', 'assistant')  # roles for which {role, content: str} is complete
 
 def validate_messages(messages,  # a list of chat messages
@@ -72,7 +73,7 @@ def validate_messages(messages,  # a list of chat messages
         _message(m, f"{path}[{i}]", out, ids)
     return out
 
-# %% ../nbs/01_formats.ipynb #3d38124c
+# %% ../nbs/01_formats.ipynb #2e69b4d1
 _IDENT = re.compile(r'[A-Za-z_][\w-]*\Z')
 
 def _field(path: str, key) -> str:
@@ -80,11 +81,12 @@ def _field(path: str, key) -> str:
     if isinstance(key, str) and _IDENT.match(key): return f"{path}.{key}" if path else key
     return f"{path}[{json.dumps(key, ensure_ascii=False) if isinstance(key, str) else key}]"
 
+# %% ../nbs/01_formats.ipynb #744e43cf
 def _unknown(d, allowed, path, what, out):
     for k in sorted(d.keys() - allowed, key=str):
         out.append(Problem(_field(path, k), f"unknown field for {what} (allowed: {', '.join(sorted(allowed))})"))
 
-# %% ../nbs/01_formats.ipynb #de3b9812
+# %% ../nbs/01_formats.ipynb #93e1bfcd
 def _string(d, key, path, out, required=False, nullable=False, nonempty=False, what=''):
     "Check `d[key]` is a string; return it (or None)."
     v = d.get(key, _MISSING)
@@ -98,12 +100,13 @@ def _string(d, key, path, out, required=False, nullable=False, nonempty=False, w
     out.append(Problem(f"{path}.{key}", f"must be a string{' or null' if nullable else ''}, got {_kind(v)}"))
     return None
 
+# %% ../nbs/01_formats.ipynb #05726f8d
 def _boolean(d, key, path, out, nullable=False):
     v = d.get(key, _MISSING)
     if v is _MISSING or v.__class__ is bool or (v is None and nullable): return
     out.append(Problem(f"{path}.{key}", f"must be a boolean{' or null' if nullable else ''}, got {_kind(v)}"))
 
-# %% ../nbs/01_formats.ipynb #b88a39f1
+# %% ../nbs/01_formats.ipynb #36da8b87
 def _object(d, key, path, out, required=False, nullable=False):
     "Check `d[key]` is an object; return it (or None)."
     v = d.get(key, _MISSING)
@@ -115,6 +118,7 @@ def _object(d, key, path, out, required=False, nullable=False):
         out.append(Problem(f"{path}.{key}", f"must be an object{' or null' if nullable else ''}, got {_kind(v)}"))
     return None
 
+# %% ../nbs/01_formats.ipynb #4ffd3d14
 _NAME_RE = re.compile(r'[a-zA-Z0-9_-]{1,64}\Z')
 
 _JSON_DECODER = json.JSONDecoder()
@@ -128,7 +132,7 @@ def _arguments(a, path, out):
         out.append(Problem(path, f"not valid JSON ({e.msg} at char {e.pos})")); return
     if v.__class__ is not dict: out.append(Problem(path, f"must be a JSON object, got {_kind(v)}"))
 
-# %% ../nbs/01_formats.ipynb #246baec8
+# %% ../nbs/01_formats.ipynb #8a482a94
 def _content(m, role, path, out):
     c = m.get('content', _MISSING)
     if c.__class__ is str or c is _MISSING: return
@@ -143,7 +147,7 @@ def _content(m, role, path, out):
         out.append(Problem(q, f"must be a string or a list of content parts, got {_kind(c)}")); return
     for j, part in enumerate(c): _part(part, role, f"{q}[{j}]", out)
 
-# %% ../nbs/01_formats.ipynb #c41c1019
+# %% ../nbs/01_formats.ipynb #75d2a36e
 def _part(part, role, path, out):
     if not isinstance(part, dict):
         out.append(Problem(path, f"must be a content part object, got {_kind(part)}")); return
@@ -174,7 +178,7 @@ def _part(part, role, path, out):
             _unknown(ia, {'data', 'format'}, q, 'input_audio', out)
     if len(part) > 2: _unknown(part, {'type', t}, path, f'a {t} content part', out)
 
-# %% ../nbs/01_formats.ipynb #558e2b4c
+# %% ../nbs/01_formats.ipynb #c6839356
 def _tool_calls(tcs, path, out, ids):
     if tcs is None: return
     if not isinstance(tcs, _ARRAY):
@@ -200,7 +204,7 @@ def _tool_calls(tcs, path, out, ids):
             if len(fn) > 2: _unknown(fn, {'name', 'arguments'}, fq, 'a tool call function', out)
         if len(tc) > 3: _unknown(tc, {'id', 'type', 'function'}, q, 'a tool call', out)
 
-# %% ../nbs/01_formats.ipynb #6c49c6a4
+# %% ../nbs/01_formats.ipynb #6da4b5a4
 def _function_call(m, path, out):
     fc = m.get('function_call')
     if fc is None: return
@@ -211,7 +215,7 @@ def _function_call(m, path, out):
     if 'arguments' in fc: _arguments(fc['arguments'], f"{q}.arguments", out)
     _unknown(fc, {'name', 'arguments'}, q, 'a function_call', out)
 
-# %% ../nbs/01_formats.ipynb #fb997fcd
+# %% ../nbs/01_formats.ipynb #4e7fabd6
 def _message(m, path, out, ids):
     "Append the problems of one message to `out`; `ids` collects tool call ids seen so far."
     if not isinstance(m, dict):
@@ -225,21 +229,7 @@ def _message(m, path, out, ids):
         return
     if not (m.keys() <= fields): _unknown(m, fields, path, f'a {role} message', out)
     _content(m, role, path, out)
-    if role == 'assistant':
-        if 'name' in m: _string(m, 'name', path, out)
-        if 'refusal' in m: _string(m, 'refusal', path, out, nullable=True)
-        if 'reasoning_content' in m: _string(m, 'reasoning_content', path, out, nullable=True)
-        if 'audio' in m:
-            a = _object(m, 'audio', path, out, nullable=True)
-            if a is not None: _string(a, 'id', f"{path}.audio", out, required=True)
-        if 'annotations' in m and m['annotations'] is not None and not isinstance(m['annotations'], _ARRAY):
-            out.append(Problem(f"{path}.annotations", f"must be an array, got {_kind(m['annotations'])}"))
-        tcs = m.get('tool_calls')
-        if tcs is not None: _tool_calls(tcs, f"{path}.tool_calls", out, ids)
-        if 'function_call' in m: _function_call(m, path, out)
-        if m.get('content') is None and not tcs and not m.get('function_call') and not m.get('refusal') \
-                and not m.get('audio'):
-            out.append(Problem(path, "an assistant message needs content, tool_calls or function_call"))
+    if role == 'assistant': _assistant(m, path, out, ids)
     elif role == 'tool':
         cid = _string(m, 'tool_call_id', path, out, required=True, what=' (the id of the tool call this answers)')
         if cid is not None and cid not in ids:
@@ -250,7 +240,25 @@ def _message(m, path, out, ids):
         if 'content' not in m: out.append(Problem(f"{path}.content", "is required (a string or null)"))
     elif 'name' in m: _string(m, 'name', path, out)
 
-# %% ../nbs/01_formats.ipynb #1f300721
+# %% ../nbs/01_formats.ipynb #5815a345
+def _assistant(m, path, out, ids):
+    "The fields only an assistant message has, and the rule that it says something."
+    if 'name' in m: _string(m, 'name', path, out)
+    if 'refusal' in m: _string(m, 'refusal', path, out, nullable=True)
+    if 'reasoning_content' in m: _string(m, 'reasoning_content', path, out, nullable=True)
+    if 'audio' in m:
+        a = _object(m, 'audio', path, out, nullable=True)
+        if a is not None: _string(a, 'id', f"{path}.audio", out, required=True)
+    if 'annotations' in m and m['annotations'] is not None and not isinstance(m['annotations'], _ARRAY):
+        out.append(Problem(f"{path}.annotations", f"must be an array, got {_kind(m['annotations'])}"))
+    tcs = m.get('tool_calls')
+    if tcs is not None: _tool_calls(tcs, f"{path}.tool_calls", out, ids)
+    if 'function_call' in m: _function_call(m, path, out)
+    if m.get('content') is None and not tcs and not m.get('function_call') and not m.get('refusal') \
+            and not m.get('audio'):
+        out.append(Problem(path, "an assistant message needs content, tool_calls or function_call"))
+
+# %% ../nbs/01_formats.ipynb #175bdce6
 def validate_tools(tools,  # the `tools` array of a request or entry; None means no tools
                    path: str = 'tools') -> list[Problem]:
     "Every problem in a `tools` array (`[{type: 'function', function: {name, description, parameters, strict}}]`)."
@@ -268,7 +276,7 @@ def validate_tools(tools,  # the `tools` array of a request or entry; None means
         _unknown(t, {'type', 'function'}, q, 'a tool', out)
     return out
 
-# %% ../nbs/01_formats.ipynb #847b35cc
+# %% ../nbs/01_formats.ipynb #e82d8fe5
 def _function_def(f, path, out, names, what):
     if not isinstance(f, dict):
         out.append(Problem(path, f"must be a {what} object, got {_kind(f)}")); return
@@ -283,7 +291,7 @@ def _function_def(f, path, out, names, what):
     _boolean(f, 'strict', path, out, nullable=True)
     _unknown(f, {'name', 'description', 'parameters', 'strict'}, path, what, out)
 
-# %% ../nbs/01_formats.ipynb #f885158f
+# %% ../nbs/01_formats.ipynb #55ea9e74
 def validate_tool_choice(tool_choice,  # 'none' | 'auto' | 'required' | {type: 'function', function: {name}}; None: absent
                          tools=None,  # the tools it refers to; when given, a named tool must be one of them
                          path: str = 'tool_choice') -> list[Problem]:
@@ -311,11 +319,12 @@ def validate_tool_choice(tool_choice,  # 'none' | 'auto' | 'required' | {type: '
     _unknown(tool_choice, {'type', 'function'}, path, 'tool_choice', out)
     return out
 
+# %% ../nbs/01_formats.ipynb #2228f704
 def _tool_names(tools) -> set | None:
     if not isinstance(tools, _ARRAY): return None
     return {t['function'].get('name') for t in tools if isinstance(t, dict) and isinstance(t.get('function'), dict)}
 
-# %% ../nbs/01_formats.ipynb #96f3e0e1
+# %% ../nbs/01_formats.ipynb #e5e4b217
 def _functions(functions, path, out):
     if functions is None: return
     if not isinstance(functions, _ARRAY):
@@ -323,6 +332,7 @@ def _functions(functions, path, out):
     names = set()
     for i, f in enumerate(functions): _function_def(f, f"{path}[{i}]", out, names, 'a function')
 
+# %% ../nbs/01_formats.ipynb #a08f946d
 def _deprecated_function_call(fc, functions, path, out):
     if fc is None: return
     if fc.__class__ is str:
@@ -336,7 +346,7 @@ def _deprecated_function_call(fc, functions, path, out):
         names = {f.get('name') for f in functions if isinstance(f, dict)}
         if name not in names: out.append(Problem(f"{path}.name", f"{name!r} is not among the functions"))
 
-# %% ../nbs/01_formats.ipynb #1f94a454
+# %% ../nbs/01_formats.ipynb #25517e1c
 def validate_response_format(response_format,  # {type: 'text' | 'json_object' | 'json_schema', json_schema: {...}}; None: absent
                              path: str = 'response_format') -> list[Problem]:
     "Every problem in a `response_format` value."
@@ -364,7 +374,7 @@ def validate_response_format(response_format,  # {type: 'text' | 'json_object' |
         _unknown(rf, {'type'}, path, f'a {t} response_format', out)
     return out
 
-# %% ../nbs/01_formats.ipynb #c86539be
+# %% ../nbs/01_formats.ipynb #794e21fb
 def validate_request(body: dict  # a chat.completions request body
                     ) -> list[Problem]:
     "Every problem in a chat-completion request body (unknown extra fields are allowed)."
@@ -380,7 +390,7 @@ def validate_request(body: dict  # a chat.completions request body
     if 'metadata' in body: _metadata(body['metadata'], 'metadata', out)
     return [replace(p, path=p.path.lstrip('.')) if p.path.startswith('.') else p for p in out]
 
-# %% ../nbs/01_formats.ipynb #049d4814
+# %% ../nbs/01_formats.ipynb #85285986
 def _tooling(obj: dict, out: list):
     "The fields a request and an entry share: tools, tool_choice, response_format, functions, function_call."
     tools = obj.get('tools')
@@ -390,6 +400,7 @@ def _tooling(obj: dict, out: list):
     _functions(obj.get('functions'), 'functions', out)
     _deprecated_function_call(obj.get('function_call'), obj.get('functions') or [], 'function_call', out)
 
+# %% ../nbs/01_formats.ipynb #6d091a8a
 def _parameters(body: dict, out: list):
     "The sampling parameters: types and ranges as the spec's schema gives them."
     _number(body, 'n', out, lo=1, integer=True)
@@ -407,7 +418,7 @@ def _parameters(body: dict, out: list):
     if stop is not None and stop.__class__ is not str and not (isinstance(stop, _ARRAY) and all(s.__class__ is str for s in stop)):
         out.append(Problem('stop', f"must be a string or an array of strings, got {_kind(stop)}"))
 
-# %% ../nbs/01_formats.ipynb #51c7ea3d
+# %% ../nbs/01_formats.ipynb #13226792
 def _stream_options(body: dict, out: list):
     so = _object(body, 'stream_options', '', out, nullable=True)
     if so is None: return
@@ -416,6 +427,7 @@ def _stream_options(body: dict, out: list):
     _unknown(so, {'include_usage'}, 'stream_options', 'stream_options', out)
     if not body.get('stream'): out.append(Problem('stream_options', "is only allowed when stream is true"))
 
+# %% ../nbs/01_formats.ipynb #a26cf391
 def _audio(body: dict, out: list):
     audio = _object(body, 'audio', '', out, nullable=True)
     if audio is None: return
@@ -424,7 +436,7 @@ def _audio(body: dict, out: list):
         if k not in audio: out.append(Problem(f"audio.{k}", f"is required (one of {', '.join(allowed)})"))
         elif audio[k] not in allowed: out.append(Problem(f"audio.{k}", f"must be one of {', '.join(allowed)}, got {audio[k]!r}"))
 
-# %% ../nbs/01_formats.ipynb #4aa6847c
+# %% ../nbs/01_formats.ipynb #dda5eb40
 def _number(body, key, out, lo=None, hi=None, integer=False, nullable=False, path=''):
     v = body.get(key, _MISSING)
     if v is _MISSING or (v is None and nullable): return
@@ -436,6 +448,7 @@ def _number(body, key, out, lo=None, hi=None, integer=False, nullable=False, pat
         rng = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
         out.append(Problem(q, f"must be {rng}, got {v!r}"))
 
+# %% ../nbs/01_formats.ipynb #30cb3e4d
 def _metadata(v, path, out):
     "metadata: an object mapping strings to strings (or null)."
     if v is None: return
@@ -447,7 +460,7 @@ def _metadata(v, path, out):
                                + (f" (write it as {json.dumps(str(x) if not isinstance(x, bool) else str(x).lower())})"
                                   if isinstance(x, (int, float)) else '')))
 
-# %% ../nbs/01_formats.ipynb #d5fd2e3f
+# %% ../nbs/01_formats.ipynb #5c022886
 def validate_entry(obj,  # one parsed JSONL line
                    require_output: bool = True,  # the messages must end with an assistant message (the output)
                    line: int | None = None  # stamped on each problem, for problems found in a file
@@ -480,7 +493,7 @@ def validate_entry(obj,  # one parsed JSONL line
     if line is not None: out = [replace(p, line=line) for p in out]
     return out
 
-# %% ../nbs/01_formats.ipynb #44833e19
+# %% ../nbs/01_formats.ipynb #349bb07d
 def functions_to_tools(obj):
     "A copy of an entry, request or message list with deprecated `functions`/`function_call` turned into tools."
     if isinstance(obj, _ARRAY): return _convert_messages(obj)
@@ -505,7 +518,7 @@ def functions_to_tools(obj):
         out['rejected_message'] = _convert_messages([None] * idx + [rm])[-1]
     return out
 
-# %% ../nbs/01_formats.ipynb #4dc46a05
+# %% ../nbs/01_formats.ipynb #2c3a84c5
 def _convert_messages(msgs):
     if not any(m.__class__ is dict and ('function_call' in m or m.get('role') == 'function') for m in msgs):
         return list(msgs)  # nothing deprecated (the common case): the same copy, without rebuilding each message
@@ -528,7 +541,7 @@ def _convert_messages(msgs):
         res.append(m)
     return res
 
-# %% ../nbs/01_formats.ipynb #0523d4d2
+# %% ../nbs/01_formats.ipynb #644da874
 def read_jsonl(path  # a .jsonl file: one JSON object per line
               ) -> Iterator[tuple[int, dict | Problem]]:
     "Yield `(line_number, object)` or `(line_number, Problem)` for each non-blank line of a JSONL file."
@@ -537,7 +550,7 @@ def read_jsonl(path  # a .jsonl file: one JSON object per line
     if path.is_dir(): raise ConfigError(f"{path} is a directory, not a JSONL file. Pass the path of a .jsonl file.")
     return _iter_jsonl(path)
 
-# %% ../nbs/01_formats.ipynb #eea6fc6f
+# %% ../nbs/01_formats.ipynb #673bc26f
 def _not_json_constant(name): raise ValueError(f"{name} is not valid JSON")
 
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_not_json_constant)
@@ -549,7 +562,7 @@ _SURROGATE_ESCAPE = re.compile(rb'\\u[dD][89a-fA-F]')
 # names the problem or accepts it (e.g. `1e400`), so every line ends exactly as before
 _FAST_DECODE = msgspec.json.Decoder().decode if msgspec is not None else None
 
-# %% ../nbs/01_formats.ipynb #2a57a36e
+# %% ../nbs/01_formats.ipynb #1cd7e79c
 def _iter_jsonl(path: Path):
     decode = _STRICT_DECODER.decode
     with open(path, 'rb') as f:
@@ -576,7 +589,7 @@ def _iter_jsonl(path: Path):
                                         "fix or remove that escape", n); continue
             yield n, obj
 
-# %% ../nbs/01_formats.ipynb #77a2d95b
+# %% ../nbs/01_formats.ipynb #441372af
 def _lone_surrogate(o, path: str = '') -> str | None:
     "The path of the first string holding a lone UTF-16 surrogate (valid JSON, not valid text), or None."
     if isinstance(o, str):
@@ -591,11 +604,7 @@ def _lone_surrogate(o, path: str = '') -> str | None:
         if found is not None: return found
     return None
 
-# %% ../nbs/01_formats.ipynb #83f4b860
-_SAFE_INT = 2 ** 53
-
-_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(',', ':'), allow_nan=False)
-
+# %% ../nbs/01_formats.ipynb #2ca0cd1b
 def canonical_json(obj) -> str:
     "The canonical JSON text of `obj`: sorted keys, no whitespace, UTF-8, one spelling per number."
     try: return _CANONICAL.encode(_normalise_numbers(obj))
@@ -608,7 +617,12 @@ def content_hash(obj) -> str:
     "SHA-256 (hex) of `canonical_json(obj)`: the one content hash used for cache keys and dataset snapshots."
     return hashlib.sha256(_canonical_bytes(obj)).hexdigest()
 
-# %% ../nbs/01_formats.ipynb #5cd78ffa
+# %% ../nbs/01_formats.ipynb #7ac5f570
+_SAFE_INT = 2 ** 53
+
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(',', ':'), allow_nan=False)
+
+# %% ../nbs/01_formats.ipynb #a2948509
 def _normalise_numbers(o):
     "`o` with integral floats as ints; containers are copied only where something changes."
     t = o.__class__
@@ -629,7 +643,7 @@ def _normalise_numbers(o):
             new[k] = n
     return o if new is None else new
 
-# %% ../nbs/01_formats.ipynb #a8e83745
+# %% ../nbs/01_formats.ipynb #10d5ad11
 _SORTED_ENCODE = msgspec.json.Encoder(order='sorted').encode if msgspec is not None else None
 
 def _canonical_bytes(obj) -> bytes:
@@ -639,6 +653,7 @@ def _canonical_bytes(obj) -> bytes:
         except UnicodeEncodeError: pass  # a lone surrogate: the standard library writes it (surrogatepass below)
     return canonical_json(obj).encode('utf-8', 'surrogatepass')
 
+# %% ../nbs/01_formats.ipynb #313f2031
 def _plain(o) -> bool:
     "True when `o` holds only dicts with str keys, lists, str, int, bool and None: no float, no other type."
     t = o.__class__
@@ -655,13 +670,7 @@ def _plain(o) -> bool:
         return True
     return t is str or t is int or t is bool or o is None
 
-# %% ../nbs/01_formats.ipynb #3b6f9d18
-class _FloatSeen(Exception): "A float literal in JSON text (msgspec and the standard library spell floats differently)."
-
-def _float_seen(text): raise _FloatSeen
-
-_FLOAT_PROBE = msgspec.json.Decoder(float_hook=_float_seen).decode if msgspec is not None else None
-
+# %% ../nbs/01_formats.ipynb #35b1b33f
 def _json_content_hash(obj) -> str:
     "`content_hash(obj)` for `obj` decoded from JSON text (str keys, JSON types only): no walk over `obj` to look for floats."
     if _SORTED_ENCODE is not None:
@@ -672,7 +681,14 @@ def _json_content_hash(obj) -> str:
         except (_FloatSeen, UnicodeEncodeError): pass
     return content_hash(obj)
 
-# %% ../nbs/01_formats.ipynb #1af787af
+# %% ../nbs/01_formats.ipynb #387c10fa
+class _FloatSeen(Exception): "A float literal in JSON text (msgspec and the standard library spell floats differently)."
+
+def _float_seen(text): raise _FloatSeen
+
+_FLOAT_PROBE = msgspec.json.Decoder(float_hook=_float_seen).decode if msgspec is not None else None
+
+# %% ../nbs/01_formats.ipynb #806545f1
 _PRUNED_ROLES = ('system', 'developer', 'user')
 
 def _prune(text: str, rules) -> str:
@@ -700,7 +716,7 @@ def apply_pruning_rules(messages,  # chat messages (the input of an entry or req
         out.append(m)
     return out
 
-# %% ../nbs/01_formats.ipynb #f4377ddd
+# %% ../nbs/01_formats.ipynb #441e0a37
 def split_output(messages: list  # a conversation
                 ) -> tuple[list, dict | None]:
     "`(input_messages, output_message)`: the output is the final message when it is an assistant message, else None."
@@ -708,7 +724,7 @@ def split_output(messages: list  # a conversation
         return list(messages[:-1]), messages[-1]
     return list(messages), None
 
-# %% ../nbs/01_formats.ipynb #4f7bb227
+# %% ../nbs/01_formats.ipynb #5d4ff686
 def dumps(value) -> str | None:
     "JSON text for a column (`None` stays `None`)."
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(',', ':'))
@@ -717,7 +733,7 @@ def loads(text: str | None):
     "The Python value of a JSON column (`None` stays `None`)."
     return None if text is None else json.loads(text)
 
-# %% ../nbs/01_formats.ipynb #aad965db
+# %% ../nbs/01_formats.ipynb #926529d6
 def json_text(value,  # JSON data: dicts, lists, str, numbers, bool, None
               escape_surrogates: bool = True  # keep a lone UTF-16 surrogate as a JSON escape (text every driver can store); False: as the character
              ) -> str | None:
@@ -731,7 +747,7 @@ def json_text(value,  # JSON data: dicts, lists, str, numbers, bool, None
     text = dumps(value)
     return _escape_surrogates(text) if escape_surrogates else text
 
-# %% ../nbs/01_formats.ipynb #3d109212
+# %% ../nbs/01_formats.ipynb #99b94cf5
 _ENCODE = msgspec.json.Encoder().encode if msgspec is not None else None
 
 def _escape_surrogates(text: str) -> str:
@@ -749,7 +765,7 @@ def _non_finite(o) -> bool:
     if t is list or t is tuple: return any(_non_finite(v) for v in o)
     return isinstance(o, float) and _non_finite(float(o))
 
-# %% ../nbs/01_formats.ipynb #20c010cc
+# %% ../nbs/01_formats.ipynb #87afe1e4
 def check_tags(tags,  # a dict of tags, or None
                path: str  # where they came from, for the error message: 'tags', 'req_payload.metadata', ...
               ) -> dict:
@@ -766,7 +782,7 @@ def check_tags(tags,  # a dict of tags, or None
     if problems: raise ValidationError(f"invalid metadata tags in {path}", problems)
     return out
 
-# %% ../nbs/01_formats.ipynb #a2cacd54
+# %% ../nbs/01_formats.ipynb #5e6e13a1
 _JSON_TYPES_EXACT = (dict, list, str, int, float, bool, type(None))
 
 def jsonable(obj,  # a dict, list or scalar, an SDK (pydantic) object, or an object with `to_dict()`
@@ -780,7 +796,7 @@ def jsonable(obj,  # a dict, list or scalar, an SDK (pydantic) object, or an obj
     if hasattr(obj, 'item') and not isinstance(obj, (dict, list, tuple, str, bytes)): return obj.item()  # a numpy/torch scalar
     return obj
 
-# %% ../nbs/01_formats.ipynb #d85df992
+# %% ../nbs/01_formats.ipynb #3107c0dd
 def content_text(content,  # a message's content: str, a list of parts, or None
                  separator: str = '',  # between parts
                  placeholders: bool = False  # show non-text parts as `[image: url]`, `[refusal] text`, ...; else skip them
