@@ -737,7 +737,7 @@ def loads(text: str | None):
 def json_text(value,  # JSON data: dicts, lists, str, numbers, bool, None
               escape_surrogates: bool = True  # keep a lone UTF-16 surrogate as a JSON escape (text every driver can store); False: as the character
              ) -> str | None:
-    "`dumps(value)` (`None` stays `None`), written by msgspec when installed; lone surrogates escaped unless told not to."
+    "JSON text that reads back as `dumps(value)` does (`None` stays `None`), by msgspec when installed; lone surrogates escaped."
     if value is None: return None
     if _ENCODE is not None:
         try: b = _ENCODE(value)  # valid UTF-8 by construction: no surrogate to escape

@@ -82,3 +82,47 @@ def test_functions_to_tools_output_validates_and_hashes_stably():
     new = functions_to_tools(old)
     assert validate_entry(new) == [] and validate_messages(new['messages']) == []
     assert content_hash(functions_to_tools(old)) == content_hash(new)
+
+
+from hypothesis import given, settings, strategies as st
+from openpipe_lab.formats import json_text, dumps, loads, jsonable, content_text, check_tags
+
+_text = st.text(st.characters(), max_size=8)  # lone surrogates included
+_values = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | _text,
+                       lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_text, kids, max_size=4), max_leaves=20)
+
+@settings(max_examples=400, deadline=None)
+@given(_values)
+def test_json_text_reads_back_as_dumps(value):
+    "msgspec's text and the standard library's read back to the same values (NaN, big ints and surrogates included)."
+    got, want = json_text(value), dumps(value)
+    if value is None: assert got is None; return
+    assert json.dumps(json.loads(got)) == json.dumps(json.loads(want))
+    got.encode('utf-8')  # storable: a lone surrogate stays a JSON escape
+    raw = json_text(value, escape_surrogates=False)
+    assert json.dumps(json.loads(raw)) == json.dumps(json.loads(want))
+    try: want.encode('utf-8')
+    except UnicodeEncodeError: assert raw == want  # kept as the character, for the caller to report
+
+def test_jsonable_on_real_sdk_objects():
+    "A recorded OpenAI or Anthropic response keeps what the server sent (None included); a reused message drops None fields."
+    from openai.types.chat import ChatCompletion
+    from anthropic.types import Message
+    completion = ChatCompletion.model_validate({'id': 'c', 'object': 'chat.completion', 'created': 1, 'model': 'm',
+        'choices': [{'index': 0, 'finish_reason': 'stop', 'logprobs': None, 'message': {'role': 'assistant', 'content': 'Hobart'}}]})
+    data = jsonable(completion)
+    assert data['choices'][0]['logprobs'] is None and 'usage' not in data and json.loads(json_text(data)) == data
+    assert jsonable(completion.choices[0].message, drop_none=True) == {'role': 'assistant', 'content': 'Hobart'}
+    message = Message.model_validate({'id': 'msg_1', 'type': 'message', 'role': 'assistant', 'model': 'claude',
+        'content': [{'type': 'text', 'text': 'Hobart'}], 'stop_reason': 'end_turn', 'stop_sequence': None,
+        'usage': {'input_tokens': 3, 'output_tokens': 1}})
+    data = jsonable(message)
+    assert data['content'] == [{'type': 'text', 'text': 'Hobart'}] and data['stop_sequence'] is None
+    assert content_text(data['content']) == 'Hobart'
+
+def test_check_tags_keeps_its_messages():
+    "check_tags is the one tag check (client headers, record, report): the messages name the source and the tag."
+    assert check_tags({'a': 1, 'b': None}, 'op-tags') == {'a': '1'}
+    with pytest.raises(Exception, match=r"op-tags\.k: must be a string, got list"): check_tags({'k': [1]}, 'op-tags')
+    with pytest.raises(Exception, match="req_payload.metadata: must be an object of string values, got str"):
+        check_tags('x', 'req_payload.metadata')
