@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / 'tests'))
 from fakes import FakeUpstream, Reply  # noqa: E402
 from openpipe_lab.logstore import LogStore  # noqa: E402
 from openpipe_lab.eval import Eval  # noqa: E402
+import openpipe_lab.pairwise  # noqa: E402,F401  (Eval.head_to_head is defined by the pairwise layer)
 
 
 def responder(latency):

@@ -89,6 +89,7 @@ def main():
     if args.compare_dtypes: return compare_dtypes(args)
     import openai
     from openpipe_lab.deployment import Deployment
+    import openpipe_lab.client  # noqa: F401  (LogStore.openai is defined by the client layer)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         os.environ['OPENPIPE_LAB_DIR'] = d

@@ -48,7 +48,7 @@ work = Path(tempfile.mkdtemp(prefix='train_throughput_'))
 from tiny_model import build_tiny_model, _WORDS
 tok_dir = build_tiny_model(work / 'tok', 'chatml')
 tok = AutoTokenizer.from_pretrained(tok_dir)
-from openpipe_lab.finetune import tokenize_conversation
+from openpipe_lab.train import tokenize_conversation
 words = _WORDS.split()
 
 def make_rows(n, seed=0):

@@ -8,10 +8,10 @@ _LAZY = {'LogStore': 'logstore', 'LogQuery': 'logstore', 'get_store': 'logstore'
 
 # Imports only run downward (tools/structure.py fails `make test` on a cycle). A method that returns a higher layer's
 # object is defined by that layer and `@patch`ed onto the lower class: `logs.openai()` by client, `logs.dataset()` by
-# dataset, `logs.serve()` by server, `ds.review()` by review, `ft.deploy()` by deployment, best of N by criterion,
+# dataset, `logs.serve()` by server, `ds.review()` by review, `ft.deploy()` by deployment, in-process training by train, best of N by criterion,
 # `crit.align()` by alignment, `ev.head_to_head()` by pairwise. So a public name loads the modules that extend it too.
 _EXTENDED_BY = {'logstore': ('client', 'dataset', 'server'), 'client': ('criterion',), 'dataset': ('review',),
-                'finetune': ('deployment',), 'criterion': ('alignment',), 'eval': ('pairwise',)}
+                'finetune': ('train', 'deployment'), 'criterion': ('alignment',), 'eval': ('pairwise',)}
 
 def _extend(module: str, name: str, seen: set) -> None:
     "Import the modules that add methods to `module`'s classes (and theirs), once each."

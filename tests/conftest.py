@@ -6,6 +6,7 @@ for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE'): os.e
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('MPLBACKEND', 'Agg')
 sys.path.insert(0, str(Path(__file__).parent))
+import openpipe_lab.client  # noqa: F401,E402  (LogStore.openai/async_openai are defined by the client layer)
 
 @pytest.fixture
 def lab(tmp_path):
