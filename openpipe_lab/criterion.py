@@ -573,7 +573,7 @@ _REWARD_LOCK = threading.Lock()
 @patch
 def _raw_reward(self: Criterion, output, messages=None, tools=None) -> tuple[float, int]:
     "(raw reward, tokens) of one output after its input messages."
-    from openpipe_lab.finetune import normalize_messages
+    from openpipe_lab.train import normalize_messages
     torch = require('torch')
     model, tok = self._reward_model()
     text = tok.apply_chat_template(normalize_messages(list(messages or []) + [as_output(output)]), tools=tools or None, tokenize=False)
