@@ -7,7 +7,8 @@ import pytest, httpx
 import sqlalchemy as sa
 from openpipe_lab.core import DeploymentError, MissingDependencyError, NotFoundError, ConfigError, ProviderError, now_ms, new_id
 from openpipe_lab.store import tables, dumps
-from openpipe_lab.deployment import Deployment, _group_pids, _pid_alive
+from openpipe_lab.core import group_pids, pid_alive
+from openpipe_lab.deployment import Deployment
 
 FAKE_SERVER = r'''
 import argparse, json, os, subprocess, sys, time
@@ -106,7 +107,7 @@ def served_rows(store):
 
 def assert_failed_leaving_nothing(dep, store):
     "A failed start: FAILED, no process of its group left, no model served."
-    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == [] and served_rows(store) == []
+    assert dep.status == 'FAILED' and group_pids(dep.process_.pid) == [] and served_rows(store) == []
 
 def wait_until(cond, timeout=10):
     t = time.monotonic()
@@ -123,7 +124,7 @@ def test_start_register_call_stop(lab, fake_python):
         assert dep.status == 'RUNNING' and dep.url.startswith('http://127.0.0.1:') and dep.url.endswith('/v1')
         assert served_rows(lab) == [('ft-a', 'openpipe:ft-a', 'RUNNING'), ('ft-b', 'openpipe:ft-b', 'RUNNING')]
         assert '--max-lora-rank' in dep.args_ and dep.args_[dep.args_.index('--max-lora-rank') + 1] == '32'
-        group = _group_pids(dep.process_.pid)
+        group = group_pids(dep.process_.pid)
         assert len(group) == 2                                    # the server and its "engine"
         # the logged client routes openpipe:<slug> to the server, applies the model's pruning rules, records the call
         client = lab.openai(api_key='unused')
@@ -141,7 +142,7 @@ def test_start_register_call_stop(lab, fake_python):
     finally:
         dep.stop()
     assert dep.status == 'STOPPED'
-    assert all(not _pid_alive(p) for p in group) and _group_pids(dep.process_.pid) == []
+    assert all(not pid_alive(p) for p in group) and group_pids(dep.process_.pid) == []
     assert served_rows(lab) == []                                 # unregistered
     with pytest.raises(ProviderError, match="no running deployment for slug 'ft-a'"):
         lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'hi'}])
@@ -163,10 +164,10 @@ def test_context_manager_runtime_models_and_restart(lab, fake_python):
             lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
         old = dep.process_.pid
         dep.restart()                                             # same port, the models it serves now
-        assert dep.status == 'RUNNING' and dep.port_ == port and dep.process_.pid != old and _group_pids(old) == []
+        assert dep.status == 'RUNNING' and dep.port_ == port and dep.process_.pid != old and group_pids(old) == []
         assert dep.models == ['ft-c'] and '--lora-modules' in dep.args_ and 'openpipe:ft-c=' in ' '.join(dep.args_)
         pid = dep.process_.pid
-    assert dep.status == 'STOPPED' and _group_pids(pid) == []
+    assert dep.status == 'STOPPED' and group_pids(pid) == []
 
 def test_crash_is_detected_and_restart_recovers(lab, fake_python):
     add_finetune(lab, 'ft-a')
@@ -175,7 +176,7 @@ def test_crash_is_detected_and_restart_recovers(lab, fake_python):
         pid = dep.process_.pid
         os.kill(pid, signal.SIGKILL)                              # the API server dies; its "engine" lingers
         assert wait_until(lambda: dep.status == 'CRASHED')
-        assert _group_pids(pid) == []                             # status reaps what was left of the group
+        assert group_pids(pid) == []                             # status reaps what was left of the group
         assert Deployment.list(lab).empty and Deployment.list(lab, all=True).loc[0, 'status'] == 'CRASHED'
         with pytest.raises(ProviderError, match='no running deployment'):
             lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
@@ -208,7 +209,7 @@ def test_crash_seen_from_another_process(lab, fake_python, tmp_path):
         r = lab.openai(api_key='unused').chat.completions.create(model='openpipe:ft-a', messages=[{'role': 'user', 'content': 'x'}])
         assert r.model == 'openpipe:ft-a'                          # this process reaches the other's server
         os.killpg(server_pid, signal.SIGKILL)
-        assert wait_until(lambda: not _pid_alive(server_pid))
+        assert wait_until(lambda: not pid_alive(server_pid))
         assert Deployment.list(lab, all=True).loc[0, 'status'] == 'CRASHED'
     finally:
         owner.kill(); owner.wait()
@@ -219,8 +220,8 @@ def test_owner_killed_leaves_no_server(lab, fake_python, tmp_path):
     owner = start_owner(lab, fake_python, tmp_path)
     server_pid = int(owner.stdout.readline())
     owner.kill(); owner.wait()
-    assert wait_until(lambda: not _pid_alive(server_pid))
-    assert wait_until(lambda: _group_pids(server_pid) == [])      # the server stopped its engine on SIGTERM
+    assert wait_until(lambda: not pid_alive(server_pid))
+    assert wait_until(lambda: group_pids(server_pid) == [])      # the server stopped its engine on SIGTERM
 
 def test_atexit_stops_deployments(lab, fake_python, tmp_path):
     add_finetune(lab, 'ft-a')
@@ -235,7 +236,7 @@ def test_atexit_stops_deployments(lab, fake_python, tmp_path):
                          env={**os.environ, 'OPENPIPE_LAB_DIR': str(lab.dir)})
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split()[0])
-    assert _group_pids(pid) == [] and not _pid_alive(pid)
+    assert group_pids(pid) == [] and not pid_alive(pid)
     assert Deployment.list(lab, all=True).loc[0, 'status'] == 'STOPPED'
 
 def test_start_failures_leave_nothing(lab, fake_python, monkeypatch):
@@ -248,7 +249,7 @@ def test_start_failures_leave_nothing(lab, fake_python, monkeypatch):
     monkeypatch.setenv('FAKE_VLLM_MODE', 'hang')
     dep = Deployment('ft-a', python=fake_python, store=lab, progress=False, timeout=2)
     with pytest.raises(DeploymentError, match=r"did not answer /health within 2 s"): dep.start()
-    assert dep.status == 'FAILED' and _group_pids(dep.process_.pid) == []
+    assert dep.status == 'FAILED' and group_pids(dep.process_.pid) == []
 
 def test_refused_option_degrades_with_warning(lab, fake_python, monkeypatch):
     add_finetune(lab, 'ft-a')

@@ -9,8 +9,9 @@ import sqlalchemy as sa
 from openpipe_lab.core import DeploymentError, ProviderError, now_ms, new_id
 from openpipe_lab.store import tables, dumps
 from openpipe_lab.logstore import LogStore, _STORES
-from openpipe_lab.deployment import Deployment, _group_pids, _pid_alive
-from tiny_model import build_tiny_model
+from openpipe_lab.core import group_pids, pid_alive
+from openpipe_lab.deployment import Deployment
+from tiny_model import build_tiny_model, default_lab
 
 CAPITALS = [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Germany', 'Berlin')]
 RULE = 'You are a geography assistant.'
@@ -20,13 +21,7 @@ def ask(country): return [{'role': 'user', 'content': f'Capital of {country}?'}]
 @pytest.fixture(scope='module')
 def lab(tmp_path_factory):
     "One lab for the module (the default lab too, so other processes find it through OPENPIPE_LAB_DIR)."
-    d = tmp_path_factory.mktemp('deplab')
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('OPENPIPE_LAB_DIR', str(d)); mp.delenv('OPENPIPE_LAB_DB', raising=False)
-        store = LogStore(str(d / 'lab.db'))
-        _STORES[str(d / 'lab.db')] = store
-        yield store
-        store.close(); _STORES.pop(str(d / 'lab.db'), None)
+    with default_lab(tmp_path_factory.mktemp('deplab')) as store: yield store
 
 @pytest.fixture(scope='module')
 def base_model(tmp_path_factory):
@@ -71,7 +66,7 @@ def dep(lab, base_model, trained):
     print(f"\nvLLM start: {time.monotonic() - t:.1f} s")
     yield d
     d.stop()
-    assert _group_pids(d.process_.pid) == []
+    assert group_pids(d.process_.pid) == []
 
 @pytest.fixture
 def client(lab): return lab.openai(api_key='unused')   # the logging client; no OpenAI key is needed for openpipe: ids
@@ -86,7 +81,7 @@ def test_server_dying_during_start_raises_with_its_log(lab, base_model, tmp_path
     d = Deployment(adapter, store=lab, progress=False)
     with pytest.raises(DeploymentError, match=r"(?s)failed: the server exited with code \d+ during start.*Last lines of .*not-a-model"):
         d.start()
-    assert d.status == 'FAILED' and _group_pids(d.process_.pid) == [] and not _pid_alive(d.process_.pid)
+    assert d.status == 'FAILED' and group_pids(d.process_.pid) == [] and not pid_alive(d.process_.pid)
     assert Deployment.list(lab).empty
 
 def test_model_the_engine_cannot_run_fails_start_with_its_reason(lab, tmp_path):
@@ -96,7 +91,7 @@ def test_model_the_engine_cannot_run_fails_start_with_its_reason(lab, tmp_path):
     d = Deployment(adapter, store=lab, progress=False, speculative=None)
     with pytest.raises(DeploymentError, match=r"could not generate one token with openpipe:head16: .*Unsupported CPU attention configuration: head_dim=16"):
         d.start()
-    assert d.status == 'FAILED' and _group_pids(d.process_.pid) == [] and Deployment.list(lab).empty
+    assert d.status == 'FAILED' and group_pids(d.process_.pid) == [] and Deployment.list(lab).empty
 
 def test_our_command_line_parses_with_vllms_own_parser(lab, base_model):
     "Every flag we pass (parallelism, context, dtype, LoRA) is one vLLM's real argument parser accepts, with our values."
@@ -197,13 +192,13 @@ def test_unknown_slug_is_a_clear_error(dep, client):
 
 def test_killed_server_is_reported_then_restarts(dep, lab, client):
     pid = dep.process_.pid
-    group = _group_pids(pid)
+    group = group_pids(pid)
     assert len(group) >= 2                                                                  # API server + engine core (+ worker)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while dep.status != 'CRASHED' and time.monotonic() < deadline: time.sleep(0.2)
     assert dep.status == 'CRASHED'
-    assert all(not _pid_alive(p) for p in group)                                            # nothing of the old server survives
+    assert all(not pid_alive(p) for p in group)                                            # nothing of the old server survives
     assert Deployment.list(lab, all=True)['status'].tolist()[-1] == 'CRASHED'
     with pytest.raises(ProviderError, match='no running deployment'):
         client.chat.completions.create(model='openpipe:capitals', messages=ask('France'))
@@ -220,4 +215,4 @@ def test_merged_deployment(dep, lab, client):
         r = client.chat.completions.create(model='openpipe:capitals', messages=ask('Sweden'), max_tokens=8, temperature=0)
         assert r.choices[0].message.content.strip() == 'Stockholm'
         pid = merged.process_.pid
-    assert merged.status == 'STOPPED' and _group_pids(pid) == []
+    assert merged.status == 'STOPPED' and group_pids(pid) == []
