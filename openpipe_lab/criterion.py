@@ -566,7 +566,7 @@ def _reward_judge(self: Criterion, output, messages=None, tools=None, tool_choic
     return {'score': map_reward(reward, mapping), 'explanation': f"reward {reward:.4f}, mapped by a {_describe(mapping)}",
             'usage': {'total_tokens': n}}
 
-# %% ../nbs/09_criterion.ipynb #e44e6f3f
+# %% ../nbs/09_criterion.ipynb #2a427afd
 _REWARD_MODELS: dict = {}
 _REWARD_LOCK = threading.Lock()
 
