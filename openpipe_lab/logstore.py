@@ -291,7 +291,7 @@ def _save_unwritten(self: _Writer, batch, err):
         warnings.warn(f"openpipe_lab could not write {len(batch)} logs to the database ({err}); saved {saved} to {path}, "
                       f"lost {len(batch) - saved} ({e2})")
 
-# %% ../nbs/03_logstore.ipynb #9d59ab61
+# %% ../nbs/03_logstore.ipynb #0e92f1fb
 @patch
 def report(self: LogStore, requested_at=None,  # ms since epoch (or datetime) when the request was sent
            received_at=None,  # ms since epoch (or datetime) when the response arrived
@@ -305,7 +305,7 @@ def report(self: LogStore, requested_at=None,  # ms since epoch (or datetime) wh
     "Record a call made elsewhere, as the hosted `/report` endpoint does; returns the log id."
     return _report(self, requested_at, received_at, req_payload, resp_payload, status_code, error_message, tags, metadata)
 
-# %% ../nbs/03_logstore.ipynb #bfd01cc1
+# %% ../nbs/03_logstore.ipynb #e702cb06
 def _report(self: LogStore, requested_at=None, received_at=None, req_payload=None, resp_payload=None,
             status_code: int | None = None, error_message: str | None = None, tags: dict | None = None,
             metadata: dict | None = None, source: str = 'report') -> str:
@@ -327,7 +327,7 @@ def _report(self: LogStore, requested_at=None, received_at=None, req_payload=Non
                        duration_ms=(int(received_at - requested_at) if isinstance(requested_at, (int, float))
                                     and isinstance(received_at, (int, float)) else None))
 
-# %% ../nbs/03_logstore.ipynb #87ec7966
+# %% ../nbs/03_logstore.ipynb #8c689a6d
 def _as_dict(payload, path: str) -> dict | None:
     if payload is None: return None
     if isinstance(payload, str):
@@ -341,7 +341,7 @@ def _usage(resp: dict | None) -> tuple:
     u = (resp or {}).get('usage') or {}
     return u.get('prompt_tokens', u.get('input_tokens')), u.get('completion_tokens', u.get('output_tokens'))
 
-# %% ../nbs/03_logstore.ipynb #e7d43ed2
+# %% ../nbs/03_logstore.ipynb #627b621c
 @patch
 def report_anthropic(self: LogStore, requested_at=None, received_at=None, req_payload=None, resp_payload=None,
                      status_code: int | None = None, error_message: str | None = None, tags: dict | None = None,
@@ -360,7 +360,7 @@ def report_anthropic(self: LogStore, requested_at=None, received_at=None, req_pa
     return _report(self, requested_at, received_at, oreq, oresp, status_code, error_message, tags, metadata,
                    source='report_anthropic')
 
-# %% ../nbs/03_logstore.ipynb #e60e1c54
+# %% ../nbs/03_logstore.ipynb #07619354
 class LogQuery:
     "A lazy, filterable view of a lab's request logs."
     def __init__(self, store: LogStore, conditions: tuple = (), description: tuple = ()):
@@ -371,7 +371,7 @@ class LogQuery:
     def _where(self, stmt):
         return stmt.where(*self._conditions) if self._conditions else stmt
 
-# %% ../nbs/03_logstore.ipynb #e717c0f6
+# %% ../nbs/03_logstore.ipynb #7af4fcd5
 @patch
 def filter(self: LogQuery, since=None,  # only logs requested at/after this (ms or datetime)
            until=None,  # only logs requested before this (ms or datetime)
@@ -391,7 +391,7 @@ def filter(self: LogQuery, since=None,  # only logs requested at/after this (ms 
         conds.append(_condition(key, value)); desc.append(f"{key}={value!r}")
     return LogQuery(self.store, conds, desc)
 
-# %% ../nbs/03_logstore.ipynb #cff70f88
+# %% ../nbs/03_logstore.ipynb #1caeabfa
 @patch
 def __len__(self: LogQuery) -> int:
     self.store.flush()
@@ -403,7 +403,7 @@ def count(self: LogQuery) -> int:
     "How many logs match."
     return len(self)
 
-# %% ../nbs/03_logstore.ipynb #68a8ba15
+# %% ../nbs/03_logstore.ipynb #5c5a425f
 @patch
 def filter(self: LogStore, since=None, until=None, contains: str | None = None, **equals) -> LogQuery:
     "Logs matching every condition (see `LogQuery.filter`)."
@@ -417,7 +417,7 @@ def all(self: LogStore) -> LogQuery:
 @patch
 def __len__(self: LogStore) -> int: return len(LogQuery(self))
 
-# %% ../nbs/03_logstore.ipynb #cd85ff8b
+# %% ../nbs/03_logstore.ipynb #54a4fdef
 _FIELDS = {'model', 'completion_id', 'status_code', 'provider', 'cache_hit', 'source', 'stream', 'parent_id', 'id'}
 _FIELD_ALIASES = {'completionId': 'completion_id', 'statusCode': 'status_code'}
 
@@ -436,7 +436,7 @@ def _condition(key: str, value):
     value = _storable_str(value) if isinstance(value, str) else json.dumps(value)  # as `_insert_rows` stored it
     return t.c.id.in_(has.where(tt.c.value == value))
 
-# %% ../nbs/03_logstore.ipynb #6fb1e406
+# %% ../nbs/03_logstore.ipynb #790ab737
 @patch
 def __iter__(self: LogQuery):
     "Matching logs as dicts (payloads and tags decoded), oldest first, read in batches."
@@ -454,7 +454,7 @@ def __iter__(self: LogQuery):
             yield d
         last = rows[-1]['id']
 
-# %% ../nbs/03_logstore.ipynb #7591f082
+# %% ../nbs/03_logstore.ipynb #4dc9bcb4
 @patch
 def ids(self: LogQuery) -> list[str]:
     "The ids of matching logs, oldest first."
@@ -471,7 +471,7 @@ def latest(self: LogQuery, n: int = 5) -> 'pd.DataFrame':
         rows = c.execute(self._where(sa.select(t)).order_by(t.c.id.desc()).limit(n)).mappings().all()
     return _frame(rows)
 
-# %% ../nbs/03_logstore.ipynb #06f4321a
+# %% ../nbs/03_logstore.ipynb #76653826
 def _frame(rows):
     import pandas as pd
     out = []
@@ -485,13 +485,13 @@ def _frame(rows):
     if 'tags' in df: df = df.drop(columns=['tags']).join(pd.DataFrame([{f"tag.{k}": v for k, v in (d['tags'] or {}).items()} for d in out], index=df.index))
     return df
 
-# %% ../nbs/03_logstore.ipynb #54cd2b46
+# %% ../nbs/03_logstore.ipynb #82de6350
 @patch(as_prop=True)
 def df(self: LogQuery) -> 'pd.DataFrame':
     "All matching logs as a pandas DataFrame, one row per log, one column per tag (`tag.<name>`)."
     return _frame(list(self))
 
-# %% ../nbs/03_logstore.ipynb #31e87693
+# %% ../nbs/03_logstore.ipynb #fc77d11d
 @patch
 def _repr_markdown_(self: LogQuery):
     n = len(self)
@@ -510,7 +510,7 @@ def _repr_markdown_(self: LogQuery):
 def _repr_markdown_(self: LogStore):
     return f"**LogStore** `{self.db._safe_url()}` — artifacts in `{self.dir}`\n\n" + LogQuery(self)._repr_markdown_()
 
-# %% ../nbs/03_logstore.ipynb #9adc88b1
+# %% ../nbs/03_logstore.ipynb #ee83f9ec
 @patch
 def export(self: LogQuery, path: str | Path  # where to write the JSONL file
           ) -> int:
@@ -527,7 +527,7 @@ def export(self: LogQuery, path: str | Path  # where to write the JSONL file
     tmp.replace(path)
     return n
 
-# %% ../nbs/03_logstore.ipynb #944fe7f2
+# %% ../nbs/03_logstore.ipynb #5f4eb3e9
 @patch
 def update_metadata(self: LogQuery, **tags) -> int:
     "Set (or, with `None`, delete) metadata tags on every matching log; returns how many logs matched."
@@ -553,7 +553,7 @@ def update_metadata(self: LogQuery, **tags) -> int:
         if updates: c.execute(t.update().where(t.c.id == sa.bindparam('b_id')).values(tags=sa.bindparam('b_tags')), updates)
     return len(ids)
 
-# %% ../nbs/03_logstore.ipynb #bc200ecc
+# %% ../nbs/03_logstore.ipynb #d5422c06
 @patch
 def add_provider(self: LogStore, name: str,  # used in model ids: openpipe:<name>/<model>
                  base_url: str,  # the provider's OpenAI-compatible base URL (for azure: the resource endpoint)
@@ -580,7 +580,7 @@ def providers(self: LogStore) -> list[dict]:
     with self.db.connect() as c:
         return [dict(r) | {'config': loads(r['config']) or {}} for r in c.execute(sa.select(tables.providers).order_by(tables.providers.c.name)).mappings()]
 
-# %% ../nbs/03_logstore.ipynb #d2880340
+# %% ../nbs/03_logstore.ipynb #fdb74f04
 @patch
 def to_dataset(self: LogQuery, name: str  # name of the new dataset
               ):
