@@ -428,7 +428,7 @@ def _judge_rows(self: Criterion, rows: list, concurrency: int, done) -> list[dic
             for f in as_completed([pool.submit(one, i) for i in range(len(rows))]): f.result(); done()
     return out
 
-# %% ../nbs/09_criterion.ipynb #4b2d7bbb
+# %% ../nbs/09_criterion.ipynb #1eb50f66
 @patch
 def _load_criteria(self: _Call, ids: list) -> list:
     "The criteria named in op-criteria (a reward model slug becomes its criterion); `NotFoundError` for an unknown id."
@@ -436,11 +436,15 @@ def _load_criteria(self: _Call, ids: list) -> list:
     for cid in ids:
         try: out.append(Criterion.get(cid, store=store, client=judge))
         except NotFoundError:
-            from openpipe_lab.finetune import _model_row
-            row = _model_row(store, slug=cid)
-            if row is None or row['kind'] != 'openpipeReward': raise
+            if not _is_reward_model(cid, store): raise
             out.append(Criterion.from_reward_model(cid, store=store))
     return out
+
+def _is_reward_model(slug: str, store) -> bool:
+    "Whether `slug` is a reward model of this lab (`FineTune.reward_model`)."
+    from openpipe_lab.finetune import FineTune
+    try: return FineTune.get(slug, store).kind == 'openpipeReward'
+    except NotFoundError: return False
 
 # %% ../nbs/09_criterion.ipynb #1b8d7c47
 def _judge_client(client):
