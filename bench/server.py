@@ -10,6 +10,10 @@
 2. `/chat/completions` added latency: the same sequential calls with the `openai` SDK, interleaved call by call,
    (a) straight to the loopback fake upstream and (b) through our server (guard, parsing, the lab client's routing
    and logging, a second HTTP hop to the same upstream). Added p50 = p50(b) - p50(a). Goal: <= 1 ms.
+3. Where that time goes (`upstream_call_breakdown_ms`, see `breakdown`): the server's own upstream call, layer by
+   layer, in this process. On the 2-core machine of 2026-12-01 the openai SDK's async call costs ~1.5 ms over a raw
+   loopback POST (its request-params transform alone ~0.35 ms), while the lab's routing and logging on top of it cost
+   nothing measurable and uvicorn + FastAPI + our guard and parsing ~0.3-0.4 ms: the SDK call is most of the 2 ms.
 
 The server runs in its own process (this script re-invoked with `--serve`), the fake upstream in another, the load
 generator here: each has its own interpreter, so none takes the GIL from another. Absolute figures change with the
@@ -115,6 +119,48 @@ def latency(upstream: str, server: str, key: str, calls: int) -> dict:
     return out
 
 
+def breakdown(upstream: str, labdir: str, calls: int) -> dict:
+    """Where the server's added time goes: median ms of one call to the upstream, in this process, by each layer the
+    server's own upstream call passes through (interleaved call by call, asyncio as in the server).
+    raw: a hand-written HTTP/1.1 POST on one keep-alive asyncio connection (the floor: upstream + loopback);
+    openai: `openai.AsyncOpenAI` (request transform, httpx, response parsing); lab: the lab `AsyncOpenAI` the server
+    uses (routing, logging enqueue, on top of the same SDK call); sdk_post: the SDK's `_post` with the body as a dict,
+    i.e. the SDK call without its request-params transform."""
+    import httpx, openai
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openpipe_lab.logstore import LogStore
+    import openpipe_lab.client
+    body = json.dumps({'model': 'gpt-4o-mini', 'messages': MESSAGES}).encode()
+    u = httpx.URL(upstream)
+    async def run():
+        lab = LogStore(f"{labdir}/breakdown.db")
+        plain = openai.AsyncOpenAI(base_url=upstream, api_key='sk-fake', max_retries=0)
+        labc = lab.async_openai(max_retries=0, base_url=upstream, api_key='sk-fake')
+        reader, writer = await asyncio.open_connection(u.host, u.port)
+        head = (f"POST {u.path}/chat/completions HTTP/1.1\r\nHost: {u.host}:{u.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        async def raw():
+            writer.write(head + body)
+            await reader.readline(); length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:": length = int(line[15:])
+            return await reader.readexactly(length)
+        async def sdk_post():
+            return await plain.chat.completions._post('/chat/completions', body={'model': 'gpt-4o-mini', 'messages': MESSAGES},
+                cast_to=ChatCompletion, options={}, stream=False, stream_cls=openai.AsyncStream[ChatCompletionChunk])
+        fns = {'raw': raw, 'openai': lambda: plain.chat.completions.create(model='gpt-4o-mini', messages=MESSAGES),
+               'lab': lambda: labc.chat.completions.create(model='gpt-4o-mini', messages=MESSAGES, metadata={'prompt_id': 'bench-breakdown'}),
+               'sdk_post': sdk_post}
+        times = {k: [] for k in fns}
+        for i in range(calls + 20):
+            for name, f in fns.items():
+                t0 = time.perf_counter(); await f(); dt = time.perf_counter() - t0
+                if i >= 20: times[name].append(dt * 1000)
+        writer.close(); await plain.close(); await labc.close(); lab.close()
+        return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return asyncio.run(run())
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument('--seconds', type=float, default=3.0, help='length of each throughput window')
@@ -150,11 +196,12 @@ def main():
         stored = len(lab.filter(prompt_id='bench'))
         noop, report = statistics.median(rates['noop']), statistics.median(rates['report'])
         lat = latency(upstream, url, key, a.calls)
+        parts = breakdown(upstream, labdir, a.calls)
         import openai, fastapi, uvicorn
         per_round = [round(r / n, 3) for r, n in zip(rates['report'], rates['noop'])]   # each round measures both, back to back
         result = {'report_per_s': round(report), 'noop_per_s': round(noop), 'report_over_noop': round(report / noop, 3),
                   'report_over_noop_by_round': per_round,
-                  'reports_answered_ok': answered, 'reports_in_database': stored, 'chat_completions': lat,
+                  'reports_answered_ok': answered, 'reports_in_database': stored, 'chat_completions': lat, 'upstream_call_breakdown_ms': parts,
                   'concurrency': a.concurrency, 'seconds_per_window': a.seconds, 'rounds': a.rounds,
                   'versions': {'openai': openai.__version__, 'fastapi': fastapi.__version__, 'uvicorn': uvicorn.__version__},
                   'cpus': os.cpu_count()}
