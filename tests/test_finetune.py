@@ -1,11 +1,12 @@
 "FineTune on a tiny local model: every training mode for real on CPU, the job lifecycle, kill-and-resume, errors."
-import json, os, signal, time
+import json, os, signal, subprocess, time
 from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest_tiny import tiny_model_dir, tiny_llama3_dir  # session fixtures (tiny Qwen2/ChatML and Llama-3 models)
 from openpipe_lab.core import ConfigError, TrainingError
-from openpipe_lab.finetune import FineTune
+from openpipe_lab.finetune import FineTune, model_row, update_model
+import openpipe_lab.train  # start(background=False) trains in this process with the worker's code (07a adds it)
 from openpipe_lab.store import tables
 
 CAPITALS = [('France', 'Paris', 'London'), ('Sweden', 'Stockholm', 'Berlin'), ('Japan', 'Tokyo', 'Paris'),
@@ -235,3 +236,31 @@ def test_cancel_and_delete(lab, tiny_model_dir):
     with lab.db.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(tables.training_history)).scalar() == 0
     assert len(FineTune.list(store=lab)) == 0
+
+def test_a_reused_pid_does_not_keep_a_dead_job_training(lab, tiny_model_dir):
+    "The worker died and the system gave its pid to another process: the job is ERROR, and that process is left alone."
+    ft = FineTune(capital_rows(), str(tiny_model_dir), 'reused', sft={'num_epochs': 50, 'batch_size': 2})
+    ft.start()
+    _wait_for(lambda: ft.status == 'TRAINING')
+    info = json.loads((ft.output_dir / 'worker.json').read_text())
+    assert info['pid'] == ft._row()['pid'] and info['start_ticks']
+    os.kill(info['pid'], signal.SIGKILL); ft._proc.wait()
+    other = subprocess.Popen(['sleep', '60'])
+    try:  # what reuse looks like from the store: the recorded pid is now a live process that started later
+        update_model(lab.db, ft.id, pid=other.pid)
+        (ft.output_dir / 'worker.json').write_text(json.dumps(dict(info, pid=other.pid)))
+        watcher = FineTune.get('reused', store=lab)  # another process's view: no handle on the child
+        with pytest.raises(TrainingError, match='exited without reporting'):
+            watcher.wait(progress=False, timeout=30)
+        assert watcher.status == 'ERROR' and other.poll() is None  # not one of the job's processes: not killed
+    finally: other.kill(); other.wait()
+
+def test_model_row_and_update_model(lab, tiny_model_dir):
+    ft = FineTune(capital_rows(), str(tiny_model_dir), 'rowed')
+    assert model_row(lab, slug='rowed') is None
+    ft._snapshot()  # the PENDING row, without a worker
+    assert model_row(lab, slug='rowed')['id'] == ft.id and model_row(lab.db, id=ft.id)['status'] == 'PENDING'
+    before = model_row(lab, id=ft.id)['updated_at']
+    update_model(lab.db, ft.id, progress={'step': 3}, status='TRAINING')
+    row = model_row(lab, id=ft.id)
+    assert json.loads(row['progress']) == {'step': 3} and row['status'] == 'TRAINING' and row['updated_at'] >= before

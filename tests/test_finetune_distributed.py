@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest_tiny import tiny_model_dir  # session fixture: a tiny Qwen2/ChatML model
 from openpipe_lab.core import TrainingError
-from openpipe_lab.finetune import FineTune, _model_row
+from openpipe_lab.finetune import FineTune, model_row
 from test_finetune import losses, _wait_for  # shared helpers (the one-process lifecycle tests)
 
 CAPITALS = [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Tasmania', 'Hobart'),
@@ -89,7 +89,7 @@ def test_finished_worker_is_reaped_without_wait(lab, tiny_model_dir):
                   sft={'num_epochs': 1, 'batch_size': 4}).start()
     pid = ft._row()['pid']
     # follow the job through the store only (no wait(), no poll of the child): nothing else reaps it
-    _wait_for(lambda: _model_row(lab, slug='reap')['status'] in ('DEPLOYED', 'ERROR'), timeout=180)
+    _wait_for(lambda: model_row(lab, slug='reap')['status'] in ('DEPLOYED', 'ERROR'), timeout=180)
     def state():
         try: return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[1][0]
         except OSError: return None  # gone: reaped

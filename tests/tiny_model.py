@@ -20,7 +20,8 @@ from pathlib import Path
 
 # The ChatML template (Qwen2.5-style, renders tools, tool calls and tool results) is the library's own: the one the
 # trainer falls back to when a base model's template cannot render tools.
-from openpipe_lab.finetune import CHATML_TOOLS_TEMPLATE as CHATML_TEMPLATE, _NL as NL
+from openpipe_lab.train import CHATML_TOOLS_TEMPLATE as CHATML_TEMPLATE
+NL = "{{ '\\n' }}"  # a newline inside a Jinja template
 
 LLAMA3_TEMPLATE = (
     "<|begin_of_text|>"
