@@ -17,7 +17,14 @@ __all__ = ['STORED_RESULTS', 'MAX_GRADER_FAILURES', 'PRICES', 'exact_match', 'ar
            'model_name', 'message_dict', 'wilson_interval', 'judge_rates', 'corrected_pass_rate', 'price_of',
            'rough_tokens', 'plan_row']
 
-# %% ../nbs/10_eval.ipynb #c23f4ec6
+# %% ../nbs/10_eval.ipynb #98d09e6b
+def exact_match(messages, tools, tool_choice, generated_output, dataset_output) -> float:
+    "1.0 when the generated content and tool calls equal the dataset output's exactly, else 0.0 (the spec's Exact Match)."
+    if not _exact_tool_calls_match(_tool_calls(generated_output), _tool_calls(dataset_output)): return 0.0
+    if (generated_output or {}).get('content') != (dataset_output or {}).get('content'): return 0.0
+    return 1.0
+
+# %% ../nbs/10_eval.ipynb #27cfbe24
 def _tool_calls(message: dict | None) -> list | None:
     calls = (message or {}).get('tool_calls')
     return calls or None
@@ -31,22 +38,7 @@ def _exact_tool_calls_match(calls1: list | None, calls2: list | None) -> bool:
         if f1.get('name') != f2.get('name') or f1.get('arguments') != f2.get('arguments'): return False
     return True
 
-# %% ../nbs/10_eval.ipynb #80fb647a
-def exact_match(messages, tools, tool_choice, generated_output, dataset_output) -> float:
-    "1.0 when the generated content and tool calls equal the dataset output's exactly, else 0.0 (the spec's Exact Match)."
-    if not _exact_tool_calls_match(_tool_calls(generated_output), _tool_calls(dataset_output)): return 0.0
-    if (generated_output or {}).get('content') != (dataset_output or {}).get('content'): return 0.0
-    return 1.0
-
-# %% ../nbs/10_eval.ipynb #6a4206d4
-def _first_arguments(message: dict | None):
-    calls = _tool_calls(message)
-    args = ((calls[0] or {}).get('function') or {}).get('arguments') if calls else None
-    if not args: return None
-    try: return json.loads(args)
-    except (TypeError, ValueError): return None
-
-# %% ../nbs/10_eval.ipynb #33ac248b
+# %% ../nbs/10_eval.ipynb #b4704f1e
 def argument_comparison(messages, tools, tool_choice, generated_output, dataset_output,
                         keys: list | None = None  # compare only these arguments; None: all of them
                        ) -> float:
@@ -56,6 +48,14 @@ def argument_comparison(messages, tools, tool_choice, generated_output, dataset_
     if keys is None: return float(gen == ref)
     if not isinstance(gen, dict) or not isinstance(ref, dict): return 0.0
     return float(all(k in gen and gen[k] == ref.get(k) for k in keys))
+
+# %% ../nbs/10_eval.ipynb #7995e555
+def _first_arguments(message: dict | None):
+    calls = _tool_calls(message)
+    args = ((calls[0] or {}).get('function') or {}).get('arguments') if calls else None
+    if not args: return None
+    try: return json.loads(args)
+    except (TypeError, ValueError): return None
 
 # %% ../nbs/10_eval.ipynb #76f87c1e
 def _grader_name(grader) -> str:
