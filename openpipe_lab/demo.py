@@ -75,7 +75,7 @@ _ISSUE = ["My order hasn't arrived yet.", "Order {order} hasn't arrived yet.", "
 _CONTACT = ['Please call me at {phone}.', 'You can email me at {email}.', 'Reach me at {phone} or {email}.',
             'My number is {phone}.', 'Send the details to {email}.', 'Thanks, {name}', 'Contact me at {email}. Thanks, {name}']
 
-# %% ../nbs/13_demo.ipynb #ae728dd9
+# %% ../nbs/13_demo.ipynb #0c3530db
 def redaction_score(messages, tools, tool_choice, generated_output, dataset_output) -> float:
     "0 if the output leaks any PII the reference removed, else its similarity to the reference redaction (1 = identical)."
     user = next((m['content'] for m in reversed(messages) if m.get('role') == 'user'), '') or ''
@@ -84,6 +84,7 @@ def redaction_score(messages, tools, tool_choice, generated_output, dataset_outp
         if span in generated: return 0.0
     return round(difflib.SequenceMatcher(None, generated.strip(), reference.strip(), autojunk=False).ratio(), 4)
 
+# %% ../nbs/13_demo.ipynb #8ca74005
 _PLACEHOLDER = re.compile(r'\[[A-Z_]+\]')
 
 def _replaced_spans(original: str, redacted: str) -> list[str]:
@@ -96,7 +97,7 @@ def _replaced_spans(original: str, redacted: str) -> list[str]:
     return [original[i1:i2].strip(' .,') for op, i1, i2, _, _ in sm.get_opcodes()
             if op in ('replace', 'delete') and len(original[i1:i2].strip(' .,')) >= 2]
 
-# %% ../nbs/13_demo.ipynb #0c37f512
+# %% ../nbs/13_demo.ipynb #008820f6
 def record_traffic(logs,  # the LogStore the application logs to
                    traffic: list,  # `production_traffic(n)`
                    teacher: str = 'recorded',  # 'recorded', or 'openai' for real gpt-4o-mini calls
@@ -115,7 +116,7 @@ def record_traffic(logs,  # the LogStore the application logs to
     logs.flush()
     return counts
 
-# %% ../nbs/13_demo.ipynb #f69fb224
+# %% ../nbs/13_demo.ipynb #6bc7015f
 def _teacher_call(logs, client, t: dict, at: int, i: int, rng) -> bool:
     req = {'model': TEACHER_MODEL, 'messages': t['messages'], 'temperature': 0, 'metadata': {'prompt_id': PROMPT_ID}}
     if client is not None:
@@ -130,7 +131,7 @@ def _teacher_call(logs, client, t: dict, at: int, i: int, rng) -> bool:
                 resp_payload=_completion(TEACHER_MODEL, t['output'], 90, i), status_code=200)
     return True
 
-# %% ../nbs/13_demo.ipynb #529ff111
+# %% ../nbs/13_demo.ipynb #860e8df3
 _REPLIES = ["Thanks for reaching out! We're looking into it and will get back to you within 24 hours.",
             "Sorry about that! I've escalated your request to our billing team.",
             "Thanks for your patience. A replacement is on its way."]
@@ -141,13 +142,14 @@ def _support_reply(logs, t: dict, at: int, i: int, rng) -> None:
     logs.report(requested_at=at + 5000, received_at=at + 6200, req_payload=reply,
                 resp_payload=_completion(TEACHER_MODEL, rng.choice(_REPLIES), 60, 100_000 + i), status_code=200)
 
+# %% ../nbs/13_demo.ipynb #0caf61cb
 def _completion(model: str, content: str, prompt_tokens: int, i: int) -> dict:
     return {'id': f"chatcmpl-demo{i:05d}", 'object': 'chat.completion', 'created': 1_760_000_000 + i, 'model': model,
             'choices': [{'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': content}}],
             'usage': {'prompt_tokens': prompt_tokens, 'completion_tokens': len(content) // 4 + 1,
                       'total_tokens': prompt_tokens + len(content) // 4 + 1}}
 
-# %% ../nbs/13_demo.ipynb #503fa1b5
+# %% ../nbs/13_demo.ipynb #4443f914
 _NEEDS = [('torch', 'pip install torch==2.13.0  (the CPU wheel; install it first, pinned)'),
           ('transformers', 'pip install -e ".[train]"'), ('trl', 'pip install -e ".[train]"'),
           ('peft', 'pip install -e ".[train]"'), ('gguf', 'pip install -e ".[train]"'),
@@ -164,7 +166,7 @@ def check_requirements(needs: list | None = None  # (module, install command) pa
                                      ''.join(f"\n  - {m}: {cmd}" for m, cmd in missing) +
                                      "\n(`make setup` installs all of them into .venv)")
 
-# %% ../nbs/13_demo.ipynb #f06677a1
+# %% ../nbs/13_demo.ipynb #bf242dff
 _MARKER, _KEEP = '.openpipe-lab-demo', ('base_models', 'vllm-cache', '.openpipe-lab-demo')
 
 def fresh_lab_dir(path) -> Path:
@@ -179,7 +181,7 @@ def fresh_lab_dir(path) -> Path:
     (path / _MARKER).write_text('created by `openpipe-lab demo`; everything here but base_models/ is replaced on each run\n')
     return path
 
-# %% ../nbs/13_demo.ipynb #3b158691
+# %% ../nbs/13_demo.ipynb #4e6c1df8
 def _port_free(port: int, host: str = '127.0.0.1') -> bool:
     with socket.socket() as s:
         try: s.bind((host, port)); return True
@@ -191,7 +193,7 @@ def pick_port(port: int | None, say=print) -> int | None:
     say(f"port {port} is in use: serving on another free port instead")
     return None
 
-# %% ../nbs/13_demo.ipynb #89d02166
+# %% ../nbs/13_demo.ipynb #7664728f
 CRITERION_PROMPT = ("Mark the criterion as failed if the output still contains any personal information from the customer's "
                     "message: a person's name, an email address, a phone number or a street address. Placeholders such as "
                     "[NAME] or [EMAIL] are fine, and order numbers are not personal. Passed otherwise.")
@@ -205,6 +207,7 @@ def _pii_kind(value: str) -> str:
     if sum(c.isdigit() for c in value) >= 7: return 'PHONE'
     return 'NAME'
 
+# %% ../nbs/13_demo.ipynb #3aab4abf
 def alignment_rows(n: int,  # how many rows: pairs of the same message, correctly redacted (PASS) and with one piece of PII put back (FAIL)
                    seed: int = 99  # traffic seed: different from the training traffic's
                   ) -> list[dict]:
@@ -220,7 +223,7 @@ def alignment_rows(n: int,  # how many rows: pairs of the same message, correctl
                 {'messages': msgs + [{'role': 'assistant', 'content': leaky}], 'judgement': 'FAIL'}]
     return out[:n]
 
-# %% ../nbs/13_demo.ipynb #036fc723
+# %% ../nbs/13_demo.ipynb #94c34cd9
 def judge_agreement(head_to_head, code_results, grader: str = 'redaction_score') -> dict:
     "How often the head-to-head's decisive outcomes pick the output the code grader scores higher (where it sees a difference)."
     scores = code_results[code_results.grader == grader].set_index(['entry', 'model']).score
@@ -232,7 +235,7 @@ def judge_agreement(head_to_head, code_results, grader: str = 'redaction_score')
         agree += c.outcome == (c.model_1 if a > b else c.model_2)
     return {'agreement': agree / n if n else math.nan, 'n': n}
 
-# %% ../nbs/13_demo.ipynb #ab7847b1
+# %% ../nbs/13_demo.ipynb #fd0a1ee6
 BASE_NAME = 'SmolLM2-135M-Instruct'
 SLUG = 'pii-smol'
 BASE_ID, FT_ID = f"openpipe:demo-vllm/{BASE_NAME}", f"openpipe:{SLUG}"   # the two models, as the lab client routes them
@@ -242,7 +245,7 @@ def base_model_cache() -> Path:
     "Where converted base models are kept across labs and runs: `$XDG_CACHE_HOME/openpipe_lab/base_models`."
     return Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'openpipe_lab' / 'base_models'
 
-# %% ../nbs/13_demo.ipynb #5533f590
+# %% ../nbs/13_demo.ipynb #784425fe
 @dataclass
 class DemoReport:
     "What one demo run did and measured; `path` is the report.md written to the lab directory."
@@ -262,7 +265,7 @@ class DemoReport:
         "The mean score of `model` (a name as in the report: 'base', 'fine-tuned', 'dataset') on `grader`."
         return next(s['mean'] for s in self.scores if s['model'] == model and s['grader'] == grader)
 
-# %% ../nbs/13_demo.ipynb #805c9f19
+# %% ../nbs/13_demo.ipynb #a08f212a
 @patch
 def to_markdown(self: DemoReport) -> str:
     "The report as markdown."
@@ -275,7 +278,7 @@ def to_markdown(self: DemoReport) -> str:
 
 def _f(v) -> str: return 'n/a' if v is None or v != v else f"{v:.2f}"
 
-# %% ../nbs/13_demo.ipynb #41a9e89a
+# %% ../nbs/13_demo.ipynb #255d9d43
 @patch
 def _data_markdown(self: DemoReport) -> list:
     t = self.training
@@ -290,7 +293,7 @@ def _data_markdown(self: DemoReport) -> list:
             f"- training time: {t.get('runtime_s')} s on {t.get('device')}; hosted-price estimate: "
             f"${t.get('estimated_cost_usd')} ({t.get('price_category')}, ${t.get('price_per_million_tokens')}/1M tokens)", '']
 
-# %% ../nbs/13_demo.ipynb #d42c4c5e
+# %% ../nbs/13_demo.ipynb #acae596b
 @patch
 def _eval_markdown(self: DemoReport) -> list:
     lines = [f"## Evaluation on the TEST split ({self.rows.get('test', 0)} entries)", '',
@@ -307,7 +310,7 @@ def _eval_markdown(self: DemoReport) -> list:
                       f"  - dataset: {e['dataset']}"]
     return lines
 
-# %% ../nbs/13_demo.ipynb #833c4959
+# %% ../nbs/13_demo.ipynb #eb9838d5
 @patch
 def _judged_markdown(self: DemoReport) -> list:
     c, lines = self.criterion, []
@@ -323,6 +326,7 @@ def _judged_markdown(self: DemoReport) -> list:
                          f"[{_f(r['corrected_low'])}, {_f(r['corrected_high'])}] | {r['n']} | {r['errors']} |")
     return lines + self._head_to_head_markdown()
 
+# %% ../nbs/13_demo.ipynb #21505080
 @patch
 def _head_to_head_markdown(self: DemoReport) -> list:
     h = self.head_to_head
@@ -336,7 +340,7 @@ def _head_to_head_markdown(self: DemoReport) -> list:
                         f"decisive verdicts; flips on {_f(pb.get('flip_rate'))} of {pb.get('swapped_pairs')} swapped pairs; agrees with "
                         f"`redaction_score` on {_f(ag.get('agreement'))} of the {ag.get('n')} decisive comparisons where the grader sees a difference."]
 
-# %% ../nbs/13_demo.ipynb #805b29e5
+# %% ../nbs/13_demo.ipynb #8038b674
 _SIZES = {False: {'rows': 300, 'steps': 20, 'judged': 16, 'alignment': 16}, True: {'rows': 100, 'steps': 12, 'judged': 8, 'alignment': 8}}
 STAGES = 9
 _BATCH, _LR_MULTIPLIER = 8, 8.0
@@ -368,7 +372,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
     say('\n' + run.report.to_markdown())
     return run.report
 
-# %% ../nbs/13_demo.ipynb #1bf23e21
+# %% ../nbs/13_demo.ipynb #1b711388
 @dataclass
 class _Run:
     "The state one demo run passes from stage to stage."
@@ -392,7 +396,7 @@ class _Run:
     @property
     def judge(self) -> str: return TEACHER_MODEL if self.teacher == 'openai' else BASE_ID
 
-# %% ../nbs/13_demo.ipynb #3fe1ced9
+# %% ../nbs/13_demo.ipynb #8f7b5f58
 def _start_run(lab: Path, size: dict, rows: int, steps: int, port, progress: bool, say) -> _Run:
     "A run in `lab`: its store opened, the teacher chosen from the environment, the report begun."
     from openpipe_lab.logstore import LogStore
@@ -404,7 +408,7 @@ def _start_run(lab: Path, size: dict, rows: int, steps: int, port, progress: boo
     return _Run(lab=lab, logs=LogStore(str(lab / 'lab.db'), dir=lab), report=report, teacher=teacher, size=size,
                 rows=rows, steps=steps, port=port, progress=progress, say=say)
 
-# %% ../nbs/13_demo.ipynb #129124c1
+# %% ../nbs/13_demo.ipynb #61a9c25a
 def _stages(run: _Run) -> list:
     "(name, function) of every stage, in order."
     who = 'gpt-4o-mini' if run.teacher == 'openai' else 'local SmolLM2'
@@ -414,6 +418,7 @@ def _stages(run: _Run) -> list:
             (f"criterion eval ({who} judge)", _criterion_eval),
             (f"head-to-head base vs fine-tuned ({who} judge)", _head_to_head), ('write the report', _plots)]
 
+# %% ../nbs/13_demo.ipynb #43deb637
 def _stage(report: DemoReport, name: str, say):
     "Context manager timing one stage into `report.timings`."
     class _T:
@@ -424,18 +429,19 @@ def _stage(report: DemoReport, name: str, say):
             if exc[0] is None: say(f"      done in {report.timings[name]:.1f} s")
     return _T()
 
-# %% ../nbs/13_demo.ipynb #257275a7
+# %% ../nbs/13_demo.ipynb #9a96b16e
 def _record(run: _Run):
     run.report.counts = record_traffic(run.logs, production_traffic(run.rows), teacher=run.teacher)
     run.say(f"      {run.report.counts}")
 
+# %% ../nbs/13_demo.ipynb #d1ea7a8c
 def _build_dataset(run: _Run):
     run.ds = run.logs.filter(prompt_id=PROMPT_ID).to_dataset(PROMPT_ID).split(test_fraction=0.1)
     run.ds.add_pruning_rule(SYSTEM_PROMPT)
     run.report.rows = {'train': len(run.ds.train), 'test': len(run.ds.test)}
     run.say(f"      {run.report.rows['train']} train / {run.report.rows['test']} test entries; pruning rule: the system prompt")
 
-# %% ../nbs/13_demo.ipynb #0c13bed2
+# %% ../nbs/13_demo.ipynb #60936170
 def _prepare_base(run: _Run):
     from openpipe_lab.finetune import prepare_base_model, package_file
     if not run.progress:
@@ -443,6 +449,7 @@ def _prepare_base(run: _Run):
         transformers.utils.logging.disable_progress_bar()
     run.base = prepare_base_model(package_file(*BASE_GGUF), dest=base_model_cache() / BASE_NAME)
 
+# %% ../nbs/13_demo.ipynb #36059aaf
 def _fine_tune(run: _Run):
     from openpipe_lab.finetune import FineTune
     epochs = round(run.steps * _BATCH / max(1, run.report.rows['train']), 3)
@@ -452,7 +459,7 @@ def _fine_tune(run: _Run):
     run.ft.train(progress=run.progress)
     run.report.training = _training_summary(run.ft)
 
-# %% ../nbs/13_demo.ipynb #7e19e989
+# %% ../nbs/13_demo.ipynb #b31332f3
 def _training_summary(ft) -> dict:
     "Tokens, runtime, price estimate, steps and first/final/TEST loss of a finished fine-tune."
     m, h = ft.metrics_, ft.history_
@@ -463,7 +470,7 @@ def _training_summary(ft) -> dict:
                test_loss=((m.get('stages') or {}).get('sft') or {}).get('eval_loss'))
     return out
 
-# %% ../nbs/13_demo.ipynb #0e381783
+# %% ../nbs/13_demo.ipynb #3b96ec01
 def _deploy(run: _Run):
     from openpipe_lab.deployment import Deployment
     run.dep = Deployment([SLUG], store=run.logs, port=pick_port(run.port, run.say), progress=run.progress, speculative=None,
@@ -471,6 +478,7 @@ def _deploy(run: _Run):
     run.logs.add_provider('demo-vllm', base_url=run.dep.url)
     run.say(f"      serving {BASE_NAME} and openpipe:{SLUG} at {run.dep.url}")
 
+# %% ../nbs/13_demo.ipynb #3ac52b79
 def _code_eval(run: _Run):
     from openpipe_lab.eval import Eval
     run.ev = Eval(run.ds.test, models=[BASE_ID, FT_ID], store=run.logs, name='demo', max_tokens=96, concurrency=8,
@@ -478,10 +486,11 @@ def _code_eval(run: _Run):
     run.report.scores = _records(run.ev.scores_.assign(model=run.ev.scores_.model.map(_NAMES)))
     run.report.examples = _examples(run.ev, run.ds.test, 3)
 
-# %% ../nbs/13_demo.ipynb #98d847db
+# %% ../nbs/13_demo.ipynb #c7c72999
 def _records(df) -> list:
     return [{k: (v.item() if hasattr(v, 'item') else v) for k, v in r.items()} for r in df.to_dict('records')]
 
+# %% ../nbs/13_demo.ipynb #e7a075eb
 def _examples(ev, test, n: int) -> list:
     "The first `n` TEST inputs with the output of each model."
     o = ev.outputs_.assign(model=ev.outputs_.model.map(_NAMES))
@@ -492,7 +501,7 @@ def _examples(ev, test, n: int) -> list:
         out.append({'input': inputs[entry], **{k: by.get(k) for k in ('base', 'fine-tuned', 'dataset')}})
     return out
 
-# %% ../nbs/13_demo.ipynb #3e0c73ee
+# %% ../nbs/13_demo.ipynb #606b84ab
 def _criterion_eval(run: _Run):
     from openpipe_lab.criterion import Criterion
     from openpipe_lab.eval import Eval
@@ -514,7 +523,7 @@ def _criterion_eval(run: _Run):
     a = run.report.criterion['alignment']
     run.say(f"      judge alignment on {a['n']} labeled rows: accuracy {a['accuracy']:.2f}, kappa {a['kappa']:.2f}")
 
-# %% ../nbs/13_demo.ipynb #32a771a0
+# %% ../nbs/13_demo.ipynb #2bfdeb32
 def _head_to_head(run: _Run):
     from openpipe_lab.eval import Eval
     run.evh = Eval(run.judged, models=[BASE_ID, FT_ID], store=run.logs, name='demo-head-to-head', max_tokens=96, concurrency=8,
@@ -527,6 +536,7 @@ def _head_to_head(run: _Run):
     run.say(f"      fine-tuned win rate {w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}] "
             f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties, {w['errors']} errors)")
 
+# %% ../nbs/13_demo.ipynb #ff004937
 def _plots(run: _Run):
     import matplotlib
     matplotlib.use('Agg')
@@ -534,7 +544,7 @@ def _plots(run: _Run):
     run.evh.plot_win_matrix(path=run.lab / 'win_matrix.png', labels=_NAMES)
     ax = run.ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(run.lab / 'loss.png', dpi=110)
 
-# %% ../nbs/13_demo.ipynb #0027cb0c
+# %% ../nbs/13_demo.ipynb #8103e0f7
 def _write_report(run: _Run):
     run.report.path = str(run.lab / 'report.md')
     Path(run.report.path).write_text(run.report.to_markdown())

