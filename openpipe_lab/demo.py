@@ -235,7 +235,7 @@ def judge_agreement(head_to_head, code_results, grader: str = 'redaction_score')
         agree += c.outcome == (c.model_1 if a > b else c.model_2)
     return {'agreement': agree / n if n else math.nan, 'n': n}
 
-# %% ../nbs/13_demo.ipynb #fd0a1ee6
+# %% ../nbs/13_demo.ipynb #1c50738a
 BASE_NAME = 'SmolLM2-135M-Instruct'
 SLUG = 'pii-smol'
 BASE_ID, FT_ID = f"openpipe:demo-vllm/{BASE_NAME}", f"openpipe:{SLUG}"   # the two models, as the lab client routes them
@@ -245,7 +245,7 @@ def base_model_cache() -> Path:
     "Where converted base models are kept across labs and runs: `$XDG_CACHE_HOME/openpipe_lab/base_models`."
     return Path(os.environ.get('XDG_CACHE_HOME') or '~/.cache').expanduser() / 'openpipe_lab' / 'base_models'
 
-# %% ../nbs/13_demo.ipynb #784425fe
+# %% ../nbs/13_demo.ipynb #910ef121
 @dataclass
 class DemoReport:
     "What one demo run did and measured; `path` is the report.md written to the lab directory."
@@ -265,7 +265,7 @@ class DemoReport:
         "The mean score of `model` (a name as in the report: 'base', 'fine-tuned', 'dataset') on `grader`."
         return next(s['mean'] for s in self.scores if s['model'] == model and s['grader'] == grader)
 
-# %% ../nbs/13_demo.ipynb #a08f212a
+# %% ../nbs/13_demo.ipynb #39a4e46c
 @patch
 def to_markdown(self: DemoReport) -> str:
     "The report as markdown."
@@ -278,7 +278,7 @@ def to_markdown(self: DemoReport) -> str:
 
 def _f(v) -> str: return 'n/a' if v is None or v != v else f"{v:.2f}"
 
-# %% ../nbs/13_demo.ipynb #255d9d43
+# %% ../nbs/13_demo.ipynb #4ac308be
 @patch
 def _data_markdown(self: DemoReport) -> list:
     t = self.training
@@ -293,7 +293,7 @@ def _data_markdown(self: DemoReport) -> list:
             f"- training time: {t.get('runtime_s')} s on {t.get('device')}; hosted-price estimate: "
             f"${t.get('estimated_cost_usd')} ({t.get('price_category')}, ${t.get('price_per_million_tokens')}/1M tokens)", '']
 
-# %% ../nbs/13_demo.ipynb #acae596b
+# %% ../nbs/13_demo.ipynb #498711b7
 @patch
 def _eval_markdown(self: DemoReport) -> list:
     lines = [f"## Evaluation on the TEST split ({self.rows.get('test', 0)} entries)", '',
@@ -310,7 +310,7 @@ def _eval_markdown(self: DemoReport) -> list:
                       f"  - dataset: {e['dataset']}"]
     return lines
 
-# %% ../nbs/13_demo.ipynb #eb9838d5
+# %% ../nbs/13_demo.ipynb #7582ecdd
 @patch
 def _judged_markdown(self: DemoReport) -> list:
     c, lines = self.criterion, []
@@ -326,7 +326,7 @@ def _judged_markdown(self: DemoReport) -> list:
                          f"[{_f(r['corrected_low'])}, {_f(r['corrected_high'])}] | {r['n']} | {r['errors']} |")
     return lines + self._head_to_head_markdown()
 
-# %% ../nbs/13_demo.ipynb #21505080
+# %% ../nbs/13_demo.ipynb #c481ce8b
 @patch
 def _head_to_head_markdown(self: DemoReport) -> list:
     h = self.head_to_head
@@ -340,7 +340,7 @@ def _head_to_head_markdown(self: DemoReport) -> list:
                         f"decisive verdicts; flips on {_f(pb.get('flip_rate'))} of {pb.get('swapped_pairs')} swapped pairs; agrees with "
                         f"`redaction_score` on {_f(ag.get('agreement'))} of the {ag.get('n')} decisive comparisons where the grader sees a difference."]
 
-# %% ../nbs/13_demo.ipynb #8038b674
+# %% ../nbs/13_demo.ipynb #b2d2bfeb
 _SIZES = {False: {'rows': 300, 'steps': 20, 'judged': 16, 'alignment': 16}, True: {'rows': 100, 'steps': 12, 'judged': 8, 'alignment': 8}}
 STAGES = 9
 _BATCH, _LR_MULTIPLIER = 8, 8.0
@@ -372,7 +372,7 @@ def run_demo(dir=None,  # lab directory (default ./.openpipe_lab/demo); reset on
     say('\n' + run.report.to_markdown())
     return run.report
 
-# %% ../nbs/13_demo.ipynb #1b711388
+# %% ../nbs/13_demo.ipynb #c5870975
 @dataclass
 class _Run:
     "The state one demo run passes from stage to stage."
@@ -396,7 +396,7 @@ class _Run:
     @property
     def judge(self) -> str: return TEACHER_MODEL if self.teacher == 'openai' else BASE_ID
 
-# %% ../nbs/13_demo.ipynb #8f7b5f58
+# %% ../nbs/13_demo.ipynb #2e76b634
 def _start_run(lab: Path, size: dict, rows: int, steps: int, port, progress: bool, say) -> _Run:
     "A run in `lab`: its store opened, the teacher chosen from the environment, the report begun."
     from openpipe_lab.logstore import LogStore
@@ -408,7 +408,7 @@ def _start_run(lab: Path, size: dict, rows: int, steps: int, port, progress: boo
     return _Run(lab=lab, logs=LogStore(str(lab / 'lab.db'), dir=lab), report=report, teacher=teacher, size=size,
                 rows=rows, steps=steps, port=port, progress=progress, say=say)
 
-# %% ../nbs/13_demo.ipynb #61a9c25a
+# %% ../nbs/13_demo.ipynb #076933be
 def _stages(run: _Run) -> list:
     "(name, function) of every stage, in order."
     who = 'gpt-4o-mini' if run.teacher == 'openai' else 'local SmolLM2'
@@ -418,7 +418,7 @@ def _stages(run: _Run) -> list:
             (f"criterion eval ({who} judge)", _criterion_eval),
             (f"head-to-head base vs fine-tuned ({who} judge)", _head_to_head), ('write the report', _plots)]
 
-# %% ../nbs/13_demo.ipynb #43deb637
+# %% ../nbs/13_demo.ipynb #75e05a5a
 def _stage(report: DemoReport, name: str, say):
     "Context manager timing one stage into `report.timings`."
     class _T:
@@ -429,19 +429,19 @@ def _stage(report: DemoReport, name: str, say):
             if exc[0] is None: say(f"      done in {report.timings[name]:.1f} s")
     return _T()
 
-# %% ../nbs/13_demo.ipynb #9a96b16e
+# %% ../nbs/13_demo.ipynb #9d268039
 def _record(run: _Run):
     run.report.counts = record_traffic(run.logs, production_traffic(run.rows), teacher=run.teacher)
     run.say(f"      {run.report.counts}")
 
-# %% ../nbs/13_demo.ipynb #d1ea7a8c
+# %% ../nbs/13_demo.ipynb #967cf1c7
 def _build_dataset(run: _Run):
     run.ds = run.logs.filter(prompt_id=PROMPT_ID).to_dataset(PROMPT_ID).split(test_fraction=0.1)
     run.ds.add_pruning_rule(SYSTEM_PROMPT)
     run.report.rows = {'train': len(run.ds.train), 'test': len(run.ds.test)}
     run.say(f"      {run.report.rows['train']} train / {run.report.rows['test']} test entries; pruning rule: the system prompt")
 
-# %% ../nbs/13_demo.ipynb #60936170
+# %% ../nbs/13_demo.ipynb #2e690baf
 def _prepare_base(run: _Run):
     from openpipe_lab.finetune import prepare_base_model, package_file
     if not run.progress:
@@ -449,7 +449,7 @@ def _prepare_base(run: _Run):
         transformers.utils.logging.disable_progress_bar()
     run.base = prepare_base_model(package_file(*BASE_GGUF), dest=base_model_cache() / BASE_NAME)
 
-# %% ../nbs/13_demo.ipynb #36059aaf
+# %% ../nbs/13_demo.ipynb #a20be73e
 def _fine_tune(run: _Run):
     from openpipe_lab.finetune import FineTune
     epochs = round(run.steps * _BATCH / max(1, run.report.rows['train']), 3)
@@ -459,7 +459,7 @@ def _fine_tune(run: _Run):
     run.ft.train(progress=run.progress)
     run.report.training = _training_summary(run.ft)
 
-# %% ../nbs/13_demo.ipynb #b31332f3
+# %% ../nbs/13_demo.ipynb #8b4f52a1
 def _training_summary(ft) -> dict:
     "Tokens, runtime, price estimate, steps and first/final/TEST loss of a finished fine-tune."
     m, h = ft.metrics_, ft.history_
@@ -470,7 +470,7 @@ def _training_summary(ft) -> dict:
                test_loss=((m.get('stages') or {}).get('sft') or {}).get('eval_loss'))
     return out
 
-# %% ../nbs/13_demo.ipynb #3b96ec01
+# %% ../nbs/13_demo.ipynb #c834bc4a
 def _deploy(run: _Run):
     from openpipe_lab.deployment import Deployment
     run.dep = Deployment([SLUG], store=run.logs, port=pick_port(run.port, run.say), progress=run.progress, speculative=None,
@@ -478,7 +478,7 @@ def _deploy(run: _Run):
     run.logs.add_provider('demo-vllm', base_url=run.dep.url)
     run.say(f"      serving {BASE_NAME} and openpipe:{SLUG} at {run.dep.url}")
 
-# %% ../nbs/13_demo.ipynb #3ac52b79
+# %% ../nbs/13_demo.ipynb #942a349c
 def _code_eval(run: _Run):
     from openpipe_lab.eval import Eval
     run.ev = Eval(run.ds.test, models=[BASE_ID, FT_ID], store=run.logs, name='demo', max_tokens=96, concurrency=8,
@@ -486,11 +486,11 @@ def _code_eval(run: _Run):
     run.report.scores = _records(run.ev.scores_.assign(model=run.ev.scores_.model.map(_NAMES)))
     run.report.examples = _examples(run.ev, run.ds.test, 3)
 
-# %% ../nbs/13_demo.ipynb #c7c72999
+# %% ../nbs/13_demo.ipynb #458d5fd9
 def _records(df) -> list:
     return [{k: (v.item() if hasattr(v, 'item') else v) for k, v in r.items()} for r in df.to_dict('records')]
 
-# %% ../nbs/13_demo.ipynb #e7a075eb
+# %% ../nbs/13_demo.ipynb #1f08bd0d
 def _examples(ev, test, n: int) -> list:
     "The first `n` TEST inputs with the output of each model."
     o = ev.outputs_.assign(model=ev.outputs_.model.map(_NAMES))
@@ -501,7 +501,7 @@ def _examples(ev, test, n: int) -> list:
         out.append({'input': inputs[entry], **{k: by.get(k) for k in ('base', 'fine-tuned', 'dataset')}})
     return out
 
-# %% ../nbs/13_demo.ipynb #606b84ab
+# %% ../nbs/13_demo.ipynb #dc3d27f4
 def _criterion_eval(run: _Run):
     from openpipe_lab.criterion import Criterion
     from openpipe_lab.eval import Eval
@@ -523,7 +523,7 @@ def _criterion_eval(run: _Run):
     a = run.report.criterion['alignment']
     run.say(f"      judge alignment on {a['n']} labeled rows: accuracy {a['accuracy']:.2f}, kappa {a['kappa']:.2f}")
 
-# %% ../nbs/13_demo.ipynb #2bfdeb32
+# %% ../nbs/13_demo.ipynb #cc95d63a
 def _head_to_head(run: _Run):
     from openpipe_lab.eval import Eval
     run.evh = Eval(run.judged, models=[BASE_ID, FT_ID], store=run.logs, name='demo-head-to-head', max_tokens=96, concurrency=8,
@@ -536,7 +536,7 @@ def _head_to_head(run: _Run):
     run.say(f"      fine-tuned win rate {w['win_rate']:.2f} [{w['ci_low']:.2f}, {w['ci_high']:.2f}] "
             f"({w['wins']} wins, {w['losses']} losses, {w['ties']} ties, {w['errors']} errors)")
 
-# %% ../nbs/13_demo.ipynb #ff004937
+# %% ../nbs/13_demo.ipynb #e732b780
 def _plots(run: _Run):
     import matplotlib
     matplotlib.use('Agg')
@@ -544,7 +544,7 @@ def _plots(run: _Run):
     run.evh.plot_win_matrix(path=run.lab / 'win_matrix.png', labels=_NAMES)
     ax = run.ft.plot(); ax.figure.tight_layout(); ax.figure.savefig(run.lab / 'loss.png', dpi=110)
 
-# %% ../nbs/13_demo.ipynb #8103e0f7
+# %% ../nbs/13_demo.ipynb #472c4e11
 def _write_report(run: _Run):
     run.report.path = str(run.lab / 'report.md')
     Path(run.report.path).write_text(run.report.to_markdown())
