@@ -326,7 +326,7 @@ def _stage_hyperparameters(kind, sft, preference, hyperparameters) -> tuple:
             'sft_hyperparameters': {**SFT_DEFAULTS, **(sft if isinstance(sft, dict) else {})},
             'preference_hyperparameters': {**PREFERENCE_DEFAULTS, **(preference if enable_pref else {})}}, problems
 
-# %% ../nbs/07_finetune.ipynb #16f96ecc
+# %% ../nbs/07_finetune.ipynb #ca0a968f
 _SETTING_CHECKS = {
     'max_length': lambda v: v is None or (isinstance(v, int) and v >= 16),
     'lora_rank': lambda v: isinstance(v, int) and v >= 1,
@@ -337,7 +337,7 @@ _SETTING_CHECKS = {
     'eval_every': lambda v: v == 0 or _positive(v),
     'default_temperature': lambda v: v is None or (_is_number(v) and 0 <= v <= 2)}
 
-# %% ../nbs/07_finetune.ipynb #1364e87f
+# %% ../nbs/07_finetune.ipynb #3d612c33
 def _check_settings(**settings) -> list:
     "Problems with FineTune's keyword settings (everything but the method, the hyperparameters and the processes)."
     return [f"{k}: invalid value {v!r}" for k, v in settings.items() if not _SETTING_CHECKS[k](v)]
@@ -350,7 +350,7 @@ def _store_of(dataset, store):
         store = get_store()
     return store
 
-# %% ../nbs/07_finetune.ipynb #1634e021
+# %% ../nbs/07_finetune.ipynb #5a75bff2
 def _whole(v, lo=0): return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 def _check_distributed(num_processes, num_machines, machine_rank, ip, port) -> list:
@@ -367,7 +367,7 @@ def _check_distributed(num_processes, num_machines, machine_rank, ip, port) -> l
     if port is not None and not (_whole(port, 1) and port < 65536): p.append(f"main_process_port: expected a port number, got {port!r}")
     return p
 
-# %% ../nbs/07_finetune.ipynb #586cb1cc
+# %% ../nbs/07_finetune.ipynb #1eb253eb
 _HF_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 def _hf_cached(repo_id: str) -> bool:
@@ -378,7 +378,7 @@ def _hf_cached(repo_id: str) -> bool:
 
 def _offline() -> bool: return os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes')
 
-# %% ../nbs/07_finetune.ipynb #f719ccc0
+# %% ../nbs/07_finetune.ipynb #c41862b4
 @patch
 def _check_base_model(self: FineTune, base, kind):
     "The parent fine-tune's slug when `base` is one (else None); a `ConfigError` for a base that cannot be loaded."
@@ -408,7 +408,7 @@ def _check_base_model(self: FineTune, base, kind):
     raise ConfigError(f"unknown base_model {base!r}: not a fine-tune slug in this lab, not an existing folder, "
                       "not a Hugging Face id (org/name)")
 
-# %% ../nbs/07_finetune.ipynb #448f0f3a
+# %% ../nbs/07_finetune.ipynb #51e9c79a
 @patch
 def launch_command(self: FineTune,
                    machine_rank: int | None = None) -> list:  # default: this FineTune's `machine_rank`
@@ -425,7 +425,7 @@ def launch_command(self: FineTune,
                 f"--master-port={d['main_process_port'] or 29500}"]
     return cmd + ['--max-restarts=0', *worker]
 
-# %% ../nbs/07_finetune.ipynb #48bc2e16
+# %% ../nbs/07_finetune.ipynb #d892e1ad
 @patch(as_prop=True)
 def num_processes_(self: FineTune) -> int:
     "Training processes over all machines: `num_processes`, or one per visible GPU on each machine (1 on CPU)."
@@ -434,13 +434,13 @@ def num_processes_(self: FineTune) -> int:
     per = max(1, _visible_gpus()) if self.config['device'] != 'cpu' else 1
     return per * d['num_machines']
 
-# %% ../nbs/07_finetune.ipynb #7cb8cf96
+# %% ../nbs/07_finetune.ipynb #c3e9cf0c
 @patch
 def _distributed(self: FineTune) -> dict:
     return {'num_processes': None, 'num_machines': 1, 'main_process_ip': None, 'main_process_port': None,
             **(self.config.get('distributed') or {})}
 
-# %% ../nbs/07_finetune.ipynb #872ab71b
+# %% ../nbs/07_finetune.ipynb #808a9206
 def _visible_gpus() -> int:
     "CUDA devices torch sees (torch is imported only where an NVIDIA driver or CUDA_VISIBLE_DEVICES is present)."
     if not (Path('/proc/driver/nvidia').exists() or os.environ.get('CUDA_VISIBLE_DEVICES')): return 0
@@ -449,7 +449,7 @@ def _visible_gpus() -> int:
     import torch
     return torch.cuda.device_count()
 
-# %% ../nbs/07_finetune.ipynb #c456006e
+# %% ../nbs/07_finetune.ipynb #4a8c748c
 def _check_batch_split(config, world):
     for key in ('sft_hyperparameters', 'hyperparameters'):
         b = (config.get(key) or {}).get('batch_size', 'auto')
@@ -457,7 +457,7 @@ def _check_batch_split(config, world):
             raise ConfigError(f"{key}.batch_size {int(b)} cannot be shared evenly by {world} processes: use a multiple of "
                               f"{world} (the batch is global, rows per optimizer step over all processes), or 'auto'")
 
-# %% ../nbs/07_finetune.ipynb #b92e0b7e
+# %% ../nbs/07_finetune.ipynb #3708c2e7
 def _check_gpus(config, per_machine):
     "Several processes on GPUs need a GPU each (NCCL refuses two ranks on one device)."
     gpus = _visible_gpus() if config['device'] != 'cpu' else 0
@@ -467,7 +467,7 @@ def _check_gpus(config, per_machine):
     if per_machine > 1 and not gpus and config['device'] == 'cuda':
         raise ConfigError("device='cuda' but no CUDA GPU is visible: use device='auto' or 'cpu'")
 
-# %% ../nbs/07_finetune.ipynb #701aa946
+# %% ../nbs/07_finetune.ipynb #4f7b57d0
 @patch
 def start(self: FineTune,
           background: bool = True,  # False: train in this process (one process; blocks; tracebacks show here), for debugging
@@ -493,7 +493,7 @@ def start(self: FineTune,
     else: self._run_here()
     return self
 
-# %% ../nbs/07_finetune.ipynb #aa184488
+# %% ../nbs/07_finetune.ipynb #5618b48f
 @patch(as_prop=True)
 def status(self: FineTune) -> str:
     "`PENDING`, `TRAINING`, `DEPLOYED` (trained, ready to serve) or `ERROR`; `None` before `start()`."
@@ -504,7 +504,7 @@ def status(self: FineTune) -> str:
 def _row(self: FineTune):
     return model_row(self.store, id=self.id) if self.id else model_row(self.store, slug=self.slug)
 
-# %% ../nbs/07_finetune.ipynb #31c10f86
+# %% ../nbs/07_finetune.ipynb #d0f30bc1
 @patch
 def _snapshot(self: FineTune):
     "Check the TRAIN/TEST rows, write them to `data/` and insert the job's `PENDING` row."
@@ -527,7 +527,7 @@ def _snapshot(self: FineTune):
     except sa.exc.IntegrityError:
         raise AlreadyExistsError(f"a model with slug {self.slug!r} was created meanwhile: choose another slug") from None
 
-# %% ../nbs/07_finetune.ipynb #c4c28fdb
+# %% ../nbs/07_finetune.ipynb #608f179f
 @patch
 def _rows(self: FineTune) -> tuple:
     "The (TRAIN, TEST) rows to train on, checked against the job (a preference or reward job needs rejected outputs)."
@@ -542,7 +542,7 @@ def _rows(self: FineTune) -> tuple:
                           "add rejected messages, or train SFT only")
     return train, test
 
-# %% ../nbs/07_finetune.ipynb #21c7ccb4
+# %% ../nbs/07_finetune.ipynb #5942914c
 def _rows_of(dataset, split):
     if hasattr(dataset, 'rows'):
         try: return list(dataset.rows(split=split, apply_pruning=True))
@@ -551,7 +551,7 @@ def _rows_of(dataset, split):
         return [r for r in dataset if (r.get('split') or 'TRAIN').upper() == split]
     raise ConfigError(f"dataset: expected a Dataset or a list of row dicts, got {type(dataset).__name__}")
 
-# %% ../nbs/07_finetune.ipynb #2c650b27
+# %% ../nbs/07_finetune.ipynb #fbb0068c
 def _check_rows(rows, split):
     problems = []
     for i, r in enumerate(rows):
@@ -564,7 +564,7 @@ def _check_rows(rows, split):
             problems.append(f"{split} row {i}: `rejected_message` must be an assistant message")
     if problems: raise ValidationError(f"{len(problems)} problem(s) in the {split} rows", problems)
 
-# %% ../nbs/07_finetune.ipynb #039ae8a8
+# %% ../nbs/07_finetune.ipynb #320dfbf2
 _ROW_KEYS = ('messages', 'tools', 'tool_choice', 'response_format', 'rejected_message')
 
 def _write_jsonl(path, rows):
@@ -572,7 +572,7 @@ def _write_jsonl(path, rows):
     with open(path, 'w') as f:
         for r in rows: f.write(json.dumps({k: r.get(k) for k in _ROW_KEYS}, ensure_ascii=False) + '\n')
 
-# %% ../nbs/07_finetune.ipynb #ed7b8ad4
+# %% ../nbs/07_finetune.ipynb #1a5cd756
 def _check_hardware(cfg):
     "Fail before the job starts on device/method combinations this machine cannot run."
     import importlib.util
@@ -587,7 +587,7 @@ def _check_hardware(cfg):
         if importlib.util.find_spec(m) is None:
             raise MissingDependencyError(f"fine-tuning needs {m}: pip install \"openpipe-lab[train]\"")
 
-# %% ../nbs/07_finetune.ipynb #c86c29ed
+# %% ../nbs/07_finetune.ipynb #85d0e5da
 @patch
 def _launch(self: FineTune, machine_rank: int = 0):
     out = self.output_dir
@@ -602,7 +602,7 @@ def _launch(self: FineTune, machine_rank: int = 0):
     threading.Thread(target=self._proc.wait, daemon=True, name=f'reap-{self.slug}').start()
     if machine_rank == 0: record_worker(self.store.db, self.id, out, self._proc.pid)
 
-# %% ../nbs/07_finetune.ipynb #dcff4f85
+# %% ../nbs/07_finetune.ipynb #25c90c66
 @patch
 def _join(self: FineTune, row, rank):
     "Start machine `rank`'s workers for the job machine 0 started."
@@ -613,14 +613,14 @@ def _join(self: FineTune, row, rank):
     self._launch(rank)
     return self
 
-# %% ../nbs/07_finetune.ipynb #33fa7fa6
+# %% ../nbs/07_finetune.ipynb #99c0f379
 @patch
 def _run_here(self: FineTune):
     "Train in this process: 07a_train (the worker's code) replaces this when it is imported."
     raise ConfigError("start(background=False) runs the training worker's code in this process: import openpipe_lab.train "
                       "first (`from openpipe_lab import FineTune` does), or call start()")
 
-# %% ../nbs/07_finetune.ipynb #6e0fd5f7
+# %% ../nbs/07_finetune.ipynb #6e228e63
 class TrainingWarning(UserWarning):
     "A finished job that probably learned little: too few optimizer steps, or a loss that did not move."
 
@@ -647,13 +647,13 @@ def wait(self: FineTune,
             time.sleep(poll)
     finally: bar.close()
 
-# %% ../nbs/07_finetune.ipynb #c6d5fa49
+# %% ../nbs/07_finetune.ipynb #1dddc6fc
 @patch
 def train(self: FineTune, timeout: float | None = None, progress: bool = True, background: bool = True):
     "`start()` then `wait()`."
     return self.start(background=background).wait(timeout=timeout, progress=progress)
 
-# %% ../nbs/07_finetune.ipynb #13f61fef
+# %% ../nbs/07_finetune.ipynb #d96ae913
 class _ProgressBar:
     "A tqdm bar per training stage, following the worker's progress reports (nothing when `enabled` is False)."
     def __init__(self, slug, enabled): self.slug, self.enabled, self.bar, self.stage = slug, enabled, None, None
@@ -670,7 +670,7 @@ class _ProgressBar:
     def close(self):
         if self.bar is not None: self.bar.close()
 
-# %% ../nbs/07_finetune.ipynb #b7306eb7
+# %% ../nbs/07_finetune.ipynb #a4770398
 @patch
 def _check_alive(self: FineTune, row):
     alive = self._proc.poll() is None if (self._proc is not None and self._proc.pid == row['pid']) else worker_alive(row)
@@ -685,13 +685,13 @@ def _check_alive(self: FineTune, row):
         row = self._row()
     return row
 
-# %% ../nbs/07_finetune.ipynb #a15aecc2
+# %% ../nbs/07_finetune.ipynb #035aea6c
 def _log_tail(path, n=6):
     try: lines = Path(path).read_text(errors='replace').strip().splitlines()
     except OSError: return ''
     return '\n'.join(lines[-n:])
 
-# %% ../nbs/07_finetune.ipynb #97dba700
+# %% ../nbs/07_finetune.ipynb #ccdafe27
 @patch
 def _workers(self: FineTune, row) -> list:
     "Pids of this job's processes on this machine: the launcher, its descendants, and the ranks' pid files."
@@ -703,7 +703,7 @@ def _workers(self: FineTune, row) -> list:
         if pid not in pids and _is_worker(pid, row['id']): pids.append(pid)
     return pids
 
-# %% ../nbs/07_finetune.ipynb #99f38ca5
+# %% ../nbs/07_finetune.ipynb #983e11c3
 @patch
 def cancel(self: FineTune):
     "Stop the worker; the job becomes `ERROR` ('cancelled') and `start()` resumes it from its last checkpoint."
@@ -717,7 +717,7 @@ def cancel(self: FineTune):
                  error_message='cancelled by the user; call start() to resume from the last checkpoint')
     return self
 
-# %% ../nbs/07_finetune.ipynb #df12ff2c
+# %% ../nbs/07_finetune.ipynb #6827a7cd
 @patch(as_prop=True)
 def history_(self: FineTune):
     "Per-step training records (stage, loss, learning rate, eval loss...) as a DataFrame."
@@ -729,27 +729,27 @@ def history_(self: FineTune):
         recs = c.execute(sa.select(t.c.step, t.c.record).where(t.c.model_id == row['id']).order_by(t.c.step, t.c.created_at)).all()
     return pd.DataFrame([{'step': s, **loads(r)} for s, r in recs])
 
-# %% ../nbs/07_finetune.ipynb #ca74b25f
+# %% ../nbs/07_finetune.ipynb #a323c4f6
 @patch(as_prop=True)
 def progress_(self: FineTune) -> dict:
     "The worker's latest progress report (stage, step, max_steps, loss, eta_s...)."
     r = self._row()
     return loads(r['progress']) if r else {}
 
-# %% ../nbs/07_finetune.ipynb #62fe3072
+# %% ../nbs/07_finetune.ipynb #52979b00
 @patch(as_prop=True)
 def metrics_(self: FineTune) -> dict:
     "Final metrics: rows, tokens trained, losses, estimated hosted training cost, warnings."
     r = self._row()
     return loads(r['metrics']) if r else {}
 
-# %% ../nbs/07_finetune.ipynb #5dade068
+# %% ../nbs/07_finetune.ipynb #d9c14cc6
 @patch(as_prop=True)
 def warnings_(self: FineTune) -> list:
     "Why a finished job may have learned little (too few steps, a loss that did not move); empty when none."
     return list(self.metrics_.get('warnings') or [])
 
-# %% ../nbs/07_finetune.ipynb #d6cdd0c9
+# %% ../nbs/07_finetune.ipynb #3317364f
 @patch
 def plot(self: FineTune, ax=None):
     "Training (and eval) loss per step, one line per stage; returns the matplotlib Axes."
@@ -763,7 +763,7 @@ def plot(self: FineTune, ax=None):
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.set_title(self.slug); ax.legend()
     return ax
 
-# %% ../nbs/07_finetune.ipynb #fcc0a60b
+# %% ../nbs/07_finetune.ipynb #16dd659a
 @patch
 def to_dict(self: FineTune) -> dict:
     "The model object of the `/models` API (`openpipe.status`, `baseModel`, `hyperparameters`, `errorMessage`...)."
@@ -786,7 +786,7 @@ def to_dict(self: FineTune) -> dict:
 
 def _iso(ms): return time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms / 1000)) + f'.{ms % 1000:03d}Z'
 
-# %% ../nbs/07_finetune.ipynb #8e0b5537
+# %% ../nbs/07_finetune.ipynb #2bc0ab5a
 @patch(cls_method=True)
 def get(cls: FineTune, slug: str, store=None):
     "Reopen the fine-tune `slug` from the lab's store."
@@ -799,7 +799,7 @@ def get(cls: FineTune, slug: str, store=None):
     self.pruning_rules, self.machine_rank = loads(r['pruning_rules']), 0
     return self
 
-# %% ../nbs/07_finetune.ipynb #78399d80
+# %% ../nbs/07_finetune.ipynb #7679e928
 @patch(cls_method=True, nm='list')
 def _list_models(cls: FineTune, store=None):
     "The lab's models as a DataFrame (slug, kind, base model, status, dataset, error, created)."
@@ -812,7 +812,7 @@ def _list_models(cls: FineTune, store=None):
     df['created_at'] = pd.to_datetime(df['created_at'], unit='ms')
     return df
 
-# %% ../nbs/07_finetune.ipynb #b9cd0928
+# %% ../nbs/07_finetune.ipynb #aa7d60b9
 @patch(as_prop=True)
 def serve_config(self: FineTune) -> dict:
     "The job's `serve.json` (the fields of `ServeConfig`)."
@@ -823,7 +823,7 @@ def serve_config(self: FineTune) -> dict:
 def _require_deployed(ft):
     if ft.status != 'DEPLOYED': raise TrainingError(f"fine-tune {ft.slug!r} is {ft.status}, not DEPLOYED: train it first")
 
-# %% ../nbs/07_finetune.ipynb #32acd72a
+# %% ../nbs/07_finetune.ipynb #37217892
 @patch
 def load(self: FineTune, merged: bool = False, device: str = 'cpu'):
     "(model, tokenizer) of the trained model: base + adapter (or the merged folder) for inference in this process."
@@ -838,14 +838,14 @@ def load(self: FineTune, merged: bool = False, device: str = 'cpu'):
     if s.kind == 'openpipeReward': base.config.pad_token_id = tok.pad_token_id
     return require('peft').PeftModel.from_pretrained(base, s.adapter_path).to(device).eval(), tok
 
-# %% ../nbs/07_finetune.ipynb #ef301170
+# %% ../nbs/07_finetune.ipynb #e87d3951
 def _auto_class(s: ServeConfig) -> tuple:
     "The transformers Auto class for the model's kind, and its extra arguments (a reward model has one label)."
     transformers = require('transformers')
     if s.kind == 'openpipeReward': return transformers.AutoModelForSequenceClassification, {'num_labels': 1}
     return transformers.AutoModelForCausalLM, {}
 
-# %% ../nbs/07_finetune.ipynb #7760b24f
+# %% ../nbs/07_finetune.ipynb #07f1867e
 @patch
 def merge(self: FineTune, dtype: str = 'bfloat16') -> Path:
     "Merge the adapter into the base weights and save a full model folder `merged/`; returns its path."
@@ -863,7 +863,7 @@ def merge(self: FineTune, dtype: str = 'bfloat16') -> Path:
     replace(s, merged_path=str(dest.resolve())).write(self.output_dir)
     return dest
 
-# %% ../nbs/07_finetune.ipynb #505810fb
+# %% ../nbs/07_finetune.ipynb #f49c00a4
 @patch
 def delete(self: FineTune):
     "Stop the job if running, delete its files, its history and its model row."

@@ -16,12 +16,12 @@ from .finetune import (FineTune, ServeConfig, BASE_LEARNING_RATES, default_epoch
 
 # %% auto #0
 __all__ = ['CHATML_TOOLS_TEMPLATE', 'CHECKPOINT_MIN_INTERVAL_S', 'MIN_STEPS_PER_EPOCH', 'VARLEN_ATTENTION', 'normalize_messages',
-           'assistant_spans', 'tokenize_conversation', 'template_renders_tools', 'choose_chat_template', 'cpu_threads',
-           'activation_bytes_per_token', 'plan_batches', 'register_varlen_attention', 'warm_cosine', 'stage_warnings',
+           'assistant_spans', 'tokenize_conversation', 'template_renders_tools', 'choose_chat_template', 'plan_batches',
+           'cpu_threads', 'activation_bytes_per_token', 'register_varlen_attention', 'warm_cosine', 'stage_warnings',
            'sft_dataset', 'preference_dataset', 'resolve_base', 'describe_error', 'run_sft', 'run_preference',
            'run_reward', 'run_job', 'db_row_progress', 'main']
 
-# %% ../nbs/07a_train.ipynb #65d1084a
+# %% ../nbs/07a_train.ipynb #7dec6799
 def normalize_messages(messages: list) -> list:
     "Messages with text-only content (content parts joined) and `None` keys dropped, as chat templates expect."
     out = []
@@ -32,7 +32,7 @@ def normalize_messages(messages: list) -> list:
         out.append(m)
     return out
 
-# %% ../nbs/07a_train.ipynb #eb78215c
+# %% ../nbs/07a_train.ipynb #759b08a3
 def _render(tokenizer, messages, tools, chat_template, **kw):
     return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=chat_template, tokenize=False, **kw)
 
@@ -53,7 +53,7 @@ def assistant_spans(tokenizer, messages: list, tools=None, chat_template=None, t
         spans.append((len(before), len(after)))
     return full, spans
 
-# %% ../nbs/07a_train.ipynb #a7cc35db
+# %% ../nbs/07a_train.ipynb #f3b96607
 def tokenize_conversation(tokenizer, messages: list, tools=None, chat_template=None, train_on: str = 'last') -> dict:
     "`input_ids` of the rendered conversation and `assistant_masks` (1 = trained token) for any chat template."
     full, spans = assistant_spans(tokenizer, messages, tools, chat_template, train_on)
@@ -61,7 +61,7 @@ def tokenize_conversation(tokenizer, messages: list, tools=None, chat_template=N
     mask = [int(any(s <= a < e for s, e in spans)) for a, b in enc['offset_mapping']]
     return {'input_ids': list(enc['input_ids']), 'assistant_masks': mask}
 
-# %% ../nbs/07a_train.ipynb #e74e39ba
+# %% ../nbs/07a_train.ipynb #9dd046b2
 _NL = "{{ '\\n' }}"
 CHATML_TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system" + _NL +
@@ -83,7 +83,7 @@ CHATML_TOOLS_TEMPLATE = (
     "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>" + _NL + "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant" + _NL + "{% endif %}")
 
-# %% ../nbs/07a_train.ipynb #25295dc5
+# %% ../nbs/07a_train.ipynb #f220b201
 def template_renders_tools(tokenizer, chat_template=None) -> bool:
     "Whether the chat template renders both the `tools` list and an assistant's `tool_calls`."
     probe_tools = [{'type': 'function', 'function': {'name': 'probe_tool_x', 'parameters': {'type': 'object'}}}]
@@ -93,7 +93,7 @@ def template_renders_tools(tokenizer, chat_template=None) -> bool:
     except Exception: return False
     return 'probe_tool_x' in text and 'probe_call_y' in text
 
-# %% ../nbs/07a_train.ipynb #6f664e09
+# %% ../nbs/07a_train.ipynb #f7b5d9ff
 def choose_chat_template(tokenizer, uses_tools: bool, chat_template=None) -> tuple:
     "(template, tool_call_parser) to train and serve with; raises `ConfigError` when tools cannot be rendered."
     template = chat_template or tokenizer.chat_template
@@ -109,35 +109,7 @@ def choose_chat_template(tokenizer, uses_tools: bool, chat_template=None) -> tup
                           "pass chat_template= with one that does")
     return template, parser
 
-# %% ../nbs/07a_train.ipynb #6dbe3303
-def cpu_threads(n_params: int) -> int:
-    "Torch threads for CPU training: 1 for tiny models, else half the cores."
-    return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
-
-_IN_WORKER = False  # True in `python -m openpipe_lab.train` (a process of its own), False for start(background=False)
-CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
-MIN_STEPS_PER_EPOCH = 10  # "auto" keeps at least this many optimizer steps per epoch whenever the data has the rows
-
-# %% ../nbs/07a_train.ipynb #c03a8dd3
-def activation_bytes_per_token(cfg, liger: bool) -> float:
-    "Rough activation memory per trained token (bf16, no gradient checkpointing) for a decoder config."
-    h = cfg.get('hidden_size', 1024); inter = cfg.get('intermediate_size', 4 * h)
-    layers = cfg.get('num_hidden_layers', 24); vocab = cfg.get('vocab_size', 32000)
-    return layers * (34 * h + 10 * inter) + (0 if liger else 6 * vocab)
-
-# %% ../nbs/07a_train.ipynb #8cb18206
-def _auto_rows(device, max_length, target_tokens, packable, n_rows, n_tokens, world):
-    "(rows per optimizer step over all processes, packing) for `batch_size: 'auto'`."
-    per = (max(1, target_tokens // max_length) if device == 'cuda' else 4) if packable else (8 if device == 'cuda' else 4)
-    target = per * world
-    if n_rows is None: return target, packable
-    if packable and n_tokens >= MIN_STEPS_PER_EPOCH * world * max_length:
-        return min(target, n_tokens // (max_length * MIN_STEPS_PER_EPOCH)), True
-    # small data: whole conversations per step, at most the packed target's tokens
-    cap = max(1, target * max_length * n_rows // max(1, n_tokens)) if packable else target
-    return min(cap, max(1, n_rows // MIN_STEPS_PER_EPOCH)), False
-
-# %% ../nbs/07a_train.ipynb #11045d71
+# %% ../nbs/07a_train.ipynb #6d5301d3
 def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free_bytes: float | None = None,
                  weight_bytes: float = 0, liger: bool = False, target_tokens: int = 16384,
                  n_rows: int | None = None,  # training rows (conversations, or pairs for DPO/reward); None: no data cap
@@ -169,7 +141,35 @@ def plan_batches(batch_size, device: str, max_length: int, model_cfg: dict, free
     return dict(per_device=per, grad_accum=share // per, packing=packing, gradient_checkpointing=fit_rows == 0,
                 global_batch=rows, num_processes=world, steps_per_epoch=steps)
 
-# %% ../nbs/07a_train.ipynb #b4b74a65
+# %% ../nbs/07a_train.ipynb #c8b33456
+def cpu_threads(n_params: int) -> int:
+    "Torch threads for CPU training: 1 for tiny models, else half the cores."
+    return 1 if n_params < 50e6 else max(1, (os.cpu_count() or 2) // 2)
+
+_IN_WORKER = False  # True in `python -m openpipe_lab.train` (a process of its own), False for start(background=False)
+CHECKPOINT_MIN_INTERVAL_S = 300  # default checkpointing: every 10% of the steps, at most once per 5 minutes
+MIN_STEPS_PER_EPOCH = 10  # "auto" keeps at least this many optimizer steps per epoch whenever the data has the rows
+
+# %% ../nbs/07a_train.ipynb #a978e677
+def activation_bytes_per_token(cfg, liger: bool) -> float:
+    "Rough activation memory per trained token (bf16, no gradient checkpointing) for a decoder config."
+    h = cfg.get('hidden_size', 1024); inter = cfg.get('intermediate_size', 4 * h)
+    layers = cfg.get('num_hidden_layers', 24); vocab = cfg.get('vocab_size', 32000)
+    return layers * (34 * h + 10 * inter) + (0 if liger else 6 * vocab)
+
+# %% ../nbs/07a_train.ipynb #8b2c2193
+def _auto_rows(device, max_length, target_tokens, packable, n_rows, n_tokens, world):
+    "(rows per optimizer step over all processes, packing) for `batch_size: 'auto'`."
+    per = (max(1, target_tokens // max_length) if device == 'cuda' else 4) if packable else (8 if device == 'cuda' else 4)
+    target = per * world
+    if n_rows is None: return target, packable
+    if packable and n_tokens >= MIN_STEPS_PER_EPOCH * world * max_length:
+        return min(target, n_tokens // (max_length * MIN_STEPS_PER_EPOCH)), True
+    # small data: whole conversations per step, at most the packed target's tokens
+    cap = max(1, target * max_length * n_rows // max(1, n_tokens)) if packable else target
+    return min(cap, max(1, n_rows // MIN_STEPS_PER_EPOCH)), False
+
+# %% ../nbs/07a_train.ipynb #13324698
 VARLEN_ATTENTION = 'openpipe_varlen'
 
 def _varlen_call(q, k, v, cu, max_len, scale):
@@ -186,7 +186,7 @@ def _varlen_call(q, k, v, cu, max_len, scale):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
-# %% ../nbs/07a_train.ipynb #439eb247
+# %% ../nbs/07a_train.ipynb #0d0a8b5c
 def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     cu = kwargs.get('cu_seq_lens_q')
     if cu is None or query.shape[0] != 1:
@@ -197,7 +197,7 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     out = _varlen_call(q, k, v, cu.to(q.device, torch.int32), int(kwargs.get('max_length_q') or q.shape[0]), scaling)
     return out.unsqueeze(0), None
 
-# %% ../nbs/07a_train.ipynb #1df2fc1f
+# %% ../nbs/07a_train.ipynb #05e9d9d3
 def register_varlen_attention() -> str | None:
     "Register the varlen attention function if this GPU runs it correctly; returns its name, or None."
     try:
@@ -225,7 +225,7 @@ def register_varlen_attention() -> str | None:
         print(f"varlen attention unavailable ({type(e).__name__}: {e}); using sdpa", flush=True)
         return None
 
-# %% ../nbs/07a_train.ipynb #fb1ef0b5
+# %% ../nbs/07a_train.ipynb #489f90ab
 def _callback_class():
     from transformers import TrainerCallback
     class StoreCallback(TrainerCallback):
@@ -260,7 +260,7 @@ def _callback_class():
     StoreCallback.Throttle = _throttle_class()
     return StoreCallback
 
-# %% ../nbs/07a_train.ipynb #f7b2fb52
+# %% ../nbs/07a_train.ipynb #98d9ebe6
 def _throttle_class():
     from transformers import TrainerCallback
     class CheckpointThrottle(TrainerCallback):
@@ -272,7 +272,7 @@ def _throttle_class():
                 else: self.last = time.time()
     return CheckpointThrottle
 
-# %% ../nbs/07a_train.ipynb #7166e740
+# %% ../nbs/07a_train.ipynb #57d9da9e
 def warm_cosine(warmup: int, total: int):
     "Learning-rate factor per step: linear warm-up from `1/(warmup+1)` (never 0), then cosine decay to 0."
     def factor(step):
@@ -280,7 +280,7 @@ def warm_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return factor
 
-# %% ../nbs/07a_train.ipynb #d2c3bce7
+# %% ../nbs/07a_train.ipynb #76a80bde
 def _warm_start(trainer_cls):
     "`trainer_cls` with our schedule: the warm-up's first step trains (transformers' warm-up starts at 0)."
     class WarmStart(trainer_cls):
@@ -294,7 +294,7 @@ def _warm_start(trainer_cls):
     WarmStart.__name__ = WarmStart.__qualname__ = trainer_cls.__name__
     return WarmStart
 
-# %% ../nbs/07a_train.ipynb #b9eed3cc
+# %% ../nbs/07a_train.ipynb #ab24d8d3
 def stage_warnings(stage: str, steps: int, epochs: float, losses: list, plan: dict, n_rows: int) -> list:
     "Why a finished stage may have learned nothing: too few optimizer steps, or a training loss that did not move."
     out, per_epoch = [], steps / max(epochs, 1e-9)
@@ -311,25 +311,7 @@ def stage_warnings(stage: str, steps: int, epochs: float, losses: list, plan: di
                        "raise learning_rate_multiplier or num_epochs, or add rows")
     return out
 
-# %% ../nbs/07a_train.ipynb #b7e7d3ab
-def _read_rows(path):
-    "The rows of a snapshot file that `FineTune.start` wrote; [] when there is none."
-    if not Path(path).exists(): return []
-    rows = [obj for _, obj in read_jsonl(path)]
-    bad = [o for o in rows if not isinstance(o, dict)]
-    if bad: raise TrainingError(f"{path}: {bad[0]}: the snapshot is damaged; delete() the job and start it again")
-    return rows
-
-# %% ../nbs/07a_train.ipynb #54ad8174
-def _tools(r):
-    t = r.get('tools')
-    return t or None
-
-def _uses_tools(rows):
-    return any(r.get('tools') or any(m.get('tool_calls') or m.get('role') == 'tool' for m in r['messages'])
-               or (r.get('rejected_message') or {}).get('tool_calls') for r in rows)
-
-# %% ../nbs/07a_train.ipynb #51ee599a
+# %% ../nbs/07a_train.ipynb #b0af3871
 def sft_dataset(rows, tok, template, max_length):
     "Pre-tokenized SFT dataset (`input_ids`, `assistant_masks`), truncated to `max_length`; plus token stats."
     datasets = require('datasets')
@@ -342,7 +324,25 @@ def sft_dataset(rows, tok, template, max_length):
     return datasets.Dataset.from_dict({'input_ids': ids, 'assistant_masks': masks}), \
         {'rows': len(ids), 'dropped_rows': dropped, 'tokens': sum(map(len, ids))}
 
-# %% ../nbs/07a_train.ipynb #3c77b418
+# %% ../nbs/07a_train.ipynb #95ce01b7
+def _read_rows(path):
+    "The rows of a snapshot file that `FineTune.start` wrote; [] when there is none."
+    if not Path(path).exists(): return []
+    rows = [obj for _, obj in read_jsonl(path)]
+    bad = [o for o in rows if not isinstance(o, dict)]
+    if bad: raise TrainingError(f"{path}: {bad[0]}: the snapshot is damaged; delete() the job and start it again")
+    return rows
+
+# %% ../nbs/07a_train.ipynb #9626c800
+def _tools(r):
+    t = r.get('tools')
+    return t or None
+
+def _uses_tools(rows):
+    return any(r.get('tools') or any(m.get('tool_calls') or m.get('role') == 'tool' for m in r['messages'])
+               or (r.get('rejected_message') or {}).get('tool_calls') for r in rows)
+
+# %% ../nbs/07a_train.ipynb #a0821ed4
 def _conv_json(messages): return [dict(m, content=m.get('content') or '') for m in normalize_messages(messages)]
 
 def preference_dataset(rows, tok, template, max_length, reward=False):
@@ -363,7 +363,7 @@ def preference_dataset(rows, tok, template, max_length, reward=False):
         for o in out: del o['tools']
     return (datasets.Dataset.from_list(out) if out else None), {'rows': len(out), 'tokens': tokens}
 
-# %% ../nbs/07a_train.ipynb #6bdbbc82
+# %% ../nbs/07a_train.ipynb #3dc1e050
 def resolve_base(db, base: str) -> dict:
     "Where to load the base model from, and the adapter to continue from when `base` is a fine-tune's slug."
     t = tables.models
@@ -375,7 +375,7 @@ def resolve_base(db, base: str) -> dict:
     p = Path(base).expanduser()
     return {'path': str(p.resolve()) if p.is_dir() else base, 'init_adapter': None, 'parent': None}
 
-# %% ../nbs/07a_train.ipynb #2f628e9d
+# %% ../nbs/07a_train.ipynb #e42451aa
 def describe_error(e, ctx: dict, log_path) -> str:
     "A message for `error_message`: what failed and what to change."
     torch = sys.modules.get('torch')
@@ -388,7 +388,7 @@ def describe_error(e, ctx: dict, log_path) -> str:
         return f"cannot load base model {ctx.get('base')!r}: {type(e).__name__}: {e}. Pass an existing model folder or a cached Hugging Face id."
     return f"{type(e).__name__}: {e} (stage {ctx.get('stage')!r}; traceback in {log_path})"
 
-# %% ../nbs/07a_train.ipynb #3f3a6ae3
+# %% ../nbs/07a_train.ipynb #ec46d01a
 def _lr(stage, method, mult): return BASE_LEARNING_RATES[(stage, method)] * float(mult)
 
 def _rank() -> int: return int(os.environ.get('RANK', 0))
@@ -399,7 +399,7 @@ def _barrier():
     dist = sys.modules.get('torch.distributed')
     if _world() > 1 and dist is not None and dist.is_initialized(): dist.barrier()
 
-# %% ../nbs/07a_train.ipynb #895cab58
+# %% ../nbs/07a_train.ipynb #7f4f65c3
 def _last_checkpoint(d):
     "The newest complete checkpoint in `d` (a worker killed while saving leaves a partial one: it is removed)."
     d = Path(d)
@@ -410,7 +410,7 @@ def _last_checkpoint(d):
         shutil.rmtree(p, ignore_errors=True)
     return None
 
-# %% ../nbs/07a_train.ipynb #5a4dbe7f
+# %% ../nbs/07a_train.ipynb #87a12137
 class _Job:
     "State of one worker run (not public): row, config, paths, device, tokenizer."
     def __init__(self, db, model_id):
@@ -422,7 +422,7 @@ class _Job:
         self.rank, self.world, self.local_rank = _rank(), _world(), int(os.environ.get('LOCAL_RANK', 0))
         self.main = self.rank == 0  # only rank 0 writes the row, the history, checkpoints' model files and the adapter
 
-# %% ../nbs/07a_train.ipynb #762e1269
+# %% ../nbs/07a_train.ipynb #3aaeba0f
 @patch
 def setup(self: _Job):
     torch, transformers = require('torch'), require('transformers')
@@ -450,7 +450,7 @@ def setup(self: _Job):
         ac = json.loads((Path(self.base['init_adapter']) / 'adapter_config.json').read_text())
         self.lora.update(r=ac['r'], alpha=ac['lora_alpha'], target_modules=ac['target_modules'])
 
-# %% ../nbs/07a_train.ipynb #e020fd2e
+# %% ../nbs/07a_train.ipynb #98dd054f
 @patch
 def load_model(self: _Job, reward=False, adapter=None, varlen=False):
     "The base model (4-bit for QLoRA) wrapped in a trainable PEFT model (fresh, or loaded from `adapter`)."
@@ -469,7 +469,7 @@ def load_model(self: _Job, reward=False, adapter=None, varlen=False):
     if cfg['method'] == 'full': return model
     return self._with_adapter(model, reward, adapter)
 
-# %% ../nbs/07a_train.ipynb #47dcbad9
+# %% ../nbs/07a_train.ipynb #bc6256b6
 @patch
 def _model_kwargs(self: _Job, reward, varlen) -> dict:
     "`from_pretrained` arguments: dtype, 4-bit quantization for QLoRA, varlen attention for packed SFT on a GPU."
@@ -487,7 +487,7 @@ def _model_kwargs(self: _Job, reward, varlen) -> dict:
     if reward: kw['num_labels'] = 1
     return kw
 
-# %% ../nbs/07a_train.ipynb #decb954a
+# %% ../nbs/07a_train.ipynb #d71d5105
 @patch
 def _with_adapter(self: _Job, model, reward, adapter):
     "`model` wrapped in a trainable LoRA: loaded from `adapter` (or the parent's), else fresh with the job's shape."
@@ -503,7 +503,7 @@ def _with_adapter(self: _Job, model, reward, adapter):
                          target_modules=self.lora['target_modules'], task_type='SEQ_CLS' if reward else 'CAUSAL_LM')
     return peft.get_peft_model(model, lc)
 
-# %% ../nbs/07a_train.ipynb #80a32f67
+# %% ../nbs/07a_train.ipynb #76b150ae
 @patch
 def plan(self: _Job, batch_size, stats, packable=True):
     torch = require('torch')
@@ -513,7 +513,7 @@ def plan(self: _Job, batch_size, stats, packable=True):
     if self.cfg['method'] == 'full' and self.device == 'cuda': p['gradient_checkpointing'] = True
     return p
 
-# %% ../nbs/07a_train.ipynb #865979fb
+# %% ../nbs/07a_train.ipynb #d8685c87
 @patch
 def args(self: _Job, cls, stage, epochs, lr, plan, has_eval, **extra):
     cuda = self.device == 'cuda'
@@ -531,7 +531,7 @@ def args(self: _Job, cls, stage, epochs, lr, plan, has_eval, **extra):
     kw.update(self.parallel_args(plan), **extra)
     return cls(**kw)
 
-# %% ../nbs/07a_train.ipynb #7a4f740f
+# %% ../nbs/07a_train.ipynb #cd7d7359
 @patch
 def parallel_args(self: _Job, plan):
     "TrainingArguments for several processes: DDP (gloo on CPU, NCCL on GPUs); FSDP for full fine-tunes on GPUs."
@@ -546,7 +546,7 @@ def parallel_args(self: _Job, plan):
         kw.pop('ddp_find_unused_parameters')
     return kw
 
-# %% ../nbs/07a_train.ipynb #eeac1d3f
+# %% ../nbs/07a_train.ipynb #5a76d1bd
 @patch
 def callbacks(self: _Job, stage, offset, index, n):
     cb = _callback_class()
@@ -555,7 +555,7 @@ def callbacks(self: _Job, stage, offset, index, n):
     if self.cfg.get('checkpoint_every') is None and self.world == 1: out.append(cb.Throttle(CHECKPOINT_MIN_INTERVAL_S))
     return out
 
-# %% ../nbs/07a_train.ipynb #9f533daf
+# %% ../nbs/07a_train.ipynb #14e48f79
 @patch
 def finish_stage(self: _Job, stage, trainer, model, stats, epochs, lr, plan, save=True, **extra):
     d = self.out / 'stages' / stage
@@ -579,7 +579,7 @@ def _stage_done(out, stage):
     p = out / 'stages' / stage / 'done.json'
     return json.loads(p.read_text()) if p.exists() else None
 
-# %% ../nbs/07a_train.ipynb #a15c12ed
+# %% ../nbs/07a_train.ipynb #472c5ab1
 def _fault(stage):
     "Test hook: OPENPIPE_LAB_TRAIN_FAULT=oom:<stage> raises an out-of-memory error at that stage's start."
     f = os.environ.get('OPENPIPE_LAB_TRAIN_FAULT', '')
@@ -587,7 +587,7 @@ def _fault(stage):
         torch = require('torch')
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (simulated)')
 
-# %% ../nbs/07a_train.ipynb #90cf0ba5
+# %% ../nbs/07a_train.ipynb #9eb4f47a
 def run_sft(job, offset, index, n):
     trl = require('trl')
     hp = job.cfg['sft_hyperparameters']
@@ -611,7 +611,7 @@ def run_sft(job, offset, index, n):
     plan = dict(plan, attention=job.attn or 'sdpa', liger=job.liger)
     return job.finish_stage('sft', tr, model, stats, epochs, lr, plan)
 
-# %% ../nbs/07a_train.ipynb #6e8f66a6
+# %% ../nbs/07a_train.ipynb #e5c4a9af
 def run_preference(job, offset, index, n, start_adapter=None):
     trl = require('trl')
     hp = job.cfg['preference_hyperparameters']
@@ -643,7 +643,7 @@ def run_preference(job, offset, index, n, start_adapter=None):
         return job.finish_stage('preference', tr, model, stats, epochs, lr, plan, save=False, adapter_weight=w)
     return job.finish_stage('preference', tr, model, stats, epochs, lr, plan)
 
-# %% ../nbs/07a_train.ipynb #34175ddd
+# %% ../nbs/07a_train.ipynb #f0396439
 def run_reward(job, offset, index, n):
     trl = require('trl')
     hp = job.cfg['hyperparameters']
@@ -662,7 +662,7 @@ def run_reward(job, offset, index, n):
     stats['trained_tokens'] = int(stats['tokens'] * epochs)
     return job.finish_stage('reward', tr, model, stats, epochs, lr, plan)
 
-# %% ../nbs/07a_train.ipynb #9ebd358f
+# %% ../nbs/07a_train.ipynb #41c04beb
 def run_job(db, model_id: str):
     "Train the job `model_id` to `DEPLOYED` (idempotent: finished stages are skipped, checkpoints resumed)."
     job = _Job(db, model_id)
@@ -686,13 +686,13 @@ def run_job(db, model_id: str):
         return False
     return True
 
-# %% ../nbs/07a_train.ipynb #febf9115
+# %% ../nbs/07a_train.ipynb #430de341
 @patch
 def _run_here(self: FineTune):
     "Train in this process (`start(background=False)`): the worker's code without a child process."
     run_job(self.store.db, self.id)
 
-# %% ../nbs/07a_train.ipynb #20dcbf35
+# %% ../nbs/07a_train.ipynb #ce89db1c
 def _run_stages(job) -> dict:
     "Run the job's stages (skipping finished ones); their results by stage name."
     cfg = job.cfg
@@ -710,7 +710,7 @@ def _run_stages(job) -> dict:
         prev = str(job.out / 'stages' / stage)
     return results
 
-# %% ../nbs/07a_train.ipynb #dc7c523d
+# %% ../nbs/07a_train.ipynb #c6718075
 def _publish(job, results: dict, t0: float):
     "Write the final model folder, serve.json and the metrics; set the job DEPLOYED."
     full = job.cfg['method'] == 'full'
@@ -724,7 +724,7 @@ def _publish(job, results: dict, t0: float):
 def _copy_dir(src, dst):
     shutil.rmtree(dst, ignore_errors=True); shutil.copytree(src, dst)
 
-# %% ../nbs/07a_train.ipynb #da5ef214
+# %% ../nbs/07a_train.ipynb #74ce1741
 def _serve_config(job, target: Path, full: bool) -> ServeConfig:
     "The `ServeConfig` of the trained model in `target`."
     cfg, ac = job.cfg, {} if full else json.loads((target / 'adapter_config.json').read_text())
@@ -739,7 +739,7 @@ def _serve_config(job, target: Path, full: bool) -> ServeConfig:
                        default_temperature=cfg.get('defaultTemperature'),
                        pruning_rules=loads(job.row['pruning_rules']) or [], dtype='bfloat16')
 
-# %% ../nbs/07a_train.ipynb #988dd26e
+# %% ../nbs/07a_train.ipynb #72c75eeb
 def _metrics(job, results: dict, t0: float) -> dict:
     "The job's final metrics: rows, tokens, the hosted-price estimate, the resolved hyperparameters, warnings."
     n_params = getattr(job, 'n_params', None) or _count_params(job)
@@ -755,7 +755,7 @@ def _metrics(job, results: dict, t0: float) -> dict:
                 dropped_rows=sum(r.get('dropped_rows', 0) for r in results.values()), num_processes=job.world,
                 warnings=[w for r in results.values() for w in r.get('warnings', [])])
 
-# %% ../nbs/07a_train.ipynb #0e69176c
+# %% ../nbs/07a_train.ipynb #0520c2cb
 def _failure_message(e, job, launched, launcher) -> str:
     msg = describe_error(e, job.ctx, job.out / 'train.log')
     if launched and os.getppid() != launcher:  # our watchdog's peers left first: the collective failed
@@ -765,7 +765,7 @@ def _failure_message(e, job, launched, launcher) -> str:
                 f"{job.out / 'train.log'}: fix it, then call start() to resume from the last checkpoint")
     return msg
 
-# %% ../nbs/07a_train.ipynb #9237836e
+# %% ../nbs/07a_train.ipynb #55d5cdbf
 def db_row_progress(db, model_id):
     with db.connect() as c:
         return c.execute(sa.select(tables.models.c.progress).where(tables.models.c.id == model_id)).scalar()
@@ -776,7 +776,7 @@ def _count_params(job):
         m = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(job.base['path']))
     return sum(p.numel() for p in m.parameters())
 
-# %% ../nbs/07a_train.ipynb #47735092
+# %% ../nbs/07a_train.ipynb #83fc9f26
 def _under_launcher() -> bool: return 'TORCHELASTIC_RUN_ID' in os.environ  # set by torchrun for its workers
 
 def _peer_failure(e) -> bool:
@@ -785,14 +785,14 @@ def _peer_failure(e) -> bool:
     kinds = tuple(k for k in (getattr(dist, 'DistError', None),) if k)
     return (bool(kinds) and isinstance(e, kinds)) or any(s in str(e) for s in ('gloo/transport', 'Connection reset by peer', 'NCCL'))
 
-# %% ../nbs/07a_train.ipynb #6e6917ca
+# %% ../nbs/07a_train.ipynb #9632e0f3
 def _record_rank_pid(out):
     "Leave `ranks/<host>-<rank>.pid` so the supervisor on this machine can stop every worker, not just the launcher."
     import socket
     d = Path(out) / 'ranks'; d.mkdir(parents=True, exist_ok=True)
     (d / f"{socket.gethostname()}-{_rank()}.pid").write_text(str(os.getpid()))
 
-# %% ../nbs/07a_train.ipynb #97124245
+# %% ../nbs/07a_train.ipynb #c76a4efe
 def _exit_with_parent(poll: float = 1.0):
     "A worker started by torchrun leaves when its launcher dies (killed with -9, nothing else would stop it)."
     import threading
@@ -805,7 +805,7 @@ def _exit_with_parent(poll: float = 1.0):
                 os._exit(3)
     threading.Thread(target=watch, daemon=True, name='exit-with-launcher').start()
 
-# %% ../nbs/07a_train.ipynb #72f5a665
+# %% ../nbs/07a_train.ipynb #b9dd443f
 def main(argv=None):
     "Entry point: `python -m openpipe_lab.train <model id>` (alone, or as each of torchrun's workers)."
     global _IN_WORKER
@@ -818,5 +818,5 @@ def main(argv=None):
     db = Database(os.environ.get('OPENPIPE_LAB_DB') or default_db_url())
     return 0 if run_job(db, argv[0]) else 1
 
-# %% ../nbs/07a_train.ipynb #4ef9b83e
+# %% ../nbs/07a_train.ipynb #25026cb5
 if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())  # not when a notebook runs this cell
