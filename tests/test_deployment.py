@@ -9,6 +9,7 @@ from openpipe_lab.core import DeploymentError, MissingDependencyError, NotFoundE
 from openpipe_lab.store import tables, dumps
 from openpipe_lab.core import group_pids, pid_alive
 from openpipe_lab.deployment import Deployment
+import openpipe_lab.client  # noqa: F401  (LogStore.openai is defined by the client layer)
 
 FAKE_SERVER = r'''
 import argparse, json, os, subprocess, sys, time

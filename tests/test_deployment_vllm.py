@@ -8,9 +8,10 @@ import pytest, httpx, openai
 import sqlalchemy as sa
 from openpipe_lab.core import DeploymentError, ProviderError, now_ms, new_id
 from openpipe_lab.store import tables, dumps
-from openpipe_lab.logstore import LogStore, _STORES
+from openpipe_lab.logstore import LogStore
 from openpipe_lab.core import group_pids, pid_alive
 from openpipe_lab.deployment import Deployment
+import openpipe_lab.client  # noqa: F401  (LogStore.openai is defined by the client layer)
 from tiny_model import build_tiny_model, default_lab
 
 CAPITALS = [('France', 'Paris'), ('Sweden', 'Stockholm'), ('Japan', 'Tokyo'), ('Germany', 'Berlin')]
@@ -162,7 +163,7 @@ def test_tool_calling_is_enabled_from_the_template(dep, client):
 
 def test_called_from_another_process(dep, lab):
     code = textwrap.dedent(f'''
-        from openpipe_lab.logstore import LogStore
+        from openpipe_lab import LogStore   # the public name loads LogStore.openai (05_client)
         store = LogStore({lab.url!r})
         r = store.openai(api_key='unused').chat.completions.create(model='openpipe:capitals', max_tokens=8, temperature=0,
             messages={ask('Japan')!r}, metadata={{'from': 'other-process'}})
