@@ -7,6 +7,7 @@ import json, os, signal, socket, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest, httpx, openai
 from openpipe_lab.logstore import LogStore
+import openpipe_lab.server  # LogStore.serve (the server layer patches it on)
 from fakes.upstream import FakeUpstream, Reply
 from tiny_model import build_tiny_model
 
@@ -300,6 +301,7 @@ def test_sdk_openai_wrapper(sdk_python, server, key, upstream, lab):
     assert (plain['source'], plain['tags']['$sdk.version']) == ('report', SDK_VERSION)
     proxied = list(lab.filter(prompt_id='wrap-proxy'))
     assert [(r['model'], r['cache_hit'], r['source']) for r in proxied] == [('openai:gpt-4o-mini', False, 'client'), ('openai:gpt-4o-mini', True, 'client')]
+    assert {r['tags']['$sdk.version'] for r in proxied} == {SDK_VERSION}   # the caller's SDK, not ours, through the server too
     assert len(lab.filter(contains='quiet one')) == 0
 
 def test_plain_openai_sdk_errors_and_store_false(server, key, upstream, lab):
