@@ -101,7 +101,7 @@ async def hammer(url: str, path: str, key: str, seconds: float, concurrency: int
 
 
 def latency(upstream: str, server: str, key: str, calls: int) -> dict:
-    "p50/p99 (ms) of sequential chat completions straight to the upstream and through the server, interleaved."
+    "p50/p90/p99 (ms) of sequential chat completions straight to the upstream and through the server, interleaved."
     import openai
     direct = openai.OpenAI(base_url=upstream, api_key='sk-fake', max_retries=0)
     proxied = openai.OpenAI(base_url=server, api_key=key, max_retries=0)
@@ -114,7 +114,7 @@ def latency(upstream: str, server: str, key: str, calls: int) -> dict:
             assert r.choices[0].message.content
             if i >= 20: times[name].append(dt * 1000)   # the first 20 warm connections and caches
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]
-    out = {name: {'p50_ms': round(statistics.median(xs), 3), 'p99_ms': round(q(xs, 99), 3)} for name, xs in times.items()}
+    out = {name: {'p50_ms': round(statistics.median(xs), 3), 'p90_ms': round(q(xs, 90), 3), 'p99_ms': round(q(xs, 99), 3)} for name, xs in times.items()}
     out['added_p50_ms'] = round(out['server']['p50_ms'] - out['direct']['p50_ms'], 3)
     return out
 
