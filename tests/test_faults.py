@@ -24,7 +24,7 @@ def rows(store, **tags):
 # -- kill -9 of a process logging through the client ---------------------------------------------------------------
 LOGGER = r'''
 import sys, time
-from openpipe_lab.logstore import LogStore
+from openpipe_lab import LogStore   # the public name loads the client layer (store.openai)
 store = LogStore(sys.argv[1])
 client = store.openai(api_key='k', base_url=sys.argv[2], max_retries=0)
 i = 0
@@ -58,7 +58,7 @@ def test_kill9_of_a_logging_process_keeps_everything_flushed(lab, tmp_path):
 # -- 4 processes x N threads logging to one lab --------------------------------------------------------------------
 MANY = r'''
 import sys, threading
-from openpipe_lab.logstore import LogStore
+from openpipe_lab import LogStore   # the public name loads the client layer (store.openai)
 store = LogStore(sys.argv[1])
 proc, threads, n = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 client = store.openai(api_key='k', base_url=sys.argv[2], max_retries=0)
