@@ -579,17 +579,3 @@ def providers(self: LogStore) -> list[dict]:
     "The custom providers registered in this lab."
     with self.db.connect() as c:
         return [dict(r) | {'config': loads(r['config']) or {}} for r in c.execute(sa.select(tables.providers).order_by(tables.providers.c.name)).mappings()]
-
-# %% ../nbs/03_logstore.ipynb #fdb74f04
-@patch
-def to_dataset(self: LogQuery, name: str  # name of the new dataset
-              ):
-    "A new `Dataset` named `name` from the successful calls in this query (see `Dataset.from_logs`)."
-    from openpipe_lab.dataset import Dataset
-    return Dataset.from_logs(self, name)
-
-@patch
-def dataset(self: LogStore, name: str):
-    "Open the dataset called `name` in this lab."
-    from openpipe_lab.dataset import Dataset
-    return Dataset.open(name, store=self)

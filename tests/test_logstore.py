@@ -5,6 +5,7 @@ import pytest
 import sqlalchemy as sa
 from openpipe_lab.core import SchemaVersionError, ValidationError
 from openpipe_lab.logstore import LogStore
+import openpipe_lab.dataset  # noqa: F401  (LogQuery.to_dataset is defined by the dataset layer)
 
 WRITER = textwrap.dedent('''
     import sys
