@@ -47,7 +47,7 @@ def _check_split(split, what='split') -> str:
     if split not in SPLITS: raise ConfigError(f"{what} must be 'TRAIN' or 'TEST', got {split!r}")
     return split
 
-# %% ../nbs/06_dataset.ipynb #19ca6cd1
+# %% ../nbs/06_dataset.ipynb #d123c87c
 class Dataset:
     "A named dataset of chat entries stored in a lab (see the module docs for the entry fields)."
     def __init__(self, id: str, name: str, store: LogStore | None = None):
@@ -58,18 +58,23 @@ class Dataset:
     @property
     def db(self): return self.store.db
 
-    def __repr__(self):
-        n, test = self.count(), self.count(split='TEST')
-        rules = len(self.pruning_rules)
-        return (f"Dataset({self.name!r}: {n} entr{'y' if n == 1 else 'ies'}, {n - test} train / {test} test"
-                + (f", {rules} pruning rule{'s' * (rules != 1)}" if rules else '') + ')')
+# %% ../nbs/06_dataset.ipynb #8ab07fae
+@patch
+def __repr__(self: Dataset):
+    n, test = self.count(), self.count(split='TEST')
+    rules = len(self.pruning_rules)
+    return (f"Dataset({self.name!r}: {n} entr{'y' if n == 1 else 'ies'}, {n - test} train / {test} test"
+            + (f", {rules} pruning rule{'s' * (rules != 1)}" if rules else '') + ')')
 
-    def _repr_markdown_(self): return f"**{self!r}**"
+@patch
+def _repr_markdown_(self: Dataset): return f"**{self!r}**"
 
-    def __eq__(self, other): return isinstance(other, Dataset) and other.id == self.id and other.store.url == self.store.url
-    def __hash__(self): return hash((self.store.url, self.id))
+@patch
+def __eq__(self: Dataset, other): return isinstance(other, Dataset) and other.id == self.id and other.store.url == self.store.url
+@patch
+def __hash__(self: Dataset): return hash((self.store.url, self.id))
 
-# %% ../nbs/06_dataset.ipynb #e95e3b79
+# %% ../nbs/06_dataset.ipynb #f41a2844
 @patch(cls_method=True)
 def create(cls: Dataset, name: str,  # unique in the lab: lowercase letters, digits, '.', '_', '-'
            store: LogStore | None = None) -> Dataset:
@@ -86,7 +91,7 @@ def create(cls: Dataset, name: str,  # unique in the lab: lowercase letters, dig
                                  f"Dataset.open({name!r}), pick another name, or delete it first.") from None
     return cls(id, name, store)
 
-# %% ../nbs/06_dataset.ipynb #a81444b8
+# %% ../nbs/06_dataset.ipynb #9795d39c
 @patch(cls_method=True)
 def open(cls: Dataset, name: str, store: LogStore | None = None) -> Dataset:
     "Open an existing dataset by name; `NotFoundError` (listing the names there are) if there is none."
@@ -100,7 +105,7 @@ def open(cls: Dataset, name: str, store: LogStore | None = None) -> Dataset:
                                 + (f"Datasets there: {', '.join(names)}." if names else "It has no datasets yet: create one with Dataset.create(name) or Dataset.from_jsonl(path, name)."))
     return cls(row[0], name, store)
 
-# %% ../nbs/06_dataset.ipynb #c9a3ddfa
+# %% ../nbs/06_dataset.ipynb #7b3b8739
 @patch
 def count(self: Dataset, split: str | None = None,  # only this split
           provenance: str | None = None,  # only this provenance
@@ -114,7 +119,7 @@ def count(self: Dataset, split: str | None = None,  # only this split
 @patch
 def __len__(self: Dataset) -> int: return self.count()
 
-# %% ../nbs/06_dataset.ipynb #532c711c
+# %% ../nbs/06_dataset.ipynb #f7e284d0
 @patch
 def _filter(self: Dataset, stmt, split=None, provenance=None, metadata=None, ids=None):
     e = tables.dataset_entries
@@ -129,12 +134,13 @@ def _filter(self: Dataset, stmt, split=None, provenance=None, metadata=None, ids
     if ids is not None: stmt = stmt.where(e.c.id.in_(list(ids)))
     return stmt
 
-# %% ../nbs/06_dataset.ipynb #c068bd63
+# %% ../nbs/06_dataset.ipynb #97ed7210
 @patch(as_prop=True)
 def pruning_rules(self: Dataset) -> list[str]:
     "The pruning rules' texts, in order (see `add_pruning_rule`)."
     return [t for _, t in self._rule_rows()]
 
+# %% ../nbs/06_dataset.ipynb #ff99696f
 @patch
 def _rule_rows(self: Dataset, c=None):
     r = tables.pruning_rules
@@ -142,7 +148,7 @@ def _rule_rows(self: Dataset, c=None):
     if c is not None: return c.execute(stmt).all()
     with self.db.connect() as c2: return c2.execute(stmt).all()
 
-# %% ../nbs/06_dataset.ipynb #b78e8e93
+# %% ../nbs/06_dataset.ipynb #41600f65
 @patch(cls_method=True)
 def list(cls: Dataset, store: LogStore | None = None) -> 'pd.DataFrame':
     "All datasets of a lab, as in `GET /datasets`: id, name, created, updated, dataset_entry_count, fine_tune_count."
@@ -158,7 +164,7 @@ def list(cls: Dataset, store: LogStore | None = None) -> 'pd.DataFrame':
     for k in ('created', 'updated'): df[k] = pd.to_datetime(df[k], unit='ms', utc=True)
     return df
 
-# %% ../nbs/06_dataset.ipynb #102dd641
+# %% ../nbs/06_dataset.ipynb #a01bfb5d
 @patch
 def delete(self: Dataset) -> dict:
     "Delete the dataset, its entries and pruning rules; returns the API's `{id, object, deleted}`."
@@ -168,7 +174,7 @@ def delete(self: Dataset) -> dict:
         n = c.execute(tables.datasets.delete().where(tables.datasets.c.id == self.id)).rowcount
     return {'id': self.id, 'object': 'dataset', 'deleted': bool(n)}
 
-# %% ../nbs/06_dataset.ipynb #6bb252b3
+# %% ../nbs/06_dataset.ipynb #f16d657d
 @patch
 def _config(self: Dataset, c=None) -> dict:
     stmt = sa.select(tables.datasets.c.config).where(tables.datasets.c.id == self.id)
@@ -183,12 +189,13 @@ def _set_config(self: Dataset, c, **kw):
     cfg = self._config(c); cfg.update(kw)
     c.execute(tables.datasets.update().where(tables.datasets.c.id == self.id).values(config=dumps(cfg), updated_at=now_ms()))
 
+# %% ../nbs/06_dataset.ipynb #04626289
 @patch
 def _touch(self: Dataset, c):
     n = c.execute(tables.datasets.update().where(tables.datasets.c.id == self.id).values(updated_at=now_ms())).rowcount
     if not n: raise NotFoundError(f"dataset {self.name!r} ({self.id}) no longer exists in {self.store!r}")
 
-# %% ../nbs/06_dataset.ipynb #23a3dc5e
+# %% ../nbs/06_dataset.ipynb #4f8e9f34
 @patch
 def add_entries(self: Dataset, entries: list  # up to 100 entry dicts (messages, tools, split, metadata, ...)
                ) -> dict:
@@ -208,7 +215,7 @@ def add_entries(self: Dataset, entries: list  # up to 100 entry dicts (messages,
     self.errors = w.problems
     return {'object': 'dataset.entries.creation', 'entries_created': w.written, 'errors': {'object': 'list', 'data': errors}}
 
-# %% ../nbs/06_dataset.ipynb #02e71091
+# %% ../nbs/06_dataset.ipynb #f3a7d4cb
 def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
     "Validate one raw entry; return (entry with only entry fields, deprecated fields converted, []) or (None, problems)."
     problems = validate_entry(obj, line=line)
@@ -218,7 +225,7 @@ def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
     if entry['metadata'] == {}: entry['metadata'] = None
     return entry, []
 
-# %% ../nbs/06_dataset.ipynb #3c8c7594
+# %% ../nbs/06_dataset.ipynb #4472dbfb
 _INSERT_COLS = ('id', 'dataset_id', 'position', 'split', 'provenance', 'log_id', 'history', 'entry_hash', 'created_at',
                 'updated_at') + CONTENT_FIELDS
 _N_META = len(_INSERT_COLS) - len(CONTENT_FIELDS)  # the content columns come last in a row tuple
@@ -234,7 +241,7 @@ class _Writer:
             ds._config(c)  # raises if the dataset was deleted
             self.position = (c.execute(sa.select(sa.func.max(e.c.position)).where(e.c.dataset_id == ds.id)).scalar() or 0) + 1
 
-# %% ../nbs/06_dataset.ipynb #2d8942b3
+# %% ../nbs/06_dataset.ipynb #16e3acad
 @patch
 def add(self: _Writer, obj, line=None, log_id=None, provenance=None) -> list[Problem]:
     "Validate `obj` and queue it for insertion; return its problems (nothing is queued when there are any)."
@@ -253,7 +260,7 @@ def add(self: _Writer, obj, line=None, log_id=None, provenance=None) -> list[Pro
     if len(self.rows) >= self.batch_size: self.flush()
     return []
 
-# %% ../nbs/06_dataset.ipynb #114d7915
+# %% ../nbs/06_dataset.ipynb #16c57bed
 @patch
 def _row(self: _Writer, entry, log_id, provenance) -> tuple:
     "The entry's row as a tuple in `_INSERT_COLS` order."
@@ -264,7 +271,7 @@ def _row(self: _Writer, entry, log_id, provenance) -> tuple:
     self.position += 1
     return row
 
-# %% ../nbs/06_dataset.ipynb #3a2269ba
+# %% ../nbs/06_dataset.ipynb #e01b36dd
 @patch
 def flush(self: _Writer):
     if not self.rows: return
@@ -276,7 +283,7 @@ def flush(self: _Writer):
     self.written += len(self.rows)
     self.rows = []
 
-# %% ../nbs/06_dataset.ipynb #89a8ed95
+# %% ../nbs/06_dataset.ipynb #644cc39e
 _DF_COLUMNS = ['id', 'split', 'provenance', 'messages', 'tools', 'tool_choice', 'response_format', 'rejected_message',
                'metadata', 'log_id', 'history', 'entry_hash', 'position', 'created_at', 'updated_at']
 
@@ -289,13 +296,14 @@ def entries(self: Dataset, offset: int = 0, limit: int | None = 20, split: str |
     stmt = stmt.offset(offset) if limit is None else stmt.offset(offset).limit(limit)
     with self.db.connect() as c: return [_entry_from_row(r) for r in c.execute(stmt).mappings()]
 
+# %% ../nbs/06_dataset.ipynb #879b7f33
 def _entry_from_row(r) -> dict:
     d = dict(r)
     for k in _ENTRY_JSON:
         if k in d: d[k] = loads(d[k])
     return d
 
-# %% ../nbs/06_dataset.ipynb #34362dd2
+# %% ../nbs/06_dataset.ipynb #3bb37d9c
 @patch
 def entry(self: Dataset, entry_id: str) -> dict:
     "One entry by id, as a dict; `NotFoundError` if it is not in this dataset."
@@ -308,12 +316,13 @@ def _get_entry(self: Dataset, c, entry_id: str) -> dict:
     if row is None: raise NotFoundError(f"no entry {entry_id!r} in dataset {self.name!r}")
     return _entry_from_row(row)
 
-# %% ../nbs/06_dataset.ipynb #29d1c26e
+# %% ../nbs/06_dataset.ipynb #cd213e94
 @patch(as_prop=True)
 def df(self: Dataset) -> 'pd.DataFrame':
     "All entries as a pandas DataFrame (one row per entry, insertion order)."
     return self._frame()
 
+# %% ../nbs/06_dataset.ipynb #857f8e5b
 @patch
 def _frame(self: Dataset, split=None) -> 'pd.DataFrame':
     import pandas as pd
@@ -321,6 +330,7 @@ def _frame(self: Dataset, split=None) -> 'pd.DataFrame':
     for k in ('created_at', 'updated_at'): df[k] = pd.to_datetime(df[k], unit='ms', utc=True)
     return df
 
+# %% ../nbs/06_dataset.ipynb #28fab5ea
 @patch
 def _iter_entries(self: Dataset, split=None, provenance=None, metadata=None, ids=None, page: int = _BATCH):
     "Entries as dicts in insertion order, read page by page (bounded memory, no long-lived read transaction)."
@@ -333,7 +343,7 @@ def _iter_entries(self: Dataset, split=None, provenance=None, metadata=None, ids
         for r in rows: yield _entry_from_row(r)
         last = rows[-1]['position']
 
-# %% ../nbs/06_dataset.ipynb #c87d477d
+# %% ../nbs/06_dataset.ipynb #bcc0f96c
 @patch
 def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading Data" format
              ) -> Dataset:
@@ -348,7 +358,7 @@ def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading
     self.errors = w.problems if seen else [Problem('', f"{path} is empty: no JSON lines to import")]
     return self
 
-# %% ../nbs/06_dataset.ipynb #cd168011
+# %% ../nbs/06_dataset.ipynb #2c80a415
 @patch(cls_method=True)
 def from_jsonl(cls: Dataset, path: str | Path,  # a .jsonl file in the "Uploading Data" format
                name: str,  # name of the new dataset
@@ -367,7 +377,7 @@ def from_jsonl(cls: Dataset, path: str | Path,  # a .jsonl file in the "Uploadin
                               f"dataset {name!r} was not created", errors)
     return ds
 
-# %% ../nbs/06_dataset.ipynb #1713a925
+# %% ../nbs/06_dataset.ipynb #af8d9c7b
 @patch
 def split(self: Dataset, test_fraction: float = 0.1,  # share of entries that go to TEST
           seed: int = 0  # another seed draws another (reproducible) split
@@ -385,7 +395,7 @@ def split(self: Dataset, test_fraction: float = 0.1,  # share of entries that go
     self.set_split([r[0] for r in rows if r[0] not in test_ids], 'TRAIN')
     return self
 
-# %% ../nbs/06_dataset.ipynb #e9bef4ff
+# %% ../nbs/06_dataset.ipynb #efef38a7
 @patch
 def set_split(self: Dataset, entry_ids: list | str,  # one entry id or several
               split: str  # 'TRAIN' or 'TEST'
@@ -401,7 +411,7 @@ def set_split(self: Dataset, entry_ids: list | str,  # one entry id or several
                            .values(split=split, updated_at=now_ms())).rowcount
     return n
 
-# %% ../nbs/06_dataset.ipynb #ff296541
+# %% ../nbs/06_dataset.ipynb #e1e9ae73
 class DatasetSplit:
     "A read-only view of one split of a dataset (`ds.train`, `ds.test`), read afresh on each use."
     def __init__(self, dataset: Dataset, split: str):
@@ -422,6 +432,7 @@ class DatasetSplit:
     def __repr__(self): return f"DatasetSplit({self.dataset.name!r}, {self.split}: {len(self)} entries)"
     def _repr_markdown_(self): return f"**{self!r}**"
 
+# %% ../nbs/06_dataset.ipynb #c4826962
 @patch(as_prop=True)
 def train(self: Dataset) -> DatasetSplit:
     "The TRAIN entries (a live view)."
@@ -432,7 +443,7 @@ def test(self: Dataset) -> DatasetSplit:
     "The TEST entries (a live view)."
     return DatasetSplit(self, 'TEST')
 
-# %% ../nbs/06_dataset.ipynb #7dd20150
+# %% ../nbs/06_dataset.ipynb #803e929a
 @patch
 def set_output(self: Dataset, entry_id: str, message: str | dict  # the new assistant output
               ) -> dict:
@@ -442,13 +453,14 @@ def set_output(self: Dataset, entry_id: str, message: str | dict  # the new assi
         self._touch(c)
         return self._replace_output(c, self._get_entry(c, entry_id), message, 'RELABELED_BY_HUMAN', by='human')
 
+# %% ../nbs/06_dataset.ipynb #9329056e
 def _output_message(message) -> dict:
     if isinstance(message, str): return {'role': 'assistant', 'content': message}
     message = jsonable(message, drop_none=True)  # an SDK message object: its fields that are set
     if not isinstance(message, dict): raise ConfigError(f"an output must be a string or an assistant message dict, got {type(message).__name__}")
     return message
 
-# %% ../nbs/06_dataset.ipynb #263bcfb7
+# %% ../nbs/06_dataset.ipynb #4d20113a
 @patch
 def _replace_output(self: Dataset, c, entry: dict, message: dict, provenance: str, **history) -> dict:
     "Validate `entry` with `message` as output and write it (inside transaction `c`); return the new entry."
@@ -465,7 +477,7 @@ def _replace_output(self: Dataset, c, entry: dict, message: dict, provenance: st
     if not n: raise NotFoundError(f"entry {entry['id']} was deleted from dataset {self.name!r}")
     return {**entry, 'messages': new['messages'], 'history': hist, 'provenance': provenance}
 
-# %% ../nbs/06_dataset.ipynb #a5780d3a
+# %% ../nbs/06_dataset.ipynb #3ddf82df
 @patch
 def set_metadata(self: Dataset, entry_id: str, **labels: str | None) -> dict:
     "Set metadata labels of an entry (a value of `None` removes the label); returns the new metadata."
@@ -481,7 +493,7 @@ def set_metadata(self: Dataset, entry_id: str, **labels: str | None) -> dict:
         c.execute(e.update().where(e.c.id == entry_id).values(metadata=dumps(meta), entry_hash=_entry_hash(new), updated_at=now_ms()))
     return meta or {}
 
-# %% ../nbs/06_dataset.ipynb #d0a23238
+# %% ../nbs/06_dataset.ipynb #64050280
 @patch
 def delete_entries(self: Dataset, entry_ids: list | str) -> int:
     "Delete entries by id; returns how many were deleted."
@@ -493,7 +505,7 @@ def delete_entries(self: Dataset, entry_ids: list | str) -> int:
             n += c.execute(e.delete().where(e.c.dataset_id == self.id, e.c.id.in_(ids[i:i + 500]))).rowcount
     return n
 
-# %% ../nbs/06_dataset.ipynb #ef3dcf42
+# %% ../nbs/06_dataset.ipynb #59ef1044
 @patch
 def add_pruning_rule(self: Dataset, text: str  # exact text to remove from input messages
                     ) -> Dataset:
@@ -507,7 +519,7 @@ def add_pruning_rule(self: Dataset, text: str  # exact text to remove from input
         c.execute(r.insert().values(id=new_id('pr'), dataset_id=self.id, text=text, position=pos, created_at=now_ms()))
     return self
 
-# %% ../nbs/06_dataset.ipynb #153273a9
+# %% ../nbs/06_dataset.ipynb #f97584d8
 @patch
 def remove_pruning_rule(self: Dataset, rule: str | int  # the rule's text, or its index in `pruning_rules`
                        ) -> Dataset:
@@ -525,7 +537,7 @@ def remove_pruning_rule(self: Dataset, rule: str | int  # the rule's text, or it
         c.execute(tables.pruning_rules.delete().where(tables.pruning_rules.c.id == rid))
     return self
 
-# %% ../nbs/06_dataset.ipynb #1bc415d6
+# %% ../nbs/06_dataset.ipynb #4ebedc0c
 @patch
 def rows(self: Dataset, split: str | None = 'TRAIN',  # 'TRAIN', 'TEST', or None for all entries
          apply_pruning: bool = True,  # remove the pruning rules from the input messages
@@ -535,6 +547,7 @@ def rows(self: Dataset, split: str | None = 'TRAIN',  # 'TRAIN', 'TEST', or None
     rules = (self.pruning_rules if pruning_rules is None else list(pruning_rules)) if apply_pruning else None
     for entry in self._iter_entries(split=split): yield _row_of(entry, rules)
 
+# %% ../nbs/06_dataset.ipynb #9e1964fd
 def _row_of(entry: dict, rules: list | None) -> dict:
     msgs = entry['messages']
     if rules: msgs = apply_pruning_rules(msgs[:-1], rules) + msgs[-1:]
@@ -542,7 +555,7 @@ def _row_of(entry: dict, rules: list | None) -> dict:
     row['messages'], row['metadata'] = msgs, entry['metadata'] or {}
     return row
 
-# %% ../nbs/06_dataset.ipynb #836359bc
+# %% ../nbs/06_dataset.ipynb #a80bd1ea
 @patch
 def to_jsonl(self: Dataset, path: str | Path,  # file to write (overwritten)
              split: str | None = None,  # only this split
@@ -558,7 +571,7 @@ def to_jsonl(self: Dataset, path: str | Path,  # file to write (overwritten)
     tmp.replace(path)
     return path
 
-# %% ../nbs/06_dataset.ipynb #07b5f89f
+# %% ../nbs/06_dataset.ipynb #22fbb539
 @patch
 def snapshot(self: Dataset, split: str | None = None  # only this split
             ) -> str:
@@ -573,7 +586,7 @@ def snapshot(self: Dataset, split: str | None = None  # only this split
         last = page[-1][0]
     return content_hash({'entries': hashes, 'pruning_rules': self.pruning_rules})
 
-# %% ../nbs/06_dataset.ipynb #1c75d38d
+# %% ../nbs/06_dataset.ipynb #5f35a00e
 _HF_JSON = ('tools', 'tool_choice', 'response_format', 'rejected_message', 'metadata')
 
 @patch
@@ -584,6 +597,7 @@ def to_hf(self: Dataset, split: str | None = None,  # one split as a `datasets.D
     if split is not None: return self._hf_split(hf, _check_split(split), apply_pruning)
     return hf.DatasetDict({'train': self._hf_split(hf, 'TRAIN', apply_pruning), 'test': self._hf_split(hf, 'TEST', apply_pruning)})
 
+# %% ../nbs/06_dataset.ipynb #83a2536e
 @patch
 def _hf_split(self: Dataset, hf, split: str, apply_pruning: bool):
     rows = [{'messages': row['messages'], **{k: dumps(row[k] or None) for k in _HF_JSON}, 'split': row['split']}
@@ -594,7 +608,7 @@ def _hf_split(self: Dataset, hf, split: str, apply_pruning: bool):
         warnings.warn(f"{self.name}: messages stored as JSON text in the HF dataset ({err})")
         return hf.Dataset.from_list([{**r, 'messages': dumps(r['messages'])} for r in rows])
 
-# %% ../nbs/06_dataset.ipynb #95935386
+# %% ../nbs/06_dataset.ipynb #41e5293e
 @patch(cls_method=True)
 def from_hf(cls: Dataset, hf_dataset,  # a `datasets.Dataset`, a `DatasetDict` (train/test keys) or a list of row dicts
             name: str, store: LogStore | None = None) -> Dataset:
@@ -614,7 +628,7 @@ def from_hf(cls: Dataset, hf_dataset,  # a `datasets.Dataset`, a `DatasetDict` (
     ds.errors = w.problems
     return ds
 
-# %% ../nbs/06_dataset.ipynb #379b231c
+# %% ../nbs/06_dataset.ipynb #6f5ba412
 def _hf_entry(row: dict, default_split=None) -> dict:
     msgs = _from_hf_value(row.get('messages'))
     out = {'messages': _strip_nones(msgs) if isinstance(msgs, list) else msgs}
@@ -626,6 +640,7 @@ def _hf_entry(row: dict, default_split=None) -> dict:
     if split: out['split'] = split.upper() if isinstance(split, str) and split.upper() in SPLITS else split
     return out
 
+# %% ../nbs/06_dataset.ipynb #7330de52
 def _from_hf_value(v):
     return loads(v) if isinstance(v, str) else v
 
@@ -636,7 +651,7 @@ def _strip_nones(m):
     if isinstance(m, list): return [_strip_nones(x) for x in m]
     return m
 
-# %% ../nbs/06_dataset.ipynb #bd4c1be4
+# %% ../nbs/06_dataset.ipynb #6b15baf2
 @patch
 def add_logs(self: Dataset, query  # a `LogQuery` (`logs.filter(...)`): iterating it yields log dicts
             ) -> Dataset:
@@ -651,7 +666,7 @@ def add_logs(self: Dataset, query  # a `LogQuery` (`logs.filter(...)`): iteratin
     self.errors, self.skipped_ = w.problems, skipped
     return self
 
-# %% ../nbs/06_dataset.ipynb #a8340494
+# %% ../nbs/06_dataset.ipynb #21ae4249
 _OUTPUT_KEYS = ('role', 'content', 'tool_calls', 'function_call', 'refusal')
 
 def _log_entry(log: dict) -> dict | None:
@@ -670,7 +685,7 @@ def _log_entry(log: dict) -> dict | None:
     if tags: entry['metadata'] = tags
     return entry
 
-# %% ../nbs/06_dataset.ipynb #0fc6ec11
+# %% ../nbs/06_dataset.ipynb #244288d5
 @patch(cls_method=True)
 def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`); the dataset goes to the query's lab
               name: str) -> Dataset:
@@ -680,20 +695,21 @@ def from_logs(cls: Dataset, query,  # a `LogQuery` (`logs.filter(...)`); the dat
     except BaseException:
         ds.delete(); raise
 
-# %% ../nbs/06_dataset.ipynb #b8b9c14b
+# %% ../nbs/06_dataset.ipynb #649acc65
 @patch
 def to_dataset(self: LogQuery, name: str  # name of the new dataset
               ) -> Dataset:
     "A new `Dataset` named `name` from the successful calls in this query (see `Dataset.from_logs`)."
     return Dataset.from_logs(self, name)
 
+# %% ../nbs/06_dataset.ipynb #d41f331b
 @patch
 def dataset(self: LogStore, name: str  # an existing dataset of this lab
            ) -> Dataset:
     "Open the dataset called `name` in this lab."
     return Dataset.open(name, store=self)
 
-# %% ../nbs/06_dataset.ipynb #8e4acf3c
+# %% ../nbs/06_dataset.ipynb #8f5bedb1
 @patch
 def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4o', 'anthropic:claude-...', 'openpipe:ft'
             concurrency: int = 8,  # calls in flight at once
@@ -714,14 +730,14 @@ def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4
     self.relabel_job_ = job
     return self
 
-# %% ../nbs/06_dataset.ipynb #92362a07
+# %% ../nbs/06_dataset.ipynb #d54d44ef
 @patch
 def _relabel_job(self: Dataset, model: str, split: str | None, resume: bool) -> dict:
     job = self._config().get('relabel')
     if resume and job and job.get('model') == model and job.get('split') == split and job.get('status') != 'done': return job
     return {'id': new_id('rlb'), 'model': model, 'split': split}
 
-# %% ../nbs/06_dataset.ipynb #c1259fe7
+# %% ../nbs/06_dataset.ipynb #ef57cfc3
 def _relabel_call(client, model: str, entry: dict, kwargs: dict) -> dict:
     "Ask `model` for a new output for `entry`; returns the assistant message (role, content, tool_calls)."
     req = dict(model=model, messages=entry['messages'][:-1], **kwargs)
@@ -742,29 +758,31 @@ def _relabel_call(client, model: str, entry: dict, kwargs: dict) -> dict:
         raise ProviderError(f"{model} returned no content and no tool calls (finish_reason={resp.choices[0].finish_reason!r})")
     return out
 
-# %% ../nbs/06_dataset.ipynb #f2f107d2
+# %% ../nbs/06_dataset.ipynb #ac833d57
 class _Relabeler:
     "One run of a relabel job: calls in a thread pool, answers written from the calling thread in entry order."
     def __init__(self, ds: Dataset, job: dict, client, kwargs: dict, concurrency: int, progress: bool):
         self.ds, self.job, self.client, self.kwargs, self.concurrency = ds, job, client, kwargs, concurrency
         self.progress, self.failures, self.in_flight = progress, [], {}  # in_flight: future -> entry
 
-    def run(self):
-        "Relabel every entry of the job's split not yet done by this job; the status is recorded however it ends."
-        from tqdm.auto import tqdm
-        ds, job = self.ds, self.job
-        job['status'] = 'running'
-        with ds.db.begin() as c: ds._set_config(c, relabel=job)
-        self.bar = tqdm(total=ds.count(split=job['split']), desc=f"relabel {ds.name} with {job['model']}",
-                        disable=not self.progress, unit='entry')
-        status = 'interrupted'
-        self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix='relabel')
-        try:
-            self._send_all()
-            status = 'incomplete' if self.failures else 'done'
-        finally: self._close(status)
+# %% ../nbs/06_dataset.ipynb #aa9ca019
+@patch
+def run(self: _Relabeler):
+    "Relabel every entry of the job's split not yet done by this job; the status is recorded however it ends."
+    from tqdm.auto import tqdm
+    ds, job = self.ds, self.job
+    job['status'] = 'running'
+    with ds.db.begin() as c: ds._set_config(c, relabel=job)
+    self.bar = tqdm(total=ds.count(split=job['split']), desc=f"relabel {ds.name} with {job['model']}",
+                    disable=not self.progress, unit='entry')
+    status = 'interrupted'
+    self.pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix='relabel')
+    try:
+        self._send_all()
+        status = 'incomplete' if self.failures else 'done'
+    finally: self._close(status)
 
-# %% ../nbs/06_dataset.ipynb #24559393
+# %% ../nbs/06_dataset.ipynb #c935572b
 @patch
 def _send_all(self: _Relabeler):
     job = self.job
@@ -775,12 +793,13 @@ def _send_all(self: _Relabeler):
         self.in_flight[self.pool.submit(_relabel_call, self.client, job['model'], entry, self.kwargs)] = entry
     while self.in_flight: self._drain(self._finished())
 
+# %% ../nbs/06_dataset.ipynb #c52e2bc4
 @patch
 def _finished(self: _Relabeler) -> set:
     "The calls in flight that have finished (waits for at least one)."
     return wait(list(self.in_flight), return_when=FIRST_COMPLETED).done
 
-# %% ../nbs/06_dataset.ipynb #6bf183e6
+# %% ../nbs/06_dataset.ipynb #c9cf37d0
 @patch
 def _drain(self: _Relabeler, futures):
     "Write finished calls in entry order; an interrupt raised by one is re-raised after the others are written."
@@ -790,6 +809,7 @@ def _drain(self: _Relabeler, futures):
         except BaseException as e: stop = stop or e  # KeyboardInterrupt/SystemExit from a worker
     if stop is not None: raise stop
 
+# %% ../nbs/06_dataset.ipynb #26dad5b4
 @patch
 def _write(self: _Relabeler, fut):
     "Store one call's answer as the entry's output, or list its failure; an entry deleted meanwhile is skipped."
@@ -804,7 +824,7 @@ def _write(self: _Relabeler, fut):
         self.failures.append({'entry_id': entry['id'], 'position': entry['position'], 'error': f"{type(err).__name__}: {err}"})
     self.bar.update(1)
 
-# %% ../nbs/06_dataset.ipynb #57ea8527
+# %% ../nbs/06_dataset.ipynb #9eb95547
 @patch
 def _close(self: _Relabeler, status: str):
     ds, job = self.ds, self.job

@@ -63,7 +63,7 @@ def render_entry(entry: dict) -> str:
         chat += render_message(entry['rejected_message'], 'assistant · rejected', 'outline:2px dashed #dc2626')
     return head + chat
 
-# %% ../nbs/06a_review.ipynb #96092aa3
+# %% ../nbs/06a_review.ipynb #7be653e5
 class DatasetReview:
     "An ipywidgets UI over a `Dataset`: read entries as chats, filter, edit outputs, set splits, delete."
     def __init__(self, dataset: Dataset,
@@ -86,16 +86,19 @@ class DatasetReview:
             self.status])
         self.refresh()
 
-    def __repr__(self):
-        return f"DatasetReview({self.dataset.name!r}, {self.index + 1 if self.total else 0}/{self.total})"
+# %% ../nbs/06a_review.ipynb #b26296e9
+@patch
+def __repr__(self: DatasetReview):
+    return f"DatasetReview({self.dataset.name!r}, {self.index + 1 if self.total else 0}/{self.total})"
 
-    def _repr_mimebundle_(self, **kw):
-        "The live widget in Jupyter; a one-line summary where widgets can't render (text, static docs)."
-        bundle = self.widget._repr_mimebundle_(**kw) or {}
-        if isinstance(bundle, tuple): bundle = bundle[0]
-        return {**bundle, 'text/plain': repr(self)}
+@patch
+def _repr_mimebundle_(self: DatasetReview, **kw):
+    "The live widget in Jupyter; a one-line summary where widgets can't render (text, static docs)."
+    bundle = self.widget._repr_mimebundle_(**kw) or {}
+    if isinstance(bundle, tuple): bundle = bundle[0]
+    return {**bundle, 'text/plain': repr(self)}
 
-# %% ../nbs/06a_review.ipynb #27d25497
+# %% ../nbs/06a_review.ipynb #22465ba9
 @patch
 def _filter_widgets(self: DatasetReview, W, split, provenance, metadata):
     L = W.Layout
@@ -105,6 +108,7 @@ def _filter_widgets(self: DatasetReview, W, split, provenance, metadata):
     self.metadata_filter = W.Text(value=', '.join(f"{k}={v}" for k, v in (metadata or {}).items()), placeholder='key=value, ...',
                                   description='metadata', continuous_update=False, layout=L(width='300px'))
 
+# %% ../nbs/06a_review.ipynb #6ed2e52b
 @patch
 def _navigation_widgets(self: DatasetReview, W):
     L = W.Layout
@@ -113,6 +117,7 @@ def _navigation_widgets(self: DatasetReview, W):
     self.position = W.BoundedIntText(value=1, min=1, max=1, description='', layout=L(width='90px'))
     self.counter, self.chat, self.status = W.HTML(), W.HTML(), W.HTML()
 
+# %% ../nbs/06a_review.ipynb #3a3448f6
 @patch
 def _editor_widgets(self: DatasetReview, W):
     L = W.Layout
@@ -123,7 +128,7 @@ def _editor_widgets(self: DatasetReview, W):
     self.delete_button = W.Button(description='Delete', button_style='', tooltip='delete this entry (d, twice)')
     self.command = W.Text(placeholder='n p s t d or a number, then Enter', description='command', continuous_update=False, layout=L(width='320px'))
 
-# %% ../nbs/06a_review.ipynb #30f91e69
+# %% ../nbs/06a_review.ipynb #dd3aa6ec
 @patch
 def _wire(self: DatasetReview):
     for w in (self.split_filter, self.provenance_filter, self.metadata_filter): w.observe(lambda ch: self._on_filter(ch), 'value')
@@ -135,7 +140,7 @@ def _wire(self: DatasetReview):
     self.delete_button.on_click(lambda _: self.delete())
     self.command.observe(lambda ch: self._on_command(ch), 'value')
 
-# %% ../nbs/06a_review.ipynb #29f06cf5
+# %% ../nbs/06a_review.ipynb #8345c646
 @patch(as_prop=True)
 def filters(self: DatasetReview) -> dict:
     "The active filters, as keyword arguments of `Dataset.entries` / `Dataset.count`."
@@ -152,7 +157,7 @@ def _parse_metadata_filter(text: str) -> dict | None:
         out[k.strip()] = v.strip()
     return out or None
 
-# %% ../nbs/06a_review.ipynb #d81abbc6
+# %% ../nbs/06a_review.ipynb #9e27e9d7
 @patch
 def refresh(self: DatasetReview) -> DatasetReview:
     "Re-read the current entry (after a filter change, an edit, or changes made elsewhere)."
@@ -169,12 +174,13 @@ def refresh(self: DatasetReview) -> DatasetReview:
     finally: self._loading = False
     return self
 
+# %% ../nbs/06a_review.ipynb #88c7ce8c
 @patch
 def _say(self: DatasetReview, text: str, error: bool = False) -> DatasetReview:
     self.status.value = f"<span style='color:{'#dc2626' if error else '#059669'}'>{html.escape(text)}</span>"
     return self
 
-# %% ../nbs/06a_review.ipynb #f6ac1a3c
+# %% ../nbs/06a_review.ipynb #e2c456b0
 @patch
 def _show(self: DatasetReview):
     self.position.max = max(1, self.total)
@@ -193,14 +199,14 @@ def _show(self: DatasetReview):
     for w in (self.save_button, self.split_toggle, self.delete_button, self.output_text, self.tool_calls_text):
         w.disabled = self.entry_ is None
 
-# %% ../nbs/06a_review.ipynb #405b00b2
+# %% ../nbs/06a_review.ipynb #9f2a024b
 @patch
 @delegates(DatasetReview.__init__, but=['dataset'])
 def review(self: Dataset, **kwargs) -> DatasetReview:
     "An ipywidgets UI to read, filter, edit (RELABELED_BY_HUMAN), re-split and delete entries."
     return DatasetReview(self, **kwargs)
 
-# %% ../nbs/06a_review.ipynb #d621cba3
+# %% ../nbs/06a_review.ipynb #cd455426
 @patch
 def go(self: DatasetReview, position: int) -> DatasetReview:
     "Show the entry at 1-based `position` among those matching the filters."
@@ -208,6 +214,7 @@ def go(self: DatasetReview, position: int) -> DatasetReview:
     self.status.value = ''
     return self.refresh()
 
+# %% ../nbs/06a_review.ipynb #a2b1952b
 @patch
 def next(self: DatasetReview) -> DatasetReview:
     "Show the next entry."
@@ -218,13 +225,14 @@ def prev(self: DatasetReview) -> DatasetReview:
     "Show the previous entry."
     return self.go(self.index) if self.index > 0 else self._say('first entry')
 
-# %% ../nbs/06a_review.ipynb #3c972b36
+# %% ../nbs/06a_review.ipynb #8257c186
 @patch
 def _on_filter(self: DatasetReview, _):
     self.index = 0
     self.status.value = ''
     self.refresh()
 
+# %% ../nbs/06a_review.ipynb #17ae47c6
 @patch
 def _on_command(self: DatasetReview, change):
     cmd = (change['new'] or '').strip().lower()
@@ -238,7 +246,7 @@ def _on_command(self: DatasetReview, change):
     elif cmd == 'd': self.delete()
     else: self._say(f"unknown command {cmd!r}: n, p, s, t, d or a position number", error=True)
 
-# %% ../nbs/06a_review.ipynb #5f3a7734
+# %% ../nbs/06a_review.ipynb #0dbbab55
 @patch
 def edited_output(self: DatasetReview) -> dict:
     "The assistant message the editor holds (raises `ConfigError` when the tool calls are not a JSON list)."
@@ -252,7 +260,7 @@ def edited_output(self: DatasetReview) -> dict:
         if tcs: msg['tool_calls'] = tcs
     return msg
 
-# %% ../nbs/06a_review.ipynb #dae290c3
+# %% ../nbs/06a_review.ipynb #288d7c59
 @patch
 def save(self: DatasetReview) -> DatasetReview:
     "Store the edited output (`Dataset.set_output`: provenance RELABELED_BY_HUMAN, old output kept in history)."
@@ -267,12 +275,13 @@ def save(self: DatasetReview) -> DatasetReview:
     self.refresh()
     return self._say('saved (RELABELED_BY_HUMAN)')
 
+# %% ../nbs/06a_review.ipynb #6fce1bf6
 @patch
 def _current_output(self: DatasetReview) -> dict:
     out = self.entry_['messages'][-1]
     return {'role': 'assistant', 'content': _text(out.get('content')) or None, **({'tool_calls': out['tool_calls']} if out.get('tool_calls') else {})}
 
-# %% ../nbs/06a_review.ipynb #ebf7765e
+# %% ../nbs/06a_review.ipynb #0060f3f2
 @patch
 def set_split(self: DatasetReview, split: str) -> DatasetReview:
     "Move the current entry to `split` (`Dataset.set_split`)."
@@ -282,7 +291,7 @@ def set_split(self: DatasetReview, split: str) -> DatasetReview:
     self.refresh()
     return self._say(f"moved to {split}")
 
-# %% ../nbs/06a_review.ipynb #251e2555
+# %% ../nbs/06a_review.ipynb #c8b6f764
 @patch
 def delete(self: DatasetReview, confirm: bool = False) -> DatasetReview:
     "Delete the current entry (`Dataset.delete_entries`); the first call arms, the second (or `confirm=True`) deletes."
