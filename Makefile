@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test test-sync test-nbs test-py demo docs readme export clean-nbs bench
+.PHONY: setup test test-sync test-structure test-nbs test-py structure demo docs readme export clean-nbs bench
 
 setup: $(STAMP)
 
@@ -38,13 +38,17 @@ test-sync: setup
 	@git diff --exit-code --stat -- openpipe_lab README.md ':!openpipe_lab/_modidx.py' || { echo "ERROR: openpipe_lab/ or README.md is out of sync with nbs/: run 'make export readme' and commit"; exit 1; }
 	@test -z "$$(git ls-files --others --exclude-standard openpipe_lab)" || { echo "ERROR: untracked exported modules:"; git ls-files --others --exclude-standard openpipe_lab; exit 1; }
 
+# The shape of the code: cell sizes per notebook (reported) and import cycles between modules (fail).
+structure test-structure: setup
+	$(BIN)/python tools/structure.py --strict-cells
+
 test-nbs: setup
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 test-py: setup
 	$(BIN)/python -m pytest tests -q -ra
 
-test: test-sync test-nbs test-py
+test: test-sync test-structure test-nbs test-py
 
 readme: setup
 	$(BIN)/python tools/readme.py
