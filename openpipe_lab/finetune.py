@@ -186,6 +186,7 @@ def read(cls: ServeConfig, path) -> ServeConfig:
     if not path.exists(): raise NotFoundError(f"{path} does not exist: a job writes serve.json when its training is done (DEPLOYED)")
     try: d = json.loads(path.read_text())
     except (OSError, ValueError) as e: raise TrainingError(f"cannot read {path}: {e}; train the job again (start()) to rewrite it") from None
+    if not isinstance(d, dict): raise TrainingError(f"{path} holds a JSON {type(d).__name__}, not an object: train the job again (start()) to rewrite it")
     known = {f.name for f in fields(cls)}
     missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing: raise TrainingError(f"{path} lacks {', '.join(missing)}: it was not written by this version's worker; train the job again")
