@@ -141,7 +141,8 @@ def report(title, names, wall, cpu, total):
 
 
 def layer_cost(n=20000):
-    "Our layer alone: the SDK's own request is replaced by a stub returning a prebuilt completion, for both sides."
+    """Our layer alone: the SDK's own request is replaced by a stub returning a prebuilt completion, for both sides
+    (the SDK's `create`, and the SDK's `post` that the client calls itself for a plain request)."""
     import openai
     from openai.types.chat import ChatCompletion
     from openai.resources.chat.completions import Completions
@@ -154,6 +155,7 @@ def layer_cost(n=20000):
     try:
         store = LogStore(tempfile.mkdtemp(prefix='bench-layer-') + '/lab.db'); store._writer = _Collect()
         ours = client_mod.OpenAI(store=store, api_key='k', base_url='http://bench.invalid/v1')
+        ours.chat.completions._post = lambda path, **kw: done  # where the client posts a plain request itself (no SDK transform)
         kw = dict(model='gpt-4o-mini', messages=MESSAGES, temperature=0)
         def p50(f):
             xs = []

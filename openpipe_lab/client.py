@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_client.ipynb #37ba62cf
 from __future__ import annotations
-import json, os, importlib
+import json, os, importlib, inspect
 from functools import cached_property
 import openai
 from openai.resources.chat import Chat as _SDKChat, AsyncChat as _SDKAsyncChat
@@ -188,6 +188,7 @@ class _Call:
 def _options(self: _Call, openpipe) -> tuple:
     "(options, criterion ids or None) of this call, from the client's defaults, the op-* headers and `openpipe=`."
     opts, criteria = self.client.openpipe_options, None
+    if openpipe is None and 'extra_headers' not in self.transport: return opts, None  # the common call: the client's defaults
     layers = (_header_options(_op_headers(self.transport), _WHERE) if 'extra_headers' in self.transport else None,
               _check_options(openpipe, _WHERE) if openpipe is not None else None)
     for call_opts in layers:
@@ -249,13 +250,56 @@ def _attempt(comp, call, model, timeout):
     client = comp._client
     if route.uses_client:
         _check_openai_key(client, model)
-        return route, _SDKCompletions.create(comp, **body, **extra)
+        return route, _sdk_create(comp, body, extra)
     if not route.translated:
         sdk = backend(route, client._backends, max_retries=client.max_retries)
-        try: return route, sdk.chat.completions.create(**body, **extra)
+        try: return route, _sdk_create(sdk.chat.completions, body, extra)
         except openai.APIConnectionError as e: raise _unreachable(e, route) from e
     out = backend(route, client._backends, max_retries=client.max_retries).create(body, call.stream, _seconds(timeout) or _seconds(client.timeout))
     return route, (ChunkStream(out, client, route.base_url) if call.stream else ChatCompletion.model_validate(out))
+
+# %% ../nbs/05_client.ipynb #d9e6e071
+def _sdk_create(comp, body: dict, extra: dict):
+    "`comp.create(**body, **extra)` for an SDK chat-completions resource, without re-transforming a plain body."
+    is_async = isinstance(comp, _SDKAsyncCompletions)
+    if _POST is None or not (body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)):
+        return (_SDKAsyncCompletions if is_async else _SDKCompletions).create(comp, **body, **extra)  # the SDK's own create
+    make_options, security = _POST
+    options = make_options(extra_headers=extra.get('extra_headers'), extra_query=extra.get('extra_query'),
+                           extra_body=extra.get('extra_body'), timeout=extra.get('timeout', openai.NOT_GIVEN), **security)
+    return comp._post('/chat/completions', body=body, options=options, cast_to=ChatCompletion,
+                      stream=body.get('stream') or False, stream_cls=_STREAM_CLS[is_async])
+
+# %% ../nbs/05_client.ipynb #c4c61dd4
+def _json_plain(v) -> bool:
+    "True when `v` holds only dicts with str keys, lists, str, numbers, bool and None (what JSON reads back as)."
+    c = v.__class__
+    if c is dict:
+        for k, x in v.items():
+            if k.__class__ is not str or not ((c := x.__class__) is str or c is int or c is float or c is bool or x is None
+                                              or ((c is dict or c is list) and _json_plain(x))): return False
+        return True
+    if c is list:
+        for x in v:
+            if not ((c := x.__class__) is str or c is int or c is float or c is bool or x is None
+                    or ((c is dict or c is list) and _json_plain(x))): return False
+        return True
+    return c is str or c is int or c is float or c is bool or v is None
+
+def _post_helpers():
+    "(make_request_options, its security keyword) when this SDK's private helpers are as checked, else None."
+    import inspect
+    try:
+        from openai._base_client import make_request_options
+        sig_post, sig_opts = inspect.signature(openai.OpenAI.post), inspect.signature(make_request_options)
+    except (ImportError, AttributeError, ValueError): return None
+    if not {'cast_to', 'body', 'options', 'stream', 'stream_cls'} <= set(sig_post.parameters): return None
+    if not {'extra_headers', 'extra_query', 'extra_body', 'timeout'} <= set(sig_opts.parameters): return None
+    return make_request_options, ({'security': {'bearer_auth': True}} if 'security' in sig_opts.parameters else {})
+
+_POST = _post_helpers()
+_BODY_PARAMS = frozenset(inspect.signature(_SDKCompletions.create).parameters) - {'self', *_TRANSPORT}
+_STREAM_CLS = (openai.Stream[ChatCompletionChunk], openai.AsyncStream[ChatCompletionChunk])  # the SDK's, by is_async
 
 # %% ../nbs/05_client.ipynb #a1db9c56
 def _unreachable(e, route):
@@ -618,10 +662,10 @@ async def _aattempt(comp, call, model, timeout):
     client = comp._client
     if route.uses_client:
         _check_openai_key(client, model)
-        return route, await _SDKAsyncCompletions.create(comp, **body, **extra)
+        return route, await _sdk_create(comp, body, extra)
     if not route.translated:
         sdk = backend(route, client._backends, async_=True, max_retries=client.max_retries)
-        try: return route, await sdk.chat.completions.create(**body, **extra)
+        try: return route, await _sdk_create(sdk.chat.completions, body, extra)
         except openai.APIConnectionError as e: raise _unreachable(e, route) from e
     out = await backend(route, client._backends, async_=True, max_retries=client.max_retries).acreate(
         body, call.stream, _seconds(timeout) or _seconds(client.timeout))

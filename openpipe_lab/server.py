@@ -17,8 +17,8 @@ from .criterion import Criterion  # /criteria/judge; importing it adds best of N
 
 # %% auto #0
 __all__ = ['KEY_PREFIX', 'TRAINING_CONFIGS', 'SCHEMAS', 'API_PREFIX', 'MAX_BODY_BYTES', 'KEY_RECHECK_SECONDS', 'ROUTES',
-           'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema', 'create_app',
-           'training_config', 'model_object', 'chat_headers', 'Server']
+           'RAW_ROUTES', 'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema',
+           'create_app', 'training_config', 'model_object', 'chat_headers', 'Server']
 
 # %% ../nbs/11_server.ipynb #3f8d94a8
 KEY_PREFIX = 'opl-'
@@ -260,10 +260,20 @@ def create_app(store=None,  # the lab (a LogStore); None: the default lab
     for method, path, fn, schema, op in ROUTES:
         app.add_api_route(API_PREFIX + path, fn, methods=[method], summary=(fn.__doc__ or '').split('.')[0],
                           description=fn.__doc__, openapi_extra=_openapi_extra(schema, op, path), include_in_schema=True)
+    _raw_first(app, RAW_ROUTES)
     _errors_as_json(app)
     _bearer_scheme(app)
     app.add_middleware(_Guard, store=lab, max_body_bytes=max_body_bytes)
     return app
+
+# %% ../nbs/11_server.ipynb #7144e10d
+RAW_ROUTES = ('/chat/completions',)  # paths served by a plain Starlette route in front of their FastAPI route
+
+def _raw_first(app, paths):
+    "Serve `paths` by plain Starlette routes placed first; their FastAPI routes stay for the OpenAPI document."
+    from starlette.routing import Route
+    for method, path, fn, *_ in ROUTES:
+        if path in paths: app.router.routes.insert(0, Route(API_PREFIX + path, fn, methods=[method]))
 
 # %% ../nbs/11_server.ipynb #775fee39
 def _route(method: str, path: str, operation_id: str, schema: str | None = None):
@@ -657,7 +667,7 @@ def _finetune(lab, slug: str):
 @_route('POST', '/chat/completions', 'createChatCompletion', schema='chat')
 async def _chat(request: Request):
     "OpenAI-compatible route for generating inference and optionally logging the request."
-    from starlette.responses import StreamingResponse
+    from starlette.responses import Response, StreamingResponse
     try:
         body = await _read_json(request, 'chat')
         lab, client = request.app.state.lab, request.app.state.client
@@ -672,7 +682,7 @@ async def _chat(request: Request):
         if extra: known['extra_headers'] = extra
         result = await client.chat.completions.create(**known, openpipe=opts)
         if body.get('stream'): return StreamingResponse(_sse(result), media_type='text/event-stream')
-        return _json_response(200, result.model_dump(mode='json', exclude_unset=True))
+        return Response(result.model_dump_json(exclude_unset=True), media_type='application/json')  # pydantic writes the JSON
     except Exception as e:
         err = api_error(e)
         return _json_response(err.status, err.body())

@@ -397,3 +397,38 @@ def test_best_of_n_without_the_criterion_module_says_how_to_load_it():
             "except Exception as e: print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith('ConfigError chat.completions.create: the op-criteria header needs openpipe_lab.criterion: import openpipe_lab.criterion'), out
+
+
+WIDE = dict(model='gpt-4o-mini', messages=[{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': [{'type': 'text', 'text': 'hi é'}]}],
+            tools=[WEATHER], tool_choice={'type': 'function', 'function': {'name': 'weather'}}, temperature=0.25, top_p=1, n=2, seed=7,
+            stop='END', logit_bias={'42': -1}, response_format={'type': 'json_schema', 'json_schema': {'name': 's', 'schema': {'type': 'object'}}},
+            max_completion_tokens=50, user='u1', parallel_tool_calls=False)
+
+
+@pytest.mark.parametrize('extra', [{}, {'stream': True, 'stream_options': {'include_usage': True}},
+                                   {'extra_body': {'top_k': 3}, 'extra_query': {'q': '1'}, 'extra_headers': {'X-Custom': 'v'}, 'timeout': 9}])
+def test_upstream_gets_what_the_plain_sdk_sends(client, up, extra):
+    "The lab client posts a plain request itself (no SDK re-transform): the upstream receives the same request as from the plain SDK."
+    plain = openai.OpenAI(api_key='sk-test', base_url=up.openai_url, max_retries=0)
+    seen = []
+    for c in (plain, client):
+        r = c.chat.completions.create(**WIDE, **extra)
+        if extra.get('stream'): r = list(r)
+        got = up.requests[-1]
+        seen.append((got.path, got.query, got.json, {k.lower(): v for k, v in got.headers.items() if k.lower() not in ('x-stainless-retry-count', 'x-stainless-read-timeout')}))
+    assert seen[0] == seen[1]
+    assert seen[1][2]['messages'][1]['content'][0]['text'] == 'hi é' and ('top_k' in seen[1][2]) == ('extra_body' in extra)
+
+
+def test_sdk_objects_and_tuples_still_take_the_sdks_transform(client, up):
+    "A request holding what the SDK's transform would change (a tuple, an SDK object) reaches the upstream as the plain SDK sends it."
+    from openai.types.chat import ChatCompletionUserMessageParam  # a TypedDict: a plain dict at run time
+    plain = openai.OpenAI(api_key='sk-test', base_url=up.openai_url, max_retries=0)
+    msgs = (ChatCompletionUserMessageParam(role='user', content='hi'),)
+    bodies = []
+    for c in (plain, client):
+        c.chat.completions.create(model='gpt-4o-mini', messages=msgs, stop=('a', 'b'))
+        bodies.append(up.requests[-1].json)
+    assert bodies[0] == bodies[1] and bodies[1]['stop'] == ['a', 'b']
+    with pytest.raises(TypeError, match='no_such_field'):
+        client.chat.completions.create(model='gpt-4o-mini', messages=HI, no_such_field=1)
