@@ -11,9 +11,12 @@
    (a) straight to the loopback fake upstream and (b) through our server (guard, parsing, the lab client's routing
    and logging, a second HTTP hop to the same upstream). Added p50 = p50(b) - p50(a). Goal: <= 1 ms.
 3. Where that time goes (`upstream_call_breakdown_ms`, see `breakdown`): the server's own upstream call, layer by
-   layer, in this process. On the 2-core machine of 2026-12-01 the openai SDK's async call costs ~1.5 ms over a raw
-   loopback POST (its request-params transform alone ~0.35 ms), while the lab's routing and logging on top of it cost
-   nothing measurable and uvicorn + FastAPI + our guard and parsing ~0.3-0.4 ms: the SDK call is most of the 2 ms.
+   layer, in this process. On the 2-core machine of 2026-12-02 (openai 3.57, loaded by other work) a raw loopback
+   POST takes ~0.5 ms and the plain `AsyncOpenAI` call 3.3-3.9 ms, of which its request-params transform is ~1 ms;
+   the lab client (`lab`) skips that transform for a plain request and posts through the SDK's `post`
+   (2.8-2.9 ms, ~ `sdk_post`): what is left is the SDK's request and response handling (~0.5 ms with parsing) and
+   its httpx2/httpcore/anyio stack (~1 ms over the raw POST). The server's own routing and parsing (a plain
+   Starlette route, guard, schema check, the answer written by pydantic) is ~0.1 ms in process with the post stubbed.
 
 The server runs in its own process (this script re-invoked with `--serve`), the fake upstream in another, the load
 generator here: each has its own interpreter, so none takes the GIL from another. Absolute figures change with the
