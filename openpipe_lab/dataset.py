@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_dataset.ipynb #819fade4
 from __future__ import annotations
-import hashlib, json, sys, warnings
+import hashlib, json, os, sys, time, warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 import sqlalchemy as sa
@@ -12,7 +12,8 @@ from fastcore.basics import patch
 from .core import *
 from .store import tables
 from .formats import (Problem, read_jsonl, validate_entry, functions_to_tools, content_hash, dumps, loads,
-                                  json_text, jsonable, apply_pruning_rules, _lone_surrogate, _json_content_hash)
+                                  json_text, jsonable, apply_pruning_rules, _lone_surrogate, _json_content_hash,
+                                  _jsonl_path, _jsonl_lines, _decode_line, _plain_entry, _plain_hash, _plain_texts)
 from .logstore import LogStore, LogQuery, get_store
 from .client import OpenAI  # relabel's default client (and `LogStore.openai`)
 
@@ -236,6 +237,7 @@ class _Writer:
         self.ds, self.provenance, self.batch_size = ds, provenance, batch_size
         self.rows, self.problems, self.written = [], [], 0
         self.parsed = False  # True: entries come from JSON text (str keys, JSON types only), which hashes faster
+        self.suffixes = _random_suffixes()  # the random parts of `add_plain`'s ids
         e = tables.dataset_entries
         with ds.db.connect() as c:
             ds._config(c)  # raises if the dataset was deleted
@@ -270,6 +272,26 @@ def _row(self: _Writer, entry, log_id, provenance) -> tuple:
            *[json_text(entry[k], escape_surrogates=False) for k in CONTENT_FIELDS])
     self.position += 1
     return row
+
+# %% ../nbs/06_dataset.ipynb #fc68d69b
+@patch
+def add_plain(self: _Writer, content: dict,  # the content fields `formats._plain_entry` returned for a line
+              split: str | None):
+    "Queue an entry already known valid, as `add` would queue it."
+    h, t = _plain_hash(content), time.time_ns()
+    now = t // 1_000_000
+    self.rows.append((f"dse_{t // 1000:013x}_{next(self.suffixes)}", self.ds.id, self.position,  # `new_id('dse')`'s format
+                      split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'), self.provenance, None, None, h, now, now,
+                      *_plain_texts(content)))
+    self.position += 1
+    if len(self.rows) >= self.batch_size: self.flush()
+
+# %% ../nbs/06_dataset.ipynb #f9aa722a
+def _random_suffixes(n: int = _BATCH):
+    "Endless 12-hex-digit random strings (`secrets.token_hex(6)`'s), from one `os.urandom` call per `n`."
+    while True:
+        pool = os.urandom(6 * n).hex()
+        yield from (pool[i:i + 12] for i in range(0, 12 * n, 12))
 
 # %% ../nbs/06_dataset.ipynb #e01b36dd
 @patch
@@ -348,12 +370,15 @@ def _iter_entries(self: Dataset, split=None, provenance=None, metadata=None, ids
 def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading Data" format
              ) -> Dataset:
     "Append the valid lines of a JSONL file (streamed, batched); every invalid line is reported in `self.errors`."
-    lines = read_jsonl(path)  # raises ConfigError for a missing path / a directory
+    lines = _jsonl_lines(_jsonl_path(path))  # raises ConfigError for a missing path / a directory
     w, seen = _Writer(self, 'UPLOAD'), 0
     w.parsed = True
-    for line, obj in lines:
+    for n, raw in lines:
         seen += 1
-        w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=line)
+        plain = _plain_entry(raw)  # the common shape, checked in C; None: the general path, which names every problem
+        if plain is not None: w.add_plain(*plain); continue
+        obj = _decode_line(n, raw)
+        w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=n)
     w.flush()
     self.errors = w.problems if seen else [Problem('', f"{path} is empty: no JSON lines to import")]
     return self

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, re, hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Any, Iterator, Literal
 from .core import ConfigError, ValidationError
 try: import msgspec  # optional: a C JSON codec, ~3x faster than the standard library's; results are the same
 except ImportError: msgspec = None
@@ -545,10 +545,14 @@ def _convert_messages(msgs):
 def read_jsonl(path  # a .jsonl file: one JSON object per line
               ) -> Iterator[tuple[int, dict | Problem]]:
     "Yield `(line_number, object)` or `(line_number, Problem)` for each non-blank line of a JSONL file."
+    return _iter_jsonl(_jsonl_path(path))
+
+def _jsonl_path(path) -> Path:
+    "`path` as a Path, or a `ConfigError` when it is missing or a directory."
     path = Path(path).expanduser()
     if not path.exists(): raise ConfigError(f"JSONL file not found: {path} (relative to {Path.cwd()}). Check the path.")
     if path.is_dir(): raise ConfigError(f"{path} is a directory, not a JSONL file. Pass the path of a .jsonl file.")
-    return _iter_jsonl(path)
+    return path
 
 # %% ../nbs/01_formats.ipynb #673bc26f
 def _not_json_constant(name): raise ValueError(f"{name} is not valid JSON")
@@ -564,30 +568,33 @@ _FAST_DECODE = msgspec.json.Decoder().decode if msgspec is not None else None
 
 # %% ../nbs/01_formats.ipynb #1cd7e79c
 def _iter_jsonl(path: Path):
-    decode = _STRICT_DECODER.decode
+    for n, raw in _jsonl_lines(path): yield n, _decode_line(n, raw)
+
+def _jsonl_lines(path: Path):
+    "`(line number, bytes)` for each non-blank line (a UTF-8 byte-order mark on the first one removed)."
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b'\xef\xbb\xbf'): raw = raw[3:]
-            if not raw.strip(): continue
-            if _FAST_DECODE is not None and not _SURROGATE_ESCAPE.search(raw):
-                try: obj = _FAST_DECODE(raw)
-                except Exception: pass  # anything msgspec refuses: the standard library decides, with its message
-                else:
-                    if obj.__class__ is dict: yield n, obj; continue
-            try: text = raw.decode('utf-8')
-            except UnicodeDecodeError as e:
-                yield n, Problem('', f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start})", n); continue
-            try: obj = decode(text)
-            except json.JSONDecodeError as e:
-                yield n, Problem('', f"not valid JSON ({e.msg} at char {e.pos})", n); continue
-            except (ValueError, RecursionError) as e:
-                yield n, Problem('', f"not valid JSON ({e})", n); continue
-            if obj.__class__ is not dict:
-                yield n, Problem('', f"must be a JSON object, got {_kind(obj)}", n); continue
-            if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)) is not None:
-                yield n, Problem(where, "contains a lone UTF-16 surrogate escape (\\udXXX without its pair): not valid text; "
-                                        "fix or remove that escape", n); continue
-            yield n, obj
+            if raw.strip(): yield n, raw
+
+# %% ../nbs/01_formats.ipynb #756e04d4
+def _decode_line(n: int, raw: bytes) -> dict | Problem:
+    "The object on line `n`, or the `Problem` with it (not UTF-8, not JSON, not an object, a lone surrogate)."
+    if _FAST_DECODE is not None and not _SURROGATE_ESCAPE.search(raw):
+        try: obj = _FAST_DECODE(raw)
+        except Exception: pass  # anything msgspec refuses: the standard library decides, with its message
+        else:
+            if obj.__class__ is dict: return obj
+    try: text = raw.decode('utf-8')
+    except UnicodeDecodeError as e: return Problem('', f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start})", n)
+    try: obj = _STRICT_DECODER.decode(text)
+    except json.JSONDecodeError as e: return Problem('', f"not valid JSON ({e.msg} at char {e.pos})", n)
+    except (ValueError, RecursionError) as e: return Problem('', f"not valid JSON ({e})", n)
+    if obj.__class__ is not dict: return Problem('', f"must be a JSON object, got {_kind(obj)}", n)
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)) is not None:
+        return Problem(where, "contains a lone UTF-16 surrogate escape (\\udXXX without its pair): not valid text; "
+                              "fix or remove that escape", n)
+    return obj
 
 # %% ../nbs/01_formats.ipynb #441372af
 def _lone_surrogate(o, path: str = '') -> str | None:
@@ -764,6 +771,134 @@ def _non_finite(o) -> bool:
     if t is dict: return any(_non_finite(v) for v in o.values())
     if t is list or t is tuple: return any(_non_finite(v) for v in o)
     return isinstance(o, float) and _non_finite(float(o))
+
+# %% ../nbs/01_formats.ipynb #f54ddec8
+class _NoStruct:
+    "Stands in for `msgspec.Struct` when msgspec is not installed (the common shape is then never taken)."
+    def __init_subclass__(cls, **kw): pass
+
+_Struct = msgspec.Struct if msgspec is not None else _NoStruct
+_UNSET = msgspec.UNSET if msgspec is not None else None
+
+class _Said(_Struct, tag_field='role', forbid_unknown_fields=True, gc=False):
+    "A system, developer or user message with text content."
+    content: str
+    name: str | msgspec.UnsetType = _UNSET
+
+class _System(_Said, tag='system'): pass
+class _Developer(_Said, tag='developer'): pass
+class _User(_Said, tag='user'): pass
+
+class _Tool(_Struct, tag_field='role', tag='tool', forbid_unknown_fields=True, gc=False):
+    "A tool result (its id is checked against the calls before it in Python)."
+    content: str
+    tool_call_id: str
+
+# %% ../nbs/01_formats.ipynb #dadbe088
+class _CallFunction(_Struct, forbid_unknown_fields=True, gc=False):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    arguments: str  # a JSON object: checked in Python
+
+class _ToolCall(_Struct, forbid_unknown_fields=True, gc=False):
+    id: str
+    type: Literal['function']
+    function: _CallFunction
+
+class _Output(_Struct, forbid_unknown_fields=True, gc=False):
+    "The fields of an assistant message (that it says something is checked in Python)."
+    content: str | None | msgspec.UnsetType = _UNSET
+    name: str | msgspec.UnsetType = _UNSET
+    refusal: str | None | msgspec.UnsetType = _UNSET
+    reasoning_content: str | None | msgspec.UnsetType = _UNSET
+    tool_calls: list[_ToolCall] | None | msgspec.UnsetType = _UNSET
+
+class _Assistant(_Output, tag_field='role', tag='assistant'): pass
+
+class _Rejected(_Output, kw_only=True):
+    "A `rejected_message`: an assistant message whose role must be spelled out."
+    role: Literal['assistant']
+
+# %% ../nbs/01_formats.ipynb #d775cec4
+class _FunctionDef(_Struct, forbid_unknown_fields=True, gc=False):
+    name: str  # 1-64 letters, digits, '_' or '-', distinct: checked in Python
+    description: str | msgspec.UnsetType = _UNSET
+    parameters: dict[str, Any] | msgspec.UnsetType = _UNSET
+    strict: bool | None | msgspec.UnsetType = _UNSET
+
+class _ToolDef(_Struct, forbid_unknown_fields=True, gc=False):
+    type: Literal['function']
+    function: _FunctionDef
+
+class _TextFormat(_Struct, forbid_unknown_fields=True, gc=False):
+    type: Literal['text', 'json_object']
+
+class _Entry(_Struct, forbid_unknown_fields=True, gc=False):
+    "The common shape of a dataset entry: what `_plain_entry` takes without the general path."
+    messages: Annotated[list[_System | _Developer | _User | _Assistant | _Tool], msgspec.Meta(min_length=1)]
+    tools: list[_ToolDef] | None | msgspec.UnsetType = _UNSET
+    tool_choice: Literal['none', 'auto', 'required'] | None | msgspec.UnsetType = _UNSET
+    response_format: _TextFormat | None | msgspec.UnsetType = _UNSET
+    rejected_message: _Rejected | None | msgspec.UnsetType = _UNSET
+    metadata: dict[str, str] | None | msgspec.UnsetType = _UNSET
+    split: Literal['TRAIN', 'TEST'] | None | msgspec.UnsetType = _UNSET
+
+# %% ../nbs/01_formats.ipynb #96ba1e8f
+def _plain_entry(raw: bytes  # one JSONL line
+                ) -> tuple[dict, str | None] | None:
+    "`(content fields, split)` of a line in the common shape, as `validate_entry` + `functions_to_tools` pass them; None: general path."
+    if msgspec is None: return None
+    try: obj = _FLOAT_PROBE(raw); e = msgspec.convert(obj, _Entry)  # no float (nor lone surrogate), and the shape (in C)
+    except Exception: return None
+    msgs, ids = e.messages, set()
+    if msgs[-1].__class__ is not _Assistant: return None
+    for m in msgs:
+        c = m.__class__
+        if c is _Assistant:
+            if not _says_something(m, ids): return None
+        elif c is _Tool and m.tool_call_id not in ids: return None
+    if e.tools:
+        names = set()
+        for t in e.tools:
+            name = t.function.name
+            if name in names or not _NAME_RE.match(name): return None
+            names.add(name)
+    elif e.tool_choice == 'required': return None
+    if e.rejected_message and not _says_something(e.rejected_message, set()): return None
+    g = obj.get  # the content fields in CONTENT_FIELDS order (empty metadata is none), as `_prepare` leaves them
+    return ({'messages': obj['messages'], 'tools': g('tools'), 'tool_choice': g('tool_choice'), 'response_format': g('response_format'),
+             'rejected_message': g('rejected_message'), 'metadata': g('metadata') or None}, g('split'))
+
+# %% ../nbs/01_formats.ipynb #38283437
+def _says_something(m, ids: set) -> bool:
+    "An assistant message has content, a refusal or tool calls; the calls' ids are distinct, their arguments JSON objects."
+    if not m.tool_calls: return m.content.__class__ is str or bool(m.refusal)
+    seen = set()
+    for tc in m.tool_calls:
+        if tc.id in seen and tc.id: return False
+        seen.add(tc.id)
+        if not _json_object(tc.function.arguments): return False
+    ids |= seen
+    return True
+
+def _json_object(text: str) -> bool:
+    "True when `_arguments` finds no problem in `text`: msgspec first (it refuses a superset of what the standard library does)."
+    if len(text) < 4000:  # longer: could hold an integer past Python's 4300-digit limit, which the standard library raises on
+        try:
+            if msgspec.json.decode(text).__class__ is dict: return True
+        except Exception: pass
+    out = []
+    _arguments(text, '', out)
+    return not out
+
+# %% ../nbs/01_formats.ipynb #9390bfa1
+def _plain_hash(content: dict) -> str:
+    "`content_hash(content)` for JSON-decoded data with no float and no lone surrogate (what `_plain_entry` returns)."
+    return hashlib.sha256(_SORTED_ENCODE(content)).hexdigest()
+
+def _plain_texts(content: dict) -> list:
+    "`json_text(v)` of each value of the same kind of data (`None` stays `None`)."
+    enc = _ENCODE
+    return [None if v is None else enc(v).decode() for v in content.values()]
 
 # %% ../nbs/01_formats.ipynb #87afe1e4
 def check_tags(tags,  # a dict of tags, or None

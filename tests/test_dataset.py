@@ -205,3 +205,216 @@ def test_postgres(pg_url, tmp_path, lab):
         assert Dataset.list(store=pg).name.tolist() == ['pg-back', 'pg-mixed']
     finally:
         pg.close(); pg.db.dispose()
+
+
+# -- the common-shape fast path of the JSONL import (formats._plain_entry) ------------------------------------------
+from hypothesis import given, settings, strategies as st, HealthCheck
+from openpipe_lab import formats
+from openpipe_lab.formats import validate_entry, _plain_entry, _plain_hash, _plain_texts, json_text
+from openpipe_lab.dataset import _prepare, _entry_hash, CONTENT_FIELDS
+
+_MISSING = object()
+def _opt(*values):  # a field that is absent or one of these values
+    return st.sampled_from([_MISSING, *values])
+
+def _obj(**fields):  # a dict strategy whose fields may be absent
+    return st.fixed_dictionaries(fields).map(lambda d: {k: v for k, v in d.items() if v is not _MISSING})
+
+_call = _obj(id=_opt('c1', 'c2', '', 7), type=_opt('function', 'tool'),
+             function=_opt({'name': 'f', 'arguments': '{"a": 1}'}, {'name': 'g', 'arguments': '{}'}, {'name': '', 'arguments': '{}'},
+                           {'name': 'f', 'arguments': '[1]'}, {'name': 'f', 'arguments': 'nope'}, {'name': 'f', 'arguments': ' {} '},
+                           {'name': 'f', 'arguments': '{"n": NaN}'}, {'name': 'f', 'arguments': 1}, {'name': 'f'},
+                           {'name': 'f', 'arguments': '{}', 'x': 1}, None))
+_said = _obj(role=st.sampled_from(['system', 'developer', 'user']), content=_opt('hi', '', None, 3, [{'type': 'text', 'text': 't'}]),
+             name=_opt('bob', None, 1))
+_assistant = _obj(role=st.just('assistant'), content=_opt('ok', '', None, ['x']), tool_calls=_opt(None, [], st.lists(_call, max_size=2)),
+                  refusal=_opt('no', '', None, 1), name=_opt('a', 2), reasoning_content=_opt('think', None, 3),
+                  function_call=_opt({'name': 'f', 'arguments': '{}'}), audio=_opt({'id': 'a1'}), weird=_opt(1))
+_assistant = _assistant.flatmap(lambda m: st.just(m) if not isinstance(m.get('tool_calls'), st.SearchStrategy)
+                                else m['tool_calls'].map(lambda tcs: {**m, 'tool_calls': tcs}))
+_tool_msg = _obj(role=st.just('tool'), content=_opt('r', None, 5), tool_call_id=_opt('c1', 'c2', 'zz', 3))
+_odd_msg = st.sampled_from([{'role': 'function', 'name': 'f', 'content': 'r'}, {'role': 'robot', 'content': 'x'}, {'content': 'x'}, 'text', None])
+_message = st.one_of(_said, _assistant, _tool_msg, _odd_msg)
+_tool_def = _obj(type=_opt('function', 'other'),
+                 function=st.sampled_from([{'name': 'f'}, {'name': 'g', 'description': 'd', 'parameters': {'type': 'object'}, 'strict': True},
+                                           {'name': 'f', 'parameters': None}, {'name': 'bad name'}, {'name': 'x' * 65}, {'name': 'f\n'},
+                                           {'name': 'f', 'strict': 'yes'}, {'name': 'f', 'description': 1}, {'name': 'f', 'extra': 1},
+                                           {'name': 'f', 'parameters': {'maximum': 1.5}}, {}, None]))
+_entry = _obj(messages=st.lists(_message, max_size=4) | st.sampled_from([None, {}, 'x']),
+              tools=_opt(None, [], st.lists(_tool_def, min_size=1, max_size=3)),
+              tool_choice=_opt(None, 'none', 'auto', 'required', 'any', {'type': 'function', 'function': {'name': 'f'}}),
+              response_format=_opt(None, {'type': 'text'}, {'type': 'json_object'}, {'type': 'text', 'x': 1}, {'type': 'yaml'},
+                                   {'type': 'json_schema', 'json_schema': {'name': 's', 'schema': {'type': 'object'}}}),
+              rejected_message=_opt(None, {'role': 'assistant', 'content': 'b'}, {'content': 'b'}, {'role': 'user', 'content': 'b'},
+                                    {'role': 'assistant', 'content': None}),
+              metadata=_opt(None, {}, {'k': 'v', 'ü': 'é'}, {'k': 1}, ['k']),
+              split=_opt(None, 'TRAIN', 'TEST', 'VALID'), temperature=_opt(0.5, 1), functions=_opt([{'name': 'f'}]),
+              function_call=_opt('auto'), extra=_opt('x'))
+_entry = _entry.flatmap(lambda e: st.just(e) if not isinstance(e.get('tools'), st.SearchStrategy)
+                        else e['tools'].map(lambda ts: {**e, 'tools': ts}))
+_entry = _entry.flatmap(lambda e: st.just(e) if not isinstance(e.get('messages'), st.SearchStrategy)
+                        else e['messages'].map(lambda ms: {**e, 'messages': ms}))
+
+
+def _general(obj) -> tuple | None:
+    "What the general path makes of an entry: (content fields, split) or None when it has problems."
+    entry, problems = _prepare(obj)
+    return None if problems else ({k: entry[k] for k in CONTENT_FIELDS}, entry['split'])
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(_entry, st.booleans())
+def test_plain_entry_takes_only_what_validation_accepts_unchanged(obj, compact):
+    "Whatever the fast path takes has no problem in `validate_entry` and gives the general path's entry, hash and texts."
+    line = json.dumps(obj, separators=(',', ':') if compact else None, ensure_ascii=not compact).encode()
+    fast = _plain_entry(line)
+    if fast is None: return
+    general = _general(json.loads(line))
+    assert general is not None, (line, validate_entry(json.loads(line)))
+    assert json.dumps(fast) == json.dumps(general)  # same values, types and key order
+    content = fast[0]
+    assert _plain_hash(content) == _entry_hash(content) == _entry_hash(general[0])
+    assert _plain_texts(content) == [json_text(v, escape_surrogates=False) for v in general[0].values()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(['system', 'developer', 'user']), st.text(max_size=20), st.text(max_size=20), st.booleans(),
+       st.sampled_from([None, {'k': 'v'}, {}]), st.sampled_from([None, 'TRAIN', 'TEST']))
+def test_plain_entry_takes_the_common_shapes(role, text, output, with_call, metadata, split):
+    "The shapes real datasets have do take the fast path (so the test above is not vacuous)."
+    out = ({'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c1', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"q": 1}'}}]}
+           if with_call else {'role': 'assistant', 'content': output})
+    msgs = [{'role': role, 'content': text}, {'role': 'user', 'content': text}, out]
+    if with_call: msgs += [{'role': 'tool', 'tool_call_id': 'c1', 'content': 'r'}, {'role': 'assistant', 'content': output}]
+    obj = {'messages': msgs, 'tools': [{'type': 'function', 'function': {'name': 'f', 'parameters': {'type': 'object'}}}] if with_call else None,
+           'metadata': metadata, 'split': split}
+    line = json.dumps(obj).encode()
+    if formats.msgspec is None: assert _plain_entry(line) is None; return
+    assert _plain_entry(line) is not None
+    assert json.dumps(_plain_entry(line)) == json.dumps(_general(obj))
+
+
+def test_plain_entry_leaves_lone_surrogates_and_floats_to_the_general_path():
+    ok = {'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]}
+    assert _plain_entry(json.dumps(ok).encode()) is not None or formats.msgspec is None
+    assert _plain_entry(json.dumps({**ok, 'messages': [{'role': 'user', 'content': '\ud800'}, ok['messages'][1]]}).encode()) is None
+    assert _plain_entry(json.dumps({**ok, 'temperature': 1.0}).encode()) is None          # a float anywhere
+    assert _plain_entry(json.dumps({**ok, 'metadata': {'k': 'v'}}).encode() + b' x') is None  # not one JSON value
+
+
+def test_import_through_the_fast_path_equals_the_general_path(lab, tmp_path, monkeypatch):
+    "A file of generated lines (valid and not) imported with and without the fast path: same rows, texts, errors."
+    import random
+    from openpipe_lab import dataset as dataset_module
+    rnd = random.Random(5)
+    objs = []
+    for i in range(400):
+        tcs = [{'id': f'c{i}', 'type': 'function', 'function': {'name': 'f', 'arguments': rnd.choice(['{"a": 1}', '[1]', '{}'])}}]
+        out = rnd.choice([{'role': 'assistant', 'content': f'a{i} é'}, {'role': 'assistant', 'content': None, 'tool_calls': tcs},
+                          {'role': 'assistant', 'content': None}, {'role': 'user', 'content': 'no output'}])
+        obj = {'messages': [{'role': 'system', 'content': 'sys'}, {'role': 'user', 'content': f'q{i}'}, out]}
+        for k, vals in (('tools', [[{'type': 'function', 'function': {'name': 'f'}}], [], None]), ('metadata', [{'k': str(i)}, {}, {'k': i}]),
+                        ('split', ['TRAIN', 'TEST', 'VALID']), ('tool_choice', ['auto', 'required']), ('temperature', [0.2]),
+                        ('rejected_message', [{'role': 'assistant', 'content': 'b'}, {'content': 'b'}])):
+            if rnd.random() < 0.3: obj[k] = rnd.choice(vals)
+        objs.append(obj)
+    src = tmp_path / 'mixed.jsonl'
+    src.write_text('\n'.join(json.dumps(o) for o in objs) + '\n{not json\n')
+    def rows(ds):
+        cols = ('position', 'split', 'entry_hash', 'provenance') + CONTENT_FIELDS
+        with ds.db.connect() as c:
+            return c.exec_driver_sql(f"SELECT {', '.join(cols)} FROM dataset_entries WHERE dataset_id = ? ORDER BY position",
+                                     (ds.id,)).fetchall()
+    taken = []
+    monkeypatch.setattr(dataset_module, '_plain_entry', lambda raw: taken.append(_plain_entry(raw)) or taken[-1])
+    fast = Dataset.from_jsonl(src, 'fast', store=lab)
+    assert formats.msgspec is None or sum(t is not None for t in taken) > 40  # the fast path really was taken
+    monkeypatch.setattr(dataset_module, '_plain_entry', lambda raw: None)
+    slow = Dataset.from_jsonl(src, 'slow', store=lab)
+    assert rows(fast) == rows(slow) and len(rows(fast)) > 60  # column text byte for byte
+    assert [(p.line, p.path, p.message) for p in fast.errors] == [(p.line, p.path, p.message) for p in slow.errors]
+    assert len(fast.errors) > 50
+    assert fast.snapshot() == slow.snapshot()
+    ids = [e['id'] for e in fast.entries(limit=None)]
+    assert len(set(ids)) == len(ids) and all(len(i) == len('dse_') + 13 + 1 + 12 for i in ids)  # new_id's format
+
+
+def _base_entry(with_call, with_tools, extras):
+    call = {'id': 'c1', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"q": 1}'}}
+    msgs = [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'u'}]
+    msgs += ([{'role': 'assistant', 'content': None, 'tool_calls': [call]}, {'role': 'tool', 'tool_call_id': 'c1', 'content': 'r'},
+              {'role': 'assistant', 'content': 'done'}] if with_call else [{'role': 'assistant', 'content': 'a'}])
+    e = {'messages': msgs}
+    if with_tools: e['tools'] = [{'type': 'function', 'function': {'name': 'f', 'description': 'd', 'parameters': {'type': 'object'}}}]
+    e.update(extras)
+    return e
+
+# one change each, at the edge of the fast path's shape: (what it does, the change)
+_NEAR_MISSES = [
+    ('tool result answering no call', lambda e: e['messages'].insert(2, {'role': 'tool', 'tool_call_id': 'zz', 'content': 'r'})),
+    ('tool result before its call', lambda e: e['messages'].insert(1, {'role': 'tool', 'tool_call_id': 'c1', 'content': 'r'})),
+    ("'required' without tools", lambda e: (e.pop('tools', None), e.update(tool_choice='required'))),
+    ("'required' with empty tools", lambda e: e.update(tools=[], tool_choice='required')),
+    ("'required' with tools", lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f'}}], tool_choice='required')),
+    ('duplicate tool name', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f'}}] * 2)),
+    ('bad tool name', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f g'}}])),
+    ('tool name with a newline', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f\n'}}])),
+    ('tool name of 65', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f' * 65}}])),
+    ('tool name of 64', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f' * 64}}])),
+    ('duplicate call id', lambda e: e['messages'][-1].update(content=None, tool_calls=[
+        {'id': 'd', 'type': 'function', 'function': {'name': 'f', 'arguments': '{}'}}] * 2)),
+    ('duplicate empty call id', lambda e: e['messages'][-1].update(content=None, tool_calls=[
+        {'id': '', 'type': 'function', 'function': {'name': 'f', 'arguments': '{}'}}] * 2)),
+    ('arguments an array', lambda e: e['messages'][-1].update(tool_calls=[{'id': 'x', 'type': 'function', 'function': {'name': 'f', 'arguments': '[]'}}])),
+    ('arguments NaN', lambda e: e['messages'][-1].update(tool_calls=[{'id': 'x', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"a": NaN}'}}])),
+    ('arguments with spaces', lambda e: e['messages'][-1].update(tool_calls=[{'id': 'x', 'type': 'function', 'function': {'name': 'f', 'arguments': ' {} '}}])),
+    ('arguments not JSON', lambda e: e['messages'][-1].update(tool_calls=[{'id': 'x', 'type': 'function', 'function': {'name': 'f', 'arguments': '{a}'}}])),
+    ('empty function name', lambda e: e['messages'][-1].update(tool_calls=[{'id': 'x', 'type': 'function', 'function': {'name': '', 'arguments': '{}'}}])),
+    ('output says nothing', lambda e: e['messages'][-1].update(content=None)),
+    ('output with empty calls', lambda e: e['messages'][-1].update(content=None, tool_calls=[])),
+    ('output with a refusal', lambda e: e['messages'][-1].update(content=None, refusal='no')),
+    ('output with an empty refusal', lambda e: e['messages'][-1].update(content=None, refusal='')),
+    ('output with empty content', lambda e: e['messages'][-1].update(content='')),
+    ('output content missing', lambda e: e['messages'][-1].pop('content')),
+    ('last message a user', lambda e: e['messages'].append({'role': 'user', 'content': 'more'})),
+    ('a middle assistant says nothing', lambda e: e['messages'].insert(1, {'role': 'assistant', 'content': None})),
+    ('user name null', lambda e: e['messages'][1].update(name=None)),
+    ('user content null', lambda e: e['messages'][1].update(content=None)),
+    ('rejected without role', lambda e: e.update(rejected_message={'content': 'b'})),
+    ('rejected says nothing', lambda e: e.update(rejected_message={'role': 'assistant', 'content': None})),
+    ('rejected as a user', lambda e: e.update(rejected_message={'role': 'user', 'content': 'b'})),
+    ('rejected ok', lambda e: e.update(rejected_message={'role': 'assistant', 'content': 'b'})),
+    ('rejected with duplicate calls', lambda e: e.update(rejected_message={'role': 'assistant', 'tool_calls': [
+        {'id': 'd', 'type': 'function', 'function': {'name': 'f', 'arguments': '{}'}}] * 2})),
+    ('metadata a number', lambda e: e.update(metadata={'k': 1})),
+    ('metadata empty', lambda e: e.update(metadata={})),
+    ('split lower case', lambda e: e.update(split='test')),
+    ('tool_choice a function', lambda e: e.update(tool_choice={'type': 'function', 'function': {'name': 'f'}})),
+    ('response_format json_schema', lambda e: e.update(response_format={'type': 'json_schema', 'json_schema': {'name': 's'}})),
+    ('response_format with extra', lambda e: e.update(response_format={'type': 'text', 'x': 1})),
+    ('strict a string', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f', 'strict': 'yes'}}])),
+    ('parameters null', lambda e: e.update(tools=[{'type': 'function', 'function': {'name': 'f', 'parameters': None}}])),
+    ('tool without type', lambda e: e.update(tools=[{'function': {'name': 'f'}}])),
+    ('deprecated functions', lambda e: e.update(functions=[{'name': 'g'}])),
+    ('an ignored field', lambda e: e.update(model='m')),
+    ('no change', lambda e: None),
+]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(_NEAR_MISSES), st.booleans(), st.booleans(),
+       st.fixed_dictionaries({}, optional={'metadata': st.sampled_from([None, {'k': 'v'}]), 'split': st.sampled_from([None, 'TRAIN', 'TEST']),
+                                           'tool_choice': st.sampled_from([None, 'auto', 'none']),
+                                           'response_format': st.sampled_from([None, {'type': 'json_object'}, {'type': 'text'}])}),
+       st.booleans())
+def test_plain_entry_on_near_misses(change, with_call, with_tools, extras, compact):
+    "Each edge of the fast path's shape, one at a time: the fast path agrees with `validate_entry` + `_prepare`."
+    obj = _base_entry(with_call, with_tools, extras)
+    change[1](obj)
+    line = json.dumps(obj, separators=(',', ':') if compact else None, ensure_ascii=not compact).encode()
+    fast, general = _plain_entry(line), _general(json.loads(line))
+    if fast is not None: assert json.dumps(fast) == json.dumps(general), change[0]
+    elif general is not None and formats.msgspec is not None:  # valid but outside the shape: fine, but say which
+        assert change[0] in _OUTSIDE_THE_SHAPE, (change[0], line)
+
+_OUTSIDE_THE_SHAPE = {'tool_choice a function', 'response_format json_schema', 'deprecated functions', 'an ignored field'}
