@@ -120,6 +120,7 @@ def _ms(value, path: str):
 
 # %% ../nbs/03_logstore.ipynb #733a9c87
 def _payload_text(obj) -> str | None:
+    if type(obj) is dict: return json_text(obj)  # the common case, straight to the encoder
     if obj is None: return None
     if isinstance(obj, str):
         try: json.loads(obj)
@@ -503,15 +504,20 @@ def _condition(key: str, value):
     return t.c.tag_set_id.in_(has.where(tt.c.value == value))
 
 # %% ../nbs/03_logstore.ipynb #790ab737
+def _rows_of(ids):
+    "The log rows whose ids a (sorted, limited) `select(logs.c.id)` picks."
+    return sa.select(tables.logs).where(tables.logs.c.id.in_(ids))
+
+# %% ../nbs/03_logstore.ipynb #0aa91939
 @patch
 def __iter__(self: LogQuery):
     "Matching logs as dicts (payloads and tags decoded), oldest first, read in batches."
     self.store.flush()
     t, last = tables.logs, None
     while True:
-        stmt = self._where(sa.select(t)).order_by(t.c.id).limit(1000)
-        if last is not None: stmt = stmt.where(t.c.id > last)
-        with self.store.db.connect() as c: rows = c.execute(stmt).mappings().all()
+        page = self._where(sa.select(t.c.id)).order_by(t.c.id).limit(1000)
+        if last is not None: page = page.where(t.c.id > last)
+        with self.store.db.connect() as c: rows = c.execute(_rows_of(page).order_by(t.c.id)).mappings().all()
         if not rows: return
         for r in rows:
             d = dict(r)
@@ -534,7 +540,7 @@ def latest(self: LogQuery, n: int = 5) -> 'pd.DataFrame':
     self.store.flush()
     t = tables.logs
     with self.store.db.connect() as c:
-        rows = c.execute(self._where(sa.select(t)).order_by(t.c.id.desc()).limit(n)).mappings().all()
+        rows = c.execute(_rows_of(self._where(sa.select(t.c.id)).order_by(t.c.id.desc()).limit(n)).order_by(t.c.id.desc())).mappings().all()
     return _frame(rows)
 
 # %% ../nbs/03_logstore.ipynb #76653826
