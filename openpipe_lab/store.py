@@ -88,7 +88,7 @@ tables.datasets = _table('datasets',
 # %% ../nbs/02_store.ipynb #cef709fa
 tables.dataset_entries = _table('dataset_entries',
     sa.Column('id', _s(40), primary_key=True),
-    sa.Column('dataset_id', _s(40), nullable=False, index=True),
+    sa.Column('dataset_id', _s(40), nullable=False),        # found through ix_entries_dataset_position
     sa.Column('position', _i, nullable=False),             # insertion order within the dataset
     sa.Column('messages', _t, nullable=False),             # JSON list, ends with the assistant output
     sa.Column('tools', _t), sa.Column('tool_choice', _t), sa.Column('response_format', _t),
@@ -302,6 +302,7 @@ def _migrate_v1_tags(c):
             tag_set_id=sa.select(m.c.tag_set_id).where(m.c.tags == tables.logs.c.tags).scalar_subquery()))
         m.drop(c)
     c.exec_driver_sql('DROP TABLE IF EXISTS log_tags')
+    c.exec_driver_sql('DROP INDEX IF EXISTS ix_dataset_entries_dataset_id')  # (dataset_id, position) serves its lookups
     c.execute(tables.meta.update().where(tables.meta.c.key == 'schema_version').values(value=str(SCHEMA_VERSION)))
 
 def storable_str(text: str) -> str:

@@ -67,19 +67,20 @@ def schema_of(url: str) -> tuple[str, set]:
     eng = sa.create_engine(url if '://' in url else f'sqlite:///{url}')
     with eng.connect() as c:
         v = c.execute(sa.select(tables.meta.c.value).where(tables.meta.c.key == 'schema_version')).scalar()
-        names = set(sa.inspect(c).get_table_names())
+        names = set(sa.inspect(c).get_table_names()) | {ix['name'] for ix in sa.inspect(c).get_indexes('dataset_entries')}
     eng.dispose()
     return v, names
 
 
 def check_upgrade(before_pkg, url, tmp_path):
     old = run(before_pkg, url, 'write', tmp_path)  # a schema-1 lab, and what the schema-1 package answers
-    assert schema_of(url) == ('1', schema_of(url)[1]) and 'log_tags' in schema_of(url)[1]
+    assert schema_of(url)[0] == '1' and {'log_tags', 'ix_dataset_entries_dataset_id'} <= schema_of(url)[1]
     assert len(old['answers'][0]) == sum(1 for i in range(300) if i % 3 == 0 and i % 11)  # env=prod, counted by hand
     assert all(old['answers'][:-1]) and old['answers'][-1] == []  # every kind of filter matches something (but 'nope')
     upgraded = run(str(ROOT), url, 'read', tmp_path)  # the new package opens it: upgrade, then the same filters
     version, names = schema_of(url)
     assert version == str(SCHEMA_VERSION) == '2' and 'log_tags' not in names and 'tag_sets' in names
+    assert 'ix_dataset_entries_dataset_id' not in names and 'ix_entries_dataset_position' in names
     assert upgraded == old  # same logs, same ids, same tags, same answer to every filter
     fresh = run(str(ROOT), url + '.fresh' if '://' not in url else url, 'write', tmp_path)  # written by the new package
     assert fresh['answers'] == old['answers'] and [r[::2] for r in fresh['rows']] == [r[::2] for r in old['rows']]
