@@ -52,8 +52,9 @@ CHILD = r'''
 import json, sys
 import openpipe_lab
 from openpipe_lab.logstore import LogStore
-from logstore import ingest  # this benchmark's own generator and loop
+from logstore import ingest, raw_baseline  # this benchmark's own generator and loop
 url, n, d = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+base = raw_baseline(f"{d}/raw.db", n)  # the baseline, in this process, just before: its ratio is what counts
 if '://' in url:  # Postgres: start from empty tables
     import sqlalchemy as sa
     from openpipe_lab.store import metadata
@@ -61,20 +62,20 @@ if '://' in url:  # Postgres: start from empty tables
     with eng.begin() as c: metadata.drop_all(c)
     eng.dispose()
 rate, enq_us, size = ingest(LogStore(url, dir=d), n)
-print(json.dumps({'package': openpipe_lab.__file__, 'rate': rate, 'enq_us': enq_us}))
+print(json.dumps({'package': openpipe_lab.__file__, 'rate': rate, 'enq_us': enq_us, 'base': base}))
 '''
 
 def ingest_in_child(url, n, pkg, d):
-    "`ingest` in a fresh process importing openpipe_lab from `pkg`: (logs/s, caller µs per record())."
+    "`ingest` in a fresh process importing openpipe_lab from `pkg`: (logs/s, caller µs per record(), ratio to the baseline run just before it)."
     r = subprocess.run([sys.executable, '-c', CHILD, url, str(n), d], capture_output=True, text=True, cwd=d,
                        env=dict(os.environ, PYTHONPATH=f"{pkg}:{ROOT / 'bench'}"))
     if r.returncode: raise SystemExit(r.stderr)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out['package'].startswith(pkg), out['package']
-    return out['rate'], out['enq_us']
+    return out['rate'], out['enq_us'], out['rate'] / out['base']
 
 def before_after(url_for, n, rev, d, repeat):
-    "Median (logs/s, µs) of the package at `rev` and of the working tree, interleaved over `repeat` rounds."
+    "Median (logs/s, µs, ratio to baseline) of the package at `rev` and of the working tree, interleaved over `repeat` rounds."
     old = tempfile.mkdtemp(dir=d)
     tar = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
     subprocess.run(['tar', '-x', '-C', old], input=tar, check=True)
@@ -83,7 +84,7 @@ def before_after(url_for, n, rev, d, repeat):
         for tag, pkg in (('before', old), ('after', str(ROOT))):
             runs[tag].append(ingest_in_child(url_for(f'{tag}{i}'), n, pkg, tempfile.mkdtemp(dir=d)))
     med = lambda xs, k: statistics.median(x[k] for x in xs)
-    return {t: (med(v, 0), med(v, 1)) for t, v in runs.items()}
+    return {t: (med(v, 0), med(v, 1), med(v, 2)) for t, v in runs.items()}
 
 def main():
     sys.path.insert(0, str(ROOT))
@@ -104,10 +105,10 @@ def main():
              ('  caller-thread cost per record()', f'{enq_us:.1f} µs', '')]
     if a.before:
         ba = before_after(lambda tag: str(d / f'{tag}.db'), a.n, a.before, d, a.repeat)
-        (b_rate, b_us), (n_rate, n_us) = ba['before'], ba['after']
-        rows += [(f'  before ({a.before}), child process, median of {a.repeat}', f'{b_rate:,.0f} logs/s', f'{b_rate / base:.2f}x baseline; record() {b_us:.1f} µs'),
+        (b_rate, b_us, b_x), (n_rate, n_us, n_x) = ba['before'], ba['after']
+        rows += [(f'  before ({a.before}), child process, median of {a.repeat}', f'{b_rate:,.0f} logs/s', f'{b_x:.2f}x its baseline; record() {b_us:.1f} µs'),
                  (f'  after (working tree), child process, median of {a.repeat}', f'{n_rate:,.0f} logs/s',
-                  f'{n_rate / base:.2f}x baseline; record() {n_us:.1f} µs; {n_rate / b_rate:.2f}x before')]
+                  f'{n_x:.2f}x its baseline; record() {n_us:.1f} µs; {n_rate / b_rate:.2f}x before')]
     if a.pg:
         import sqlalchemy as sa
         from openpipe_lab.store import metadata
@@ -118,7 +119,7 @@ def main():
         rows.append(('LogStore -> Postgres', f'{prate:,.0f} logs/s', f'{prate / base:.2f}x baseline'))
         if a.before:
             ba = before_after(lambda tag: a.pg, min(a.n, 50_000), a.before, d, a.repeat)
-            (b_rate, _), (n_rate, _) = ba['before'], ba['after']
+            (b_rate, _, _), (n_rate, _, _) = ba['before'], ba['after']
             rows.append((f'  Postgres before -> after ({a.before}, median of {a.repeat})', f'{n_rate:,.0f} logs/s',
                          f'before {b_rate:,.0f} logs/s: {n_rate / b_rate:.2f}x'))
     if a.big:

@@ -4,12 +4,13 @@
 
 # %% ../nbs/03_logstore.ipynb #62d4a6b5
 from __future__ import annotations
-import atexit, json, os, queue, threading, time, warnings, weakref, datetime as _dt
+import atexit, functools, json, operator, os, queue, threading, time, warnings, weakref, datetime as _dt
+from itertools import chain
 from pathlib import Path
 import sqlalchemy as sa
 from fastcore.basics import patch
 from .core import *
-from .store import Database, tables, dumps, loads
+from .store import Database, tables, dumps, loads, tag_set_digest, storable_str as _storable_str
 from .formats import json_text, check_tags, jsonable, _escape_surrogates as _storable
 from .translate import anthropic_request_to_openai, anthropic_response_to_openai
 
@@ -27,6 +28,8 @@ class LogStore:
         self.db = Database(self.url)
         self.t = self.db.t
         self._writer, self._lock, self._batch_size = None, threading.Lock(), batch_size
+        self._tag_sets = {}  # tags text -> tag_sets.id, for sets already committed
+        self._flag = int if self.db.dialect == 'sqlite' else bool  # sqlite3 binds an int directly, a bool through its adapter lookup
         _OPEN_STORES.add(self)
 
     def __repr__(self): return f"LogStore({self.db._safe_url()!r})"
@@ -77,13 +80,15 @@ def record(self: LogStore, *, model: str | None = None, req_payload=None, resp_p
            duration_ms: int | None = None, id: str | None = None) -> str:
     "Enqueue one log for the background writer and return its id; never waits on the database."
     req_text = _payload_text(req_payload)  # now: the caller may mutate its request afterwards
-    row = dict(id=id or new_id('log'), created_at=now_ms(), requested_at=_ms(requested_at, 'requested_at'),
-               received_at=_ms(received_at, 'received_at'), model=model, provider=provider,
-               status_code=status_code, error_message=error_message, req_payload=req_text,
-               resp_payload=resp_payload, completion_id=completion_id, _tags=check_tags(tags, 'tags'),
-               prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost,
-               duration_ms=duration_ms, cache_hit=bool(cache_hit), stream=bool(stream), parent_id=parent_id,
-               source=source)
+    tags = _plain_tags(tags)
+    if isinstance(resp_payload, (dict, list)): resp_payload = _payload_text(resp_payload)  # SDK objects: the writer
+    row = {'id': id or new_id('log'), 'created_at': now_ms(), 'requested_at': _ms(requested_at, 'requested_at'),  # a literal: half the cost of dict(...)
+           'received_at': _ms(received_at, 'received_at'), 'model': model, 'provider': provider,
+           'status_code': status_code, 'error_message': error_message, 'req_payload': req_text,
+           'resp_payload': resp_payload, 'completion_id': completion_id, 'tags': json_text(tags) if tags else None,
+           'prompt_tokens': prompt_tokens, 'completion_tokens': completion_tokens, 'cost': cost,
+           'duration_ms': duration_ms, 'cache_hit': self._flag(cache_hit), 'stream': self._flag(stream), 'parent_id': parent_id,
+           'source': source}
     self._get_writer().put(row)
     return row['id']
 
@@ -114,8 +119,18 @@ def _ms(value, path: str):
         raise ValidationError(f"{path}: must be a Unix timestamp in milliseconds (a number) or a datetime, got {value!r}")
     return int(value)
 
+# %% ../nbs/03_logstore.ipynb #e6137c2b
+def _plain_tags(tags) -> dict:
+    "`check_tags(tags, 'tags')`, skipped when every name is a non-empty string and every value a string (the usual case)."
+    if type(tags) is dict:
+        for k, v in tags.items():
+            if type(v) is not str or type(k) is not str or not k: break
+        else: return tags  # the caller's own dict: `record` turns it into text before it returns
+    return check_tags(tags, 'tags')
+
 # %% ../nbs/03_logstore.ipynb #733a9c87
 def _payload_text(obj) -> str | None:
+    if type(obj) is dict: return json_text(obj)  # the common case, straight to the encoder
     if obj is None: return None
     if isinstance(obj, str):
         try: json.loads(obj)
@@ -130,32 +145,94 @@ def _jsonable(obj):
     if v is None or isinstance(v, (dict, list, str, int, float, bool)): return v
     raise ValidationError(f"cannot record a payload of type {type(obj).__name__}: pass a dict or an SDK response object")
 
-# %% ../nbs/03_logstore.ipynb #c0243e0a
-def _storable_str(text: str) -> str:
-    "A plain (non-JSON) string the driver can encode: lone surrogates become `\\udXXX` text."
-    if text.isascii(): return text
-    try: text.encode('utf-8'); return text
-    except UnicodeEncodeError: return text.encode('utf-8', 'backslashreplace').decode('utf-8')
-
 # %% ../nbs/03_logstore.ipynb #233f42b8
 _LOG_COLS = ('id', 'created_at', 'requested_at', 'received_at', 'model', 'provider', 'status_code', 'error_message',
-             'req_payload', 'resp_payload', 'completion_id', 'tags', 'prompt_tokens', 'completion_tokens', 'cost',
-             'duration_ms', 'cache_hit', 'stream', 'parent_id', 'source')
+             'req_payload', 'resp_payload', 'completion_id', 'tags', 'tag_set_id', 'prompt_tokens', 'completion_tokens',
+             'cost', 'duration_ms', 'cache_hit', 'stream', 'parent_id', 'source')
+_log_values = operator.itemgetter(*_LOG_COLS)
 
 @patch
 def _insert_rows(self: LogStore, rows: list[dict]):
-    "Write rows (from the writer thread) in one transaction: logs and their tags together."
-    log_vals, tag_vals = [], []
+    "Write rows (from the writer thread) in one transaction: logs and any tag set they are the first to use."
     for r in rows:
         if not isinstance(r['resp_payload'], (str, type(None))): r['resp_payload'] = _payload_text(r['resp_payload'])
-        tags = r['_tags']
-        r['tags'] = json_text(tags) if tags else None
-        log_vals.append(tuple(r[c] for c in _LOG_COLS))
-        tag_vals.extend((r['id'], _storable_str(k), _storable_str(v)) for k, v in tags.items())
-    ph = '?' if self.db.dialect == 'sqlite' else '%s'
     with self.db.begin() as c:
-        c.exec_driver_sql(f"INSERT INTO logs ({', '.join(_LOG_COLS)}) VALUES ({', '.join([ph] * len(_LOG_COLS))})", log_vals)
-        if tag_vals: c.exec_driver_sql(f"INSERT INTO log_tags (log_id, key, value) VALUES ({ph}, {ph}, {ph})", tag_vals)
+        learned = self._intern_tags(c, rows)
+        full = len(rows) // _PER_STATEMENT * _PER_STATEMENT
+        if full: c.exec_driver_sql(_insert_logs(self.db.dialect, _PER_STATEMENT), [
+            tuple(chain.from_iterable(map(_log_values, rows[i:i + _PER_STATEMENT]))) for i in range(0, full, _PER_STATEMENT)])
+        if full < len(rows): c.exec_driver_sql(_insert_logs(self.db.dialect, 1), [_log_values(r) for r in rows[full:]])
+    self._remember_tag_sets(learned)  # committed: the ids are safe to reuse
+
+_PER_STATEMENT = 64  # rows per INSERT: one statement step (and one GIL hand-back in sqlite3) per 64 logs, not per log
+
+@functools.cache
+def _insert_logs(dialect: str, n: int) -> str:
+    "INSERT INTO logs of `n` rows in one statement."
+    ph = '?' if dialect == 'sqlite' else '%s'
+    one = f"({', '.join([ph] * len(_LOG_COLS))})"
+    return f"INSERT INTO logs ({', '.join(_LOG_COLS)}) VALUES {', '.join([one] * n)}"
+
+# %% ../nbs/03_logstore.ipynb #fb69cd37
+@patch
+def _intern_tags(self: LogStore, c, rows: list[dict]) -> dict:
+    "Set each row's `tag_set_id` from its `tags` text (None: no tags), creating the sets not seen yet; returns those."
+    known, new = self._tag_sets, set()
+    for r in rows:
+        text = r['tags']
+        if text is not None and (i := known.get(text)) is None: new.add(text)
+        r['tag_set_id'] = None if text is None else i
+    if not new: return {}
+    sets = {text: loads(text) for text in new}  # the tags back from the very text the log stores
+    by_digest = {tag_set_digest(tags): text for text, tags in sets.items()}
+    ph = '?' if self.db.dialect == 'sqlite' else '%s'
+    c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES ({ph}, {ph}) ON CONFLICT (digest) DO NOTHING",
+                      [(d, text) for d, text in by_digest.items()])
+    ts = tables.tag_sets
+    digests, ids = list(by_digest), {}
+    for i in range(0, len(digests), 500):
+        ids.update(c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:i + 500]))).all())
+    c.exec_driver_sql(f"INSERT INTO tag_set_tags (tag_set_id, key, value) VALUES ({ph}, {ph}, {ph}) ON CONFLICT DO NOTHING",
+                      [(ids[d], _storable_str(k), _storable_str(v)) for d, text in by_digest.items() for k, v in sets[text].items()])
+    learned = {text: ids[tag_set_digest(tags)] for text, tags in sets.items()}
+    for r in rows:
+        if r['tag_set_id'] is None and r['tags'] is not None: r['tag_set_id'] = learned[r['tags']]
+    return learned
+
+@patch
+def _remember_tag_sets(self: LogStore, learned: dict):
+    if len(self._tag_sets) + len(learned) > 100_000: self._tag_sets = {}  # bounded: unique-per-log tags must not grow it forever
+    self._tag_sets.update(learned)
+
+# %% ../nbs/03_logstore.ipynb #dbeed661
+def _row_bytes(r) -> int: return len(r['req_payload'] or '') + len(r['resp_payload'] or '')
+
+class _Checkpointer:
+    "Copies the WAL back into the database file on its own thread (SQLite), so the writer's commits do not wait for it."
+    every_bytes = 4 << 20  # SQLite's own default: about 1,000 pages
+
+    def __init__(self, db):
+        self.db, self.pending, self.wake, self.stopping = db, 0, threading.Event(), False
+        self.thread = threading.Thread(target=self._run, name='openpipe-lab-wal-checkpoint', daemon=True)
+        self.thread.start()
+
+    def wrote(self, nbytes: int):
+        self.pending += nbytes
+        if self.pending >= self.every_bytes: self.pending = 0; self.wake.set()
+
+    def _run(self):
+        con = None
+        while True:
+            self.wake.wait(); self.wake.clear()
+            if self.stopping: break
+            try:
+                con = con or self.db.engine.raw_connection()
+                con.driver_connection.execute('PRAGMA wal_checkpoint(PASSIVE)')  # never waits for readers or writers
+            except Exception: pass  # the connections' own auto-checkpoint (store) stays the backstop
+        if con is not None: con.close()
+
+    def close(self):
+        self.stopping = True; self.wake.set(); self.thread.join(30)
 
 # %% ../nbs/03_logstore.ipynb #d2ec84d0
 class _Writer:
@@ -165,6 +242,7 @@ class _Writer:
         self.store, self.batch_size, self.linger = weakref.proxy(store), batch_size, linger
         self.q, self.error = queue.SimpleQueue(), None
         self.waiting, self._lock = 0, threading.Lock()  # `_Durable` markers queued and not yet resolved
+        self.ckpt = _Checkpointer(store.db) if store.db.dialect == 'sqlite' else None
         self.thread = threading.Thread(target=self._run, name='openpipe-lab-log-writer', daemon=True)
         self.thread.start()
 
@@ -179,6 +257,7 @@ class _Writer:
 
     def close(self):
         if self.thread.is_alive(): self.q.put(None); self.thread.join(30)
+        if self.ckpt is not None: self.ckpt.close()
 
 @patch
 def _get_writer(self: LogStore):
@@ -203,6 +282,8 @@ def _run(self: _Writer):
             try: item = self.q.get_nowait()
             except queue.Empty: break
         err = self._write(batch) if batch else None
+        if batch and err is None and self.ckpt is not None:
+            self.ckpt.wrote(len(batch) * _row_bytes(batch[len(batch) // 2]))  # a middle row's size: an estimate is enough
         for e in events:
             if isinstance(e, _Durable):
                 with self._lock: self.waiting -= 1
@@ -278,7 +359,7 @@ def _save_unwritten(self: _Writer, batch, err):
         with open(path, 'ab', buffering=0) as f:
             end = f.seek(0, os.SEEK_END)  # the end of the last complete line: a failed write is cut back to it
             for r in batch:
-                line = (json.dumps({k: v for k, v in r.items() if k != '_tags'} | {'tags': r['_tags']}) + '\n').encode()
+                line = (json.dumps({k: v for k, v in r.items() if k != 'tag_set_id'} | {'tags': loads(r['tags']) or {}}) + '\n').encode()
                 try:
                     if f.write(line) != len(line): raise OSError(f"short write to {path} (disk full or file size limit)")
                 except OSError:
@@ -422,30 +503,35 @@ _FIELDS = {'model', 'completion_id', 'status_code', 'provider', 'cache_hit', 'so
 _FIELD_ALIASES = {'completionId': 'completion_id', 'statusCode': 'status_code'}
 
 def _condition(key: str, value):
-    t, tt = tables.logs, tables.log_tags
+    t, tt = tables.logs, tables.tag_set_tags
     key = _FIELD_ALIASES.get(key, key)
     if key in _FIELDS:
         return t.c[key].is_(None) if value is None else t.c[key] == value
     prefix = next((p for p in ('metadata.', 'tags.') if key.startswith(p)), '')
     name = key[len(prefix):]
     if not name: raise ConfigError(f"filter: {key!r} needs a tag name, e.g. filter(**{{'metadata.prompt_id': 'pii'}}) or 'tags.prompt_id'")
-    has = sa.select(tt.c.log_id).where(tt.c.key == _storable_str(name))
-    if value is None: return t.c.id.not_in(has)
+    has = sa.select(tt.c.tag_set_id).where(tt.c.key == _storable_str(name))
+    if value is None: return sa.or_(t.c.tag_set_id.is_(None), t.c.tag_set_id.not_in(has))
     if not isinstance(value, (str, int, float, bool)):
         raise ConfigError(f"filter: tag {name!r} must be compared with a string, got {type(value).__name__}")
     value = _storable_str(value) if isinstance(value, str) else json.dumps(value)  # as `_insert_rows` stored it
-    return t.c.id.in_(has.where(tt.c.value == value))
+    return t.c.tag_set_id.in_(has.where(tt.c.value == value))
 
 # %% ../nbs/03_logstore.ipynb #790ab737
+def _rows_of(ids):
+    "The log rows whose ids a (sorted, limited) `select(logs.c.id)` picks."
+    return sa.select(tables.logs).where(tables.logs.c.id.in_(ids))
+
+# %% ../nbs/03_logstore.ipynb #0aa91939
 @patch
 def __iter__(self: LogQuery):
     "Matching logs as dicts (payloads and tags decoded), oldest first, read in batches."
     self.store.flush()
     t, last = tables.logs, None
     while True:
-        stmt = self._where(sa.select(t)).order_by(t.c.id).limit(1000)
-        if last is not None: stmt = stmt.where(t.c.id > last)
-        with self.store.db.connect() as c: rows = c.execute(stmt).mappings().all()
+        page = self._where(sa.select(t.c.id)).order_by(t.c.id).limit(1000)
+        if last is not None: page = page.where(t.c.id > last)
+        with self.store.db.connect() as c: rows = c.execute(_rows_of(page).order_by(t.c.id)).mappings().all()
         if not rows: return
         for r in rows:
             d = dict(r)
@@ -468,7 +554,7 @@ def latest(self: LogQuery, n: int = 5) -> 'pd.DataFrame':
     self.store.flush()
     t = tables.logs
     with self.store.db.connect() as c:
-        rows = c.execute(self._where(sa.select(t)).order_by(t.c.id.desc()).limit(n)).mappings().all()
+        rows = c.execute(_rows_of(self._where(sa.select(t.c.id)).order_by(t.c.id.desc()).limit(n)).order_by(t.c.id.desc())).mappings().all()
     return _frame(rows)
 
 # %% ../nbs/03_logstore.ipynb #76653826
@@ -535,22 +621,20 @@ def update_metadata(self: LogQuery, **tags) -> int:
     if problems: raise ValidationError("update_metadata: invalid tag values", problems)
     if not tags: raise ConfigError("update_metadata needs at least one tag, e.g. q.update_metadata(relabel='true')")
     self.store.flush()
-    t, tt = tables.logs, tables.log_tags
+    t = tables.logs
     with self.store.db.begin() as c:
         rows = c.execute(self._where(sa.select(t.c.id, t.c.tags))).all()
-        ids = [r[0] for r in rows]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            c.execute(tt.delete().where(tt.c.log_id.in_(chunk), tt.c.key.in_([_storable_str(k) for k in tags])))
-        new_rows, updates = [], []
+        ids, updates = [r[0] for r in rows], []
         for id_, tag_text in rows:
             cur = (loads(tag_text) or {})
             for k, v in tags.items():
                 if v is None: cur.pop(k, None)
-                else: cur[k] = v; new_rows.append({'log_id': id_, 'key': _storable_str(k), 'value': _storable_str(v)})
-            updates.append({'b_id': id_, 'b_tags': json_text(cur) if cur else None})
-        if new_rows: c.execute(tt.insert(), new_rows)
-        if updates: c.execute(t.update().where(t.c.id == sa.bindparam('b_id')).values(tags=sa.bindparam('b_tags')), updates)
+                else: cur[k] = v
+            updates.append({'b_id': id_, 'tags': json_text(cur) if cur else None})
+        learned = self.store._intern_tags(c, updates)
+        if updates: c.execute(t.update().where(t.c.id == sa.bindparam('b_id')).values(tags=sa.bindparam('b_tags'), tag_set_id=sa.bindparam('b_set')),
+                              [{'b_id': u['b_id'], 'b_tags': u['tags'], 'b_set': u['tag_set_id']} for u in updates])
+    self.store._remember_tag_sets(learned)
     return len(ids)
 
 # %% ../nbs/03_logstore.ipynb #d5422c06

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_store.ipynb #188d576d
 from __future__ import annotations
-import json, os, threading
+import hashlib, json, os, threading
 from pathlib import Path
 from types import SimpleNamespace
 from contextlib import contextmanager
@@ -15,10 +15,10 @@ from .core import *
 from .formats import dumps, loads  # the JSON column codec (re-exported: `from openpipe_lab.store import dumps`)
 
 # %% auto #0
-__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'Database']
+__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'tag_set_digest', 'Database', 'storable_str']
 
 # %% ../nbs/02_store.ipynb #63648e53
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 metadata = sa.MetaData()
 _s, _t, _i, _b, _f = sa.String, sa.Text, sa.BigInteger, sa.Boolean, sa.Float
 
@@ -39,20 +39,33 @@ tables.logs = _table('logs',
     sa.Column('req_payload', _t),                          # JSON
     sa.Column('resp_payload', _t),                         # JSON (OpenAI chat.completion shape)
     sa.Column('completion_id', _s(128), index=True),
-    sa.Column('tags', _t),                                 # JSON object string -> string (mirror of log_tags)
+    sa.Column('tags', _t),                                 # JSON object string -> string, as recorded
+    sa.Column('tag_set_id', _i),                           # the same tags, interned in tag_sets: what filters search
     sa.Column('prompt_tokens', sa.Integer), sa.Column('completion_tokens', sa.Integer),
     sa.Column('cost', _f), sa.Column('duration_ms', sa.Integer),
     sa.Column('cache_hit', _b, nullable=False, default=False),
     sa.Column('stream', _b, nullable=False, default=False),
     sa.Column('parent_id', _s(40)),                        # fallback: the failed attempt this one retried
     sa.Column('source', _s(32)),                           # client | report | report_anthropic | proxy
+    sa.Index('ix_logs_tag_set_id', 'tag_set_id', 'id'),    # a tag filter's ids, in order, without reading a row
 )
 
 # %% ../nbs/02_store.ipynb #9408d3c5
-tables.log_tags = _table('log_tags',                      # clustered by log (no rowid): one index for filters
-    sa.Column('log_id', _s(40), primary_key=True),
+_serial = sa.BigInteger().with_variant(sa.Integer, 'sqlite')  # INTEGER PRIMARY KEY is SQLite's rowid
+tables.tag_sets = _table('tag_sets',                      # each distinct set of tags once
+    sa.Column('id', _serial, primary_key=True, autoincrement=True),
+    sa.Column('digest', _s(64), nullable=False, unique=True),  # sha256 of the sorted (key, value) pairs
+    sa.Column('tags', _t, nullable=False))
+tables.tag_set_tags = _table('tag_set_tags',              # clustered by set (no rowid): one index for filters
+    sa.Column('tag_set_id', _i, primary_key=True),
     sa.Column('key', _s(255), primary_key=True), sa.Column('value', _t, nullable=False),
-    sa.Index('ix_log_tags_key_value', 'key', 'value', 'log_id'), sqlite_with_rowid=False)
+    sa.Index('ix_tag_set_tags_key_value', 'key', 'value', 'tag_set_id'), sqlite_with_rowid=False)
+
+# %% ../nbs/02_store.ipynb #25516067
+def tag_set_digest(tags: dict  # tag name -> value (strings)
+                  ) -> str:
+    "The key of a set of tags in `tag_sets`: sha256 of its (name, value) pairs, sorted, so the order they came in does not matter."
+    return hashlib.sha256(json.dumps(sorted(tags.items()), ensure_ascii=True, separators=(',', ':')).encode()).hexdigest()
 
 # %% ../nbs/02_store.ipynb #c5b0bf46
 tables.cache = _table('cache',
@@ -75,7 +88,7 @@ tables.datasets = _table('datasets',
 # %% ../nbs/02_store.ipynb #cef709fa
 tables.dataset_entries = _table('dataset_entries',
     sa.Column('id', _s(40), primary_key=True),
-    sa.Column('dataset_id', _s(40), nullable=False, index=True),
+    sa.Column('dataset_id', _s(40), nullable=False),        # found through ix_entries_dataset_position
     sa.Column('position', _i, nullable=False),             # insertion order within the dataset
     sa.Column('messages', _t, nullable=False),             # JSON list, ends with the assistant output
     sa.Column('tools', _t), sa.Column('tool_choice', _t), sa.Column('response_format', _t),
@@ -231,6 +244,8 @@ def _sqlite_pragmas(dbapi_conn, _):
     try: cur.execute('PRAGMA journal_mode=WAL')
     except Exception: pass  # read-only media: keep the default journal
     cur.execute('PRAGMA synchronous=NORMAL')
+    cur.execute('PRAGMA wal_autocheckpoint=16384')  # 64 MiB: the log writer checkpoints on its own thread every ~4 MiB
+    cur.execute('PRAGMA journal_size_limit=67108864')
     cur.execute('PRAGMA foreign_keys=ON')
     cur.execute('PRAGMA cache_size=-65536')  # 64 MiB page cache: index inserts stay in memory
     cur.execute('PRAGMA temp_store=MEMORY')
@@ -246,10 +261,11 @@ def _init_schema(self: Database):
     try:
         with self._writer_engine.begin() as c:
             metadata.create_all(c)
-            row = c.execute(sa.select(tables.meta.c.value).where(tables.meta.c.key == 'schema_version')).first()
+            row = c.execute(sa.select(tables.meta.c.value).where(tables.meta.c.key == 'schema_version').with_for_update()).first()
             if row is None:
                 c.execute(tables.meta.insert().values(key='schema_version', value=str(SCHEMA_VERSION)))
                 return
+            if row[0] == '1': _migrate_v1_tags(c); return
     except sa.exc.OperationalError as e:
         msg = str(e.orig) if getattr(e, 'orig', None) else str(e)
         if 'readonly' in msg or 'read-only' in msg or 'unable to open' in msg:
@@ -264,6 +280,36 @@ def _init_schema(self: Database):
         raise SchemaVersionError(
             f"the lab database {self._safe_url()} has schema version {found}, newer than this openpipe_lab "
             f"understands ({SCHEMA_VERSION}). Upgrade: pip install -U openpipe-lab (nothing was changed in the database).")
+
+# %% ../nbs/02_store.ipynb #6b01660a
+def _migrate_v1_tags(c):
+    "Schema 1 -> 2: each log's tags move from `log_tags` rows (one per tag) to an interned `tag_sets` row, in this transaction."
+    c.exec_driver_sql('ALTER TABLE logs ADD COLUMN tag_set_id BIGINT')
+    next(ix for ix in tables.logs.indexes if ix.name == 'ix_logs_tag_set_id').create(c)
+    ts, tt, ids, mapping = tables.tag_sets, tables.tag_set_tags, {}, []
+    for (text,) in c.exec_driver_sql('SELECT DISTINCT tags FROM logs WHERE tags IS NOT NULL').all():
+        tags = loads(text)
+        if not tags: continue
+        d = tag_set_digest(tags)
+        if d not in ids:
+            ids[d] = c.execute(ts.insert().values(digest=d, tags=text).returning(ts.c.id)).scalar_one()
+            c.execute(tt.insert(), [{'tag_set_id': ids[d], 'key': storable_str(k), 'value': storable_str(v)} for k, v in tags.items()])
+        mapping.append({'tags': text, 'tag_set_id': ids[d]})
+    if mapping:
+        m = sa.Table('_tag_map', sa.MetaData(), sa.Column('tags', _t, primary_key=True), sa.Column('tag_set_id', _i), prefixes=['TEMPORARY'])
+        m.create(c); c.execute(m.insert(), mapping)
+        c.execute(tables.logs.update().where(tables.logs.c.tags.is_not(None)).values(
+            tag_set_id=sa.select(m.c.tag_set_id).where(m.c.tags == tables.logs.c.tags).scalar_subquery()))
+        m.drop(c)
+    c.exec_driver_sql('DROP TABLE IF EXISTS log_tags')
+    c.exec_driver_sql('DROP INDEX IF EXISTS ix_dataset_entries_dataset_id')  # (dataset_id, position) serves its lookups
+    c.execute(tables.meta.update().where(tables.meta.c.key == 'schema_version').values(value=str(SCHEMA_VERSION)))
+
+def storable_str(text: str) -> str:
+    "A plain (non-JSON) string every driver can encode: a lone surrogate becomes its `\\udXXX` escape."
+    if text.isascii(): return text
+    try: text.encode('utf-8'); return text
+    except UnicodeEncodeError: return text.encode('utf-8', 'backslashreplace').decode('utf-8')
 
 # %% ../nbs/02_store.ipynb #08a41593
 @patch

@@ -1,0 +1,141 @@
+"""Tags as interned tag sets (schema 2, issue 15): a schema-1 lab written by the package as it was before the change
+upgrades on opening, on SQLite and Postgres, and every filter answers as the old package answered; a fresh lab
+written by the new package answers the same; the writer's tag-set cache survives rolled-back batches and other
+writers; the WAL checkpointer keeps the WAL bounded and stops with the writer."""
+import json, os, subprocess, sys, threading, warnings
+from pathlib import Path
+import pytest
+import sqlalchemy as sa
+from openpipe_lab.logstore import LogStore
+from openpipe_lab.store import tables, SCHEMA_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = '90ccf7f'  # the last revision with schema 1 (a log_tags row per tag per log)
+
+# Runs under either package: writes the same logs, then prints every filter's answer (by completion id) and the rows.
+SCRIPT = r'''
+import json, sys
+from openpipe_lab.logstore import LogStore
+url, mode = sys.argv[1], sys.argv[2]
+logs = LogStore(url)
+if mode == 'write':
+    if '://' in url:
+        import sqlalchemy as sa
+        from openpipe_lab.store import metadata
+        eng = sa.create_engine(url)
+        with eng.begin() as c: metadata.drop_all(c); c.exec_driver_sql('DROP TABLE IF EXISTS log_tags')
+        eng.dispose()
+        logs = LogStore(url)
+    envs, users = ['prod', 'dev', 'stage'], ['u1', 'u2', 'u3', 'u\ud800', 'ü']
+    for i in range(300):
+        tags = {'env': envs[i % 3], 'user': users[i % 5]}
+        if i % 4 == 0: tags = dict(reversed(list(tags.items())))  # the same set, in the other order
+        if i % 7 == 0: tags['only7'] = 'yes'
+        if i % 11 == 0: tags = {}
+        req = {'model': 'm', 'messages': [{'role': 'user', 'content': f'q{i}'}], 'metadata': tags or None}
+        if i % 2: logs.record(model=f'm{i % 2}', req_payload=req, resp_payload={'id': f'L{i}'}, completion_id=f'L{i}', tags=tags)
+        else: logs.report(req_payload=req, resp_payload={'id': f'L{i}'}, tags={'n': i % 3, 'flag': i % 6 == 0})
+    logs.flush()
+    logs.filter(env='dev', user='u2').update_metadata(relabel='true')
+    logs.filter(env='stage').update_metadata(user=None)
+specs = [{'env': 'prod'}, {'user': 'u1'}, {'env': 'prod', 'user': 'u2'}, {'env': None}, {'user': None},
+         {'metadata.env': 'dev'}, {'tags.user': 'u3'}, {'user': 'u\ud800'}, {'user': 'ü'}, {'only7': 'yes'},
+         {'n': '1'}, {'n': 2}, {'flag': True}, {'flag': 'false'}, {'relabel': 'true'}, {'missing': None},
+         {'model': 'm1', 'env': 'dev'}, {'env': 'nope'}]
+answers = [sorted(r['completion_id'] or '' for r in logs.filter(**s)) for s in specs]
+rows = sorted((r['completion_id'], r['id'], r['tags']) for r in logs.filter())
+print(json.dumps({'answers': answers, 'rows': rows}))
+'''
+
+
+@pytest.fixture(scope='module')
+def before_pkg(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp('schema1')
+    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', BEFORE, 'openpipe_lab'], check=True, capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(d)], input=tar, check=True)
+    return str(d)
+
+
+def run(pkg: str, url: str, mode: str, cwd) -> dict:
+    r = subprocess.run([sys.executable, '-c', SCRIPT, url, mode], capture_output=True, text=True, cwd=cwd, timeout=300,
+                       env={**os.environ, 'PYTHONPATH': pkg})
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def schema_of(url: str) -> tuple[str, set]:
+    eng = sa.create_engine(url if '://' in url else f'sqlite:///{url}')
+    with eng.connect() as c:
+        v = c.execute(sa.select(tables.meta.c.value).where(tables.meta.c.key == 'schema_version')).scalar()
+        names = set(sa.inspect(c).get_table_names()) | {ix['name'] for ix in sa.inspect(c).get_indexes('dataset_entries')}
+    eng.dispose()
+    return v, names
+
+
+def check_upgrade(before_pkg, url, tmp_path):
+    old = run(before_pkg, url, 'write', tmp_path)  # a schema-1 lab, and what the schema-1 package answers
+    assert schema_of(url)[0] == '1' and {'log_tags', 'ix_dataset_entries_dataset_id'} <= schema_of(url)[1]
+    assert len(old['answers'][0]) == sum(1 for i in range(300) if i % 3 == 0 and i % 11)  # env=prod, counted by hand
+    assert all(old['answers'][:-1]) and old['answers'][-1] == []  # every kind of filter matches something (but 'nope')
+    upgraded = run(str(ROOT), url, 'read', tmp_path)  # the new package opens it: upgrade, then the same filters
+    version, names = schema_of(url)
+    assert version == str(SCHEMA_VERSION) == '2' and 'log_tags' not in names and 'tag_sets' in names
+    assert 'ix_dataset_entries_dataset_id' not in names and 'ix_entries_dataset_position' in names
+    assert upgraded == old  # same logs, same ids, same tags, same answer to every filter
+    fresh = run(str(ROOT), url + '.fresh' if '://' not in url else url, 'write', tmp_path)  # written by the new package
+    assert fresh['answers'] == old['answers'] and [r[::2] for r in fresh['rows']] == [r[::2] for r in old['rows']]
+
+
+def test_schema1_sqlite_lab_upgrades_and_answers_as_before(before_pkg, tmp_path):
+    check_upgrade(before_pkg, str(tmp_path / 'lab.db'), tmp_path)
+
+
+def test_schema1_postgres_lab_upgrades_and_answers_as_before(before_pkg, pg_url, tmp_path):
+    check_upgrade(before_pkg, pg_url, tmp_path)
+
+
+def test_a_rolled_back_batch_leaves_no_tag_set_id_behind(lab):
+    "Two logs with one id in one batch: the batch rolls back (its new tag set with it), the good log is retried alone."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        lab.record(model='m', req_payload={'q': 1}, tags={'fresh': 'set'}, id='log_dup')
+        lab.record(model='m', req_payload={'q': 2}, tags={'fresh': 'set'}, id='log_dup')
+        lab.flush()
+    assert any('unwritten-logs.jsonl' in str(w.message) for w in caught)
+    later = lab.record(model='m', req_payload={'q': 3}, tags={'fresh': 'set'})  # reuses the cached set id
+    lab.flush()
+    assert sorted(lab.filter(fresh='set').ids()) == sorted(['log_dup', later])
+    with lab.db.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(tables.tag_sets)).scalar() == 1
+        orphans = c.exec_driver_sql('SELECT count(*) FROM logs WHERE tag_set_id NOT IN (SELECT id FROM tag_sets)').scalar()
+    assert orphans == 0
+
+
+def test_two_stores_on_one_lab_share_tag_sets(tmp_path):
+    a, b = LogStore(str(tmp_path / 'lab.db')), LogStore(str(tmp_path / 'lab.db'))
+    for s in (a, b, a):
+        s.record(model='m', req_payload={'q': 1}, tags={'k': 'v', 'z': '1'}); s.flush()
+    b.record(model='m', req_payload={'q': 1}, tags={'z': '1', 'k': 'v'}); b.flush()  # same set, other order
+    assert a.filter(k='v').filter(z='1').count() == 4
+    b.filter(k='v').update_metadata(k='w')  # through b; a's cache still maps the old text to the old set
+    a.record(model='m', req_payload={'q': 1}, tags={'k': 'v', 'z': '1'}); a.flush()
+    assert (len(a.filter(k='w')), len(a.filter(k='v')), len(b.filter(z='1'))) == (4, 1, 5)
+    with a.db.connect() as c: assert c.execute(sa.select(sa.func.count()).select_from(tables.tag_sets)).scalar() == 2
+
+
+def test_wal_is_checkpointed_off_the_writer_and_the_thread_stops(tmp_path):
+    "~40 MB of logs: the checkpointer copies the WAL into the database file long before the connections' own 64 MiB threshold."
+    import time
+    logs, db = LogStore(str(tmp_path / 'lab.db')), tmp_path / 'lab.db'
+    text = 'x' * 4000
+    for i in range(10_000):
+        logs.record(model='m', req_payload={'q': text}, resp_payload={'id': str(i)}, tags={'b': str(i % 5)})
+    logs.flush()
+    deadline = time.monotonic() + 30
+    while db.stat().st_size < 20 << 20 and time.monotonic() < deadline: time.sleep(0.1)
+    assert db.stat().st_size >= 20 << 20, db.stat().st_size  # pages reached the database file while the WAL was below 64 MiB
+    assert Path(str(db) + '-wal').stat().st_size <= 64 << 20
+    assert any(t.name == 'openpipe-lab-wal-checkpoint' for t in threading.enumerate())
+    logs.close()
+    assert not any(t.name == 'openpipe-lab-wal-checkpoint' for t in threading.enumerate())
+    assert len(logs.filter(b='3')) == 2000
