@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_dataset.ipynb #819fade4
 from __future__ import annotations
-import hashlib, json, os, sys, time, warnings
+import hashlib, json, sys, warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 import sqlalchemy as sa
@@ -237,7 +237,6 @@ class _Writer:
         self.ds, self.provenance, self.batch_size = ds, provenance, batch_size
         self.rows, self.problems, self.written = [], [], 0
         self.parsed = False  # True: entries come from JSON text (str keys, JSON types only), which hashes faster
-        self.suffixes = _random_suffixes()  # the random parts of `add_plain`'s ids
         e = tables.dataset_entries
         with ds.db.connect() as c:
             ds._config(c)  # raises if the dataset was deleted
@@ -278,20 +277,11 @@ def _row(self: _Writer, entry, log_id, provenance) -> tuple:
 def add_plain(self: _Writer, content: dict,  # the content fields `formats._plain_entry` returned for a line
               split: str | None):
     "Queue an entry already known valid, as `add` would queue it."
-    h, t = _plain_hash(content), time.time_ns()
-    now = t // 1_000_000
-    self.rows.append((f"dse_{t // 1000:013x}_{next(self.suffixes)}", self.ds.id, self.position,  # `new_id('dse')`'s format
-                      split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'), self.provenance, None, None, h, now, now,
-                      *_plain_texts(content)))
+    h, now = _plain_hash(content), now_ms()
+    self.rows.append((new_id('dse'), self.ds.id, self.position, split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'),
+                      self.provenance, None, None, h, now, now, *_plain_texts(content)))
     self.position += 1
     if len(self.rows) >= self.batch_size: self.flush()
-
-# %% ../nbs/06_dataset.ipynb #f9aa722a
-def _random_suffixes(n: int = _BATCH):
-    "Endless 12-hex-digit random strings (`secrets.token_hex(6)`'s), from one `os.urandom` call per `n`."
-    while True:
-        pool = os.urandom(6 * n).hex()
-        yield from (pool[i:i + 12] for i in range(0, 12 * n, 12))
 
 # %% ../nbs/06_dataset.ipynb #e01b36dd
 @patch

@@ -573,8 +573,9 @@ def _iter_jsonl(path: Path):
 def _jsonl_lines(path: Path):
     "`(line number, bytes)` for each non-blank line (a UTF-8 byte-order mark on the first one removed)."
     with open(path, 'rb') as f:
-        for n, raw in enumerate(f, 1):
-            if n == 1 and raw.startswith(b'\xef\xbb\xbf'): raw = raw[3:]
+        first = f.readline().removeprefix(b'\xef\xbb\xbf')
+        if first.strip(): yield 1, first
+        for n, raw in enumerate(f, 2):
             if raw.strip(): yield n, raw
 
 # %% ../nbs/01_formats.ipynb #756e04d4
@@ -773,74 +774,36 @@ def _non_finite(o) -> bool:
     return isinstance(o, float) and _non_finite(float(o))
 
 # %% ../nbs/01_formats.ipynb #f54ddec8
-class _NoStruct:
-    "Stands in for `msgspec.Struct` when msgspec is not installed (the common shape is then never taken)."
-    def __init_subclass__(cls, **kw): pass
+def _struct(name, fields, **kw):
+    "A msgspec struct type that refuses unknown fields (built with real types: its first use costs no `eval`)."
+    return msgspec.defstruct(name, fields, forbid_unknown_fields=True, gc=False, **kw) if msgspec is not None else None
 
-_Struct = msgspec.Struct if msgspec is not None else _NoStruct
-_UNSET = msgspec.UNSET if msgspec is not None else None
-
-class _Said(_Struct, tag_field='role', forbid_unknown_fields=True, gc=False):
-    "A system, developer or user message with text content."
-    content: str
-    name: str | msgspec.UnsetType = _UNSET
-
-class _System(_Said, tag='system'): pass
-class _Developer(_Said, tag='developer'): pass
-class _User(_Said, tag='user'): pass
-
-class _Tool(_Struct, tag_field='role', tag='tool', forbid_unknown_fields=True, gc=False):
-    "A tool result (its id is checked against the calls before it in Python)."
-    content: str
-    tool_call_id: str
+_UNSET, _Unset = (msgspec.UNSET, msgspec.UnsetType) if msgspec is not None else (None, None)
+_TEXT = [('content', str), ('name', str | _Unset, _UNSET)] if msgspec is not None else []  # a system/developer/user message
+_System = _struct('_System', _TEXT, tag_field='role', tag='system')
+_Developer = _struct('_Developer', _TEXT, tag_field='role', tag='developer')
+_User = _struct('_User', _TEXT, tag_field='role', tag='user')
+_Tool = _struct('_Tool', [('content', str), ('tool_call_id', str)], tag_field='role', tag='tool')  # its id: checked in Python
 
 # %% ../nbs/01_formats.ipynb #dadbe088
-class _CallFunction(_Struct, forbid_unknown_fields=True, gc=False):
-    name: Annotated[str, msgspec.Meta(min_length=1)]
-    arguments: str  # a JSON object: checked in Python
-
-class _ToolCall(_Struct, forbid_unknown_fields=True, gc=False):
-    id: str
-    type: Literal['function']
-    function: _CallFunction
-
-class _Output(_Struct, forbid_unknown_fields=True, gc=False):
-    "The fields of an assistant message (that it says something is checked in Python)."
-    content: str | None | msgspec.UnsetType = _UNSET
-    name: str | msgspec.UnsetType = _UNSET
-    refusal: str | None | msgspec.UnsetType = _UNSET
-    reasoning_content: str | None | msgspec.UnsetType = _UNSET
-    tool_calls: list[_ToolCall] | None | msgspec.UnsetType = _UNSET
-
-class _Assistant(_Output, tag_field='role', tag='assistant'): pass
-
-class _Rejected(_Output, kw_only=True):
-    "A `rejected_message`: an assistant message whose role must be spelled out."
-    role: Literal['assistant']
-
-# %% ../nbs/01_formats.ipynb #d775cec4
-class _FunctionDef(_Struct, forbid_unknown_fields=True, gc=False):
-    name: str  # 1-64 letters, digits, '_' or '-', distinct: checked in Python
-    description: str | msgspec.UnsetType = _UNSET
-    parameters: dict[str, Any] | msgspec.UnsetType = _UNSET
-    strict: bool | None | msgspec.UnsetType = _UNSET
-
-class _ToolDef(_Struct, forbid_unknown_fields=True, gc=False):
-    type: Literal['function']
-    function: _FunctionDef
-
-class _TextFormat(_Struct, forbid_unknown_fields=True, gc=False):
-    type: Literal['text', 'json_object']
-
-class _Entry(_Struct, forbid_unknown_fields=True, gc=False):
-    "The common shape of a dataset entry: what `_plain_entry` takes without the general path."
-    messages: Annotated[list[_System | _Developer | _User | _Assistant | _Tool], msgspec.Meta(min_length=1)]
-    tools: list[_ToolDef] | None | msgspec.UnsetType = _UNSET
-    tool_choice: Literal['none', 'auto', 'required'] | None | msgspec.UnsetType = _UNSET
-    response_format: _TextFormat | None | msgspec.UnsetType = _UNSET
-    rejected_message: _Rejected | None | msgspec.UnsetType = _UNSET
-    metadata: dict[str, str] | None | msgspec.UnsetType = _UNSET
-    split: Literal['TRAIN', 'TEST'] | None | msgspec.UnsetType = _UNSET
+if msgspec is not None:
+    _ToolCall = _struct('_ToolCall', [('id', str), ('type', Literal['function']), ('function', _struct('_CallFunction', [
+        ('name', Annotated[str, msgspec.Meta(min_length=1)]), ('arguments', str)]))])  # arguments: a JSON object, checked in Python
+    _OUTPUT = [('content', str | None | _Unset, _UNSET), ('name', str | _Unset, _UNSET), ('refusal', str | None | _Unset, _UNSET),
+               ('reasoning_content', str | None | _Unset, _UNSET), ('tool_calls', list[_ToolCall] | None | _Unset, _UNSET)]
+    _Assistant = _struct('_Assistant', _OUTPUT, tag_field='role', tag='assistant')  # that it says something: checked in Python
+    _Rejected = _struct('_Rejected', _OUTPUT + [('role', Literal['assistant'])], kw_only=True)  # the role spelled out
+    _ToolDef = _struct('_ToolDef', [('type', Literal['function']), ('function', _struct('_FunctionDef', [
+        ('name', str),  # 1-64 letters, digits, '_' or '-', distinct: checked in Python
+        ('description', str | _Unset, _UNSET), ('parameters', dict[str, Any] | _Unset, _UNSET), ('strict', bool | None | _Unset, _UNSET)]))])
+    _Entry = _struct('_Entry', [  # the common shape of a dataset entry
+        ('messages', Annotated[list[_System | _Developer | _User | _Assistant | _Tool], msgspec.Meta(min_length=1)]),
+        ('tools', list[_ToolDef] | None | _Unset, _UNSET),
+        ('tool_choice', Literal['none', 'auto', 'required'] | None | _Unset, _UNSET),
+        ('response_format', _struct('_TextFormat', [('type', Literal['text', 'json_object'])]) | None | _Unset, _UNSET),
+        ('rejected_message', _Rejected | None | _Unset, _UNSET),
+        ('metadata', dict[str, str] | None | _Unset, _UNSET),
+        ('split', Literal['TRAIN', 'TEST'] | None | _Unset, _UNSET)])
 
 # %% ../nbs/01_formats.ipynb #96ba1e8f
 def _plain_entry(raw: bytes  # one JSONL line
@@ -853,8 +816,8 @@ def _plain_entry(raw: bytes  # one JSONL line
     if msgs[-1].__class__ is not _Assistant: return None
     for m in msgs:
         c = m.__class__
-        if c is _Assistant:
-            if not _says_something(m, ids): return None
+        if c is _Assistant:  # (a text output without tool calls, the common case, needs no call)
+            if (m.tool_calls or m.content.__class__ is not str) and not _says_something(m, ids): return None
         elif c is _Tool and m.tool_call_id not in ids: return None
     if e.tools:
         names = set()
