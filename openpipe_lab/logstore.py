@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_logstore.ipynb #62d4a6b5
 from __future__ import annotations
-import atexit, functools, json, operator, os, queue, threading, time, warnings, weakref, datetime as _dt
+import atexit, functools, json, operator, os, sqlite3, queue, threading, time, warnings, weakref, datetime as _dt
 from itertools import chain
 from pathlib import Path
 import sqlalchemy as sa
@@ -29,6 +29,7 @@ class LogStore:
         self.t = self.db.t
         self._writer, self._lock, self._batch_size = None, threading.Lock(), batch_size
         self._tag_sets = {}  # tags text -> tag_sets.id, for sets already committed
+        self._per_insert = None  # rows per INSERT statement, from the driver's parameter limit (`_rows_per_insert`)
         self._flag = int if self.db.dialect == 'sqlite' else bool  # sqlite3 binds an int directly, a bool through its adapter lookup
         _OPEN_STORES.add(self)
 
@@ -158,13 +159,21 @@ def _insert_rows(self: LogStore, rows: list[dict]):
         if not isinstance(r['resp_payload'], (str, type(None))): r['resp_payload'] = _payload_text(r['resp_payload'])
     with self.db.begin() as c:
         learned = self._intern_tags(c, rows)
-        full = len(rows) // _PER_STATEMENT * _PER_STATEMENT
-        if full: c.exec_driver_sql(_insert_logs(self.db.dialect, _PER_STATEMENT), [
-            tuple(chain.from_iterable(map(_log_values, rows[i:i + _PER_STATEMENT]))) for i in range(0, full, _PER_STATEMENT)])
+        k = self._rows_per_insert(c)
+        full = len(rows) // k * k
+        if full: c.exec_driver_sql(_insert_logs(self.db.dialect, k), [
+            tuple(chain.from_iterable(map(_log_values, rows[i:i + k]))) for i in range(0, full, k)])
         if full < len(rows): c.exec_driver_sql(_insert_logs(self.db.dialect, 1), [_log_values(r) for r in rows[full:]])
     self._remember_tag_sets(learned)  # committed: the ids are safe to reuse
 
-_PER_STATEMENT = 64  # rows per INSERT: one statement step (and one GIL hand-back in sqlite3) per 64 logs, not per log
+@patch
+def _rows_per_insert(self: LogStore, c) -> int:
+    "Rows per INSERT statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999)."
+    if self._per_insert is None:
+        limit, con = 65_535, c.connection.driver_connection  # Postgres' limit
+        if self.db.dialect == 'sqlite': limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(con, 'getlimit') else 999
+        self._per_insert = max(1, min(1000, limit // len(_LOG_COLS)))
+    return self._per_insert
 
 @functools.cache
 def _insert_logs(dialect: str, n: int) -> str:
@@ -272,8 +281,8 @@ def _run(self: _Writer):
     while True:
         item = self.q.get()
         # let a burst accumulate (fewer, larger transactions) unless someone waits for the commit: then the rows
-        # that arrive while this batch is written form the next one (group commit without added latency)
-        if isinstance(item, dict) and not self.waiting: time.sleep(self.linger)
+        # that arrive while this batch is written form the next one (group commit without added latency); a backlog needs no wait
+        if isinstance(item, dict) and not self.waiting and self.q.qsize() < 1000: time.sleep(self.linger)
         batch, events = [], []
         while True:
             if item is None: return self._write(batch)

@@ -152,3 +152,27 @@ def test_a_raising_when_durable_callback_does_not_stop_the_writer(lab):
         assert done.wait(10) and got == [None]
     assert sorted(lab.all().ids()) == sorted([first, later])
     assert any('when_durable callback raised ZeroDivisionError' in str(w.message) for w in caught)
+
+
+def test_multi_row_inserts_keep_every_value_in_its_column(lab):
+    "Logs go in several to a statement (`_rows_per_insert`): 3 per statement here, so 10 logs make 3 statements and a remainder."
+    lab._per_insert = 3
+    ids = [lab.record(model=f'm{i}', req_payload={'i': i}, resp_payload={'id': f'c{i}'}, status_code=200 + i,
+                      completion_id=f'c{i}', tags={'i': str(i)} if i % 2 else None, cache_hit=i == 4, stream=i == 5,
+                      prompt_tokens=i, duration_ms=10 * i) for i in range(10)]
+    lab.flush()
+    got = {r['id']: r for r in lab.filter()}
+    for i, lid in enumerate(ids):
+        r = got[lid]
+        assert (r['model'], r['req_payload'], r['resp_payload'], r['status_code'], r['completion_id']) == (f'm{i}', {'i': i}, {'id': f'c{i}'}, 200 + i, f'c{i}')
+        assert (r['tags'], r['cache_hit'], r['stream'], r['prompt_tokens'], r['duration_ms']) == ({'i': str(i)} if i % 2 else {}, i == 4, i == 5, i, 10 * i)
+        assert r['cache_hit'] is (i == 4)  # read back as a bool, though SQLite was given an int
+    assert [len(lab.filter(i=str(i))) for i in range(10)] == [0, 1] * 5
+
+
+def test_rows_per_insert_stays_within_the_drivers_parameter_limit(lab):
+    with lab.db.begin() as c:
+        limit = c.connection.driver_connection.getlimit(__import__('sqlite3').SQLITE_LIMIT_VARIABLE_NUMBER)
+        k = lab._rows_per_insert(c)
+    from openpipe_lab.logstore import _LOG_COLS
+    assert 1 <= k <= 1000 and k * len(_LOG_COLS) <= limit
