@@ -193,20 +193,49 @@ def _intern_tags(self: LogStore, c, rows: list[dict]) -> dict:
         r['tag_set_id'] = None if text is None else i
     if not new: return {}
     sets = {text: loads(text) for text in new}  # the tags back from the very text the log stores
-    by_digest = {tag_set_digest(tags): text for text, tags in sets.items()}
+    digests = {text: tag_set_digest(tags) for text, tags in sets.items()}
+    by_digest = {d: text for text, d in digests.items()}  # one text per set: {a, b} and {b, a} are one set
+    ids, fresh = self._insert_tag_sets(c, by_digest)
     ph = '?' if self.db.dialect == 'sqlite' else '%s'
-    c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES ({ph}, {ph}) ON CONFLICT (digest) DO NOTHING",
-                      [(d, text) for d, text in by_digest.items()])
-    ts = tables.tag_sets
-    digests, ids = list(by_digest), {}
-    for i in range(0, len(digests), 500):
-        ids.update(c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:i + 500]))).all())
-    c.exec_driver_sql(f"INSERT INTO tag_set_tags (tag_set_id, key, value) VALUES ({ph}, {ph}, {ph}) ON CONFLICT DO NOTHING",
-                      [(ids[d], _storable_str(k), _storable_str(v)) for d, text in by_digest.items() for k, v in sets[text].items()])
-    learned = {text: ids[tag_set_digest(tags)] for text, tags in sets.items()}
+    pairs = [(ids[d], _storable_str(k), _storable_str(v)) for d in fresh for k, v in sets[by_digest[d]].items()]
+    for i in range(0, len(pairs), 300):  # the pairs of the sets this transaction made (another writer's came with theirs)
+        chunk = pairs[i:i + 300]
+        c.exec_driver_sql(f"INSERT INTO tag_set_tags (tag_set_id, key, value) VALUES {', '.join([f'({ph}, {ph}, {ph})'] * len(chunk))}",
+                          tuple(chain.from_iterable(chunk)))
+    learned = {text: ids[d] for text, d in digests.items()}
     for r in rows:
         if r['tag_set_id'] is None and r['tags'] is not None: r['tag_set_id'] = learned[r['tags']]
     return learned
+
+# %% ../nbs/03_logstore.ipynb #82eb58f3
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35)  # INSERT ... RETURNING (Postgres always has it)
+
+@patch
+def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
+    "({digest: id} for every set in `by_digest` (digest -> tags text), the digests this transaction inserted)."
+    ph = '?' if self.db.dialect == 'sqlite' else '%s'
+    items, ids, fresh = list(by_digest.items()), {}, set()
+    if _RETURNING or self.db.dialect != 'sqlite':
+        for i in range(0, len(items), 400):  # one statement per 400 sets, ids straight back; a set another writer made is skipped
+            chunk = items[i:i + 400]
+            made = c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES {', '.join([f'({ph}, {ph})'] * len(chunk))} "
+                                     "ON CONFLICT (digest) DO NOTHING RETURNING digest, id", tuple(chain.from_iterable(chunk))).all()
+            ids.update(made); fresh.update(d for d, _ in made)
+    else:
+        before = {d for d, _ in self._select_tag_sets(c, list(by_digest))}
+        c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES ({ph}, {ph}) ON CONFLICT (digest) DO NOTHING", items)
+        fresh = set(by_digest) - before
+    missing = [d for d in by_digest if d not in ids]
+    if missing: ids.update(self._select_tag_sets(c, missing))
+    return ids, fresh
+
+@patch
+def _select_tag_sets(self: LogStore, c, digests: list) -> list:
+    "(digest, id) of the sets already in the lab among `digests`."
+    ts, out = tables.tag_sets, []
+    for i in range(0, len(digests), 500):
+        out += c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:i + 500]))).all()
+    return out
 
 @patch
 def _remember_tag_sets(self: LogStore, learned: dict):

@@ -65,7 +65,8 @@ tables.tag_set_tags = _table('tag_set_tags',              # clustered by set (no
 def tag_set_digest(tags: dict  # tag name -> value (strings)
                   ) -> str:
     "The key of a set of tags in `tag_sets`: sha256 of its (name, value) pairs, sorted, so the order they came in does not matter."
-    return hashlib.sha256(json.dumps(sorted(tags.items()), ensure_ascii=True, separators=(',', ':')).encode()).hexdigest()
+    text = ''.join(f"{len(k)}:{k}{len(v)}:{v}" for k, v in sorted(tags.items()))  # length-prefixed: no two sets spell the same
+    return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
 
 # %% ../nbs/02_store.ipynb #c5b0bf46
 tables.cache = _table('cache',

@@ -139,3 +139,16 @@ def test_wal_is_checkpointed_off_the_writer_and_the_thread_stops(tmp_path):
     logs.close()
     assert not any(t.name == 'openpipe-lab-wal-checkpoint' for t in threading.enumerate())
     assert len(logs.filter(b='3')) == 2000
+
+
+def test_sqlite_without_returning_interns_the_same(tmp_path, monkeypatch):
+    "SQLite before 3.35 has no INSERT ... RETURNING: the insert-then-select path gives the same sets and answers."
+    import openpipe_lab.logstore as L
+    monkeypatch.setattr(L, '_RETURNING', False)
+    a, b = LogStore(str(tmp_path / 'lab.db')), LogStore(str(tmp_path / 'lab.db'))
+    a.record(model='m', req_payload={'q': 1}, tags={'k': 'v', 'z': '1'}); a.flush()
+    b.record(model='m', req_payload={'q': 2}, tags={'z': '1', 'k': 'v'}); b.record(model='m', req_payload={'q': 3}, tags={'k': 'x'}); b.flush()
+    assert (len(a.filter(k='v')), len(b.filter(z='1')), len(a.filter(k='x')), len(a.filter(k=None))) == (2, 2, 1, 0)
+    with a.db.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(tables.tag_sets)).scalar() == 2
+        assert c.exec_driver_sql('SELECT count(*) FROM tag_set_tags').scalar() == 3  # k, z of the first set; k of the second
