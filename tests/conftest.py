@@ -8,6 +8,15 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 sys.path.insert(0, str(Path(__file__).parent))
 import openpipe_lab.client  # noqa: F401,E402  (LogStore.openai/async_openai are defined by the client layer)
 
+def package_at(rev: str, tmp_path_factory) -> str:
+    "A directory holding `openpipe_lab/` as it was at git revision `rev` (for before/after tests): put it on PYTHONPATH."
+    import subprocess
+    d = tmp_path_factory.mktemp(f'pkg-{rev}')
+    root = Path(__file__).resolve().parents[1]
+    tar = subprocess.run(['git', '-C', str(root), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(d)], input=tar, check=True)
+    return str(d)
+
 @pytest.fixture
 def lab(tmp_path):
     "A fresh LogStore in a temporary directory, also made the default lab for the test (see tiny_model.default_lab)."

@@ -9,6 +9,7 @@ Two kinds of checks:
 import json, math, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import package_at
 from hypothesis import given, settings, strategies as st
 
 from openpipe_lab import formats
@@ -82,10 +83,7 @@ def run_import(src: Path, tmp: Path, tag: str, pythonpath: str) -> tuple[dict, b
 
 @pytest.fixture(scope='module')
 def before_pkg(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp('before')
-    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', BEFORE, 'openpipe_lab'], check=True, capture_output=True).stdout
-    subprocess.run(['tar', '-x', '-C', str(d)], input=tar, check=True)
-    return str(d)
+    return package_at(BEFORE, tmp_path_factory)
 
 @pytest.mark.parametrize('which', ['tricky', 'bench'])
 def test_import_identical_before_and_after(tmp_path, before_pkg, which):

@@ -5,6 +5,7 @@ writers; the WAL checkpointer keeps the WAL bounded and stops with the writer.""
 import json, os, subprocess, sys, threading, warnings
 from pathlib import Path
 import pytest
+from conftest import package_at
 import sqlalchemy as sa
 from openpipe_lab.logstore import LogStore
 from openpipe_lab.store import tables, SCHEMA_VERSION
@@ -50,10 +51,7 @@ print(json.dumps({'answers': answers, 'rows': rows}))
 
 @pytest.fixture(scope='module')
 def before_pkg(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp('schema1')
-    tar = subprocess.run(['git', '-C', str(ROOT), 'archive', BEFORE, 'openpipe_lab'], check=True, capture_output=True).stdout
-    subprocess.run(['tar', '-x', '-C', str(d)], input=tar, check=True)
-    return str(d)
+    return package_at(BEFORE, tmp_path_factory)
 
 
 def run(pkg: str, url: str, mode: str, cwd) -> dict:
