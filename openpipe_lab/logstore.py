@@ -176,11 +176,13 @@ def _rows_per_insert(self: LogStore, c) -> int:
     return self._per_insert
 
 @functools.cache
-def _insert_logs(dialect: str, n: int) -> str:
-    "INSERT INTO logs of `n` rows in one statement."
+def _insert_sql(dialect: str, table: str, cols: tuple, n: int) -> str:
+    "INSERT INTO `table` of `n` rows in one statement, with the driver's placeholders."
     ph = '?' if dialect == 'sqlite' else '%s'
-    one = f"({', '.join([ph] * len(_LOG_COLS))})"
-    return f"INSERT INTO logs ({', '.join(_LOG_COLS)}) VALUES {', '.join([one] * n)}"
+    one = f"({', '.join([ph] * len(cols))})"
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * n)}"
+
+def _insert_logs(dialect: str, n: int) -> str: return _insert_sql(dialect, 'logs', _LOG_COLS, n)
 
 # %% ../nbs/03_logstore.ipynb #fb69cd37
 @patch
@@ -196,11 +198,10 @@ def _intern_tags(self: LogStore, c, rows: list[dict]) -> dict:
     digests = {text: tag_set_digest(tags) for text, tags in sets.items()}
     by_digest = {d: text for text, d in digests.items()}  # one text per set: {a, b} and {b, a} are one set
     ids, fresh = self._insert_tag_sets(c, by_digest)
-    ph = '?' if self.db.dialect == 'sqlite' else '%s'
     pairs = [(ids[d], _storable_str(k), _storable_str(v)) for d in fresh for k, v in sets[by_digest[d]].items()]
     for i in range(0, len(pairs), 300):  # the pairs of the sets this transaction made (another writer's came with theirs)
         chunk = pairs[i:i + 300]
-        c.exec_driver_sql(f"INSERT INTO tag_set_tags (tag_set_id, key, value) VALUES {', '.join([f'({ph}, {ph}, {ph})'] * len(chunk))}",
+        c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_set_tags', ('tag_set_id', 'key', 'value'), len(chunk)),
                           tuple(chain.from_iterable(chunk)))
     learned = {text: ids[d] for text, d in digests.items()}
     for r in rows:
@@ -213,17 +214,16 @@ _RETURNING = sqlite3.sqlite_version_info >= (3, 35)  # INSERT ... RETURNING (Pos
 @patch
 def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
     "({digest: id} for every set in `by_digest` (digest -> tags text), the digests this transaction inserted)."
-    ph = '?' if self.db.dialect == 'sqlite' else '%s'
-    items, ids, fresh = list(by_digest.items()), {}, set()
+    items, ids, fresh, cols = list(by_digest.items()), {}, set(), ('digest', 'tags')
     if _RETURNING or self.db.dialect != 'sqlite':
         for i in range(0, len(items), 400):  # one statement per 400 sets, ids straight back; a set another writer made is skipped
             chunk = items[i:i + 400]
-            made = c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES {', '.join([f'({ph}, {ph})'] * len(chunk))} "
-                                     "ON CONFLICT (digest) DO NOTHING RETURNING digest, id", tuple(chain.from_iterable(chunk))).all()
+            made = c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_sets', cols, len(chunk)) + " ON CONFLICT (digest) DO NOTHING "
+                                     "RETURNING digest, id", tuple(chain.from_iterable(chunk))).all()
             ids.update(made); fresh.update(d for d, _ in made)
     else:
         before = {d for d, _ in self._select_tag_sets(c, list(by_digest))}
-        c.exec_driver_sql(f"INSERT INTO tag_sets (digest, tags) VALUES ({ph}, {ph}) ON CONFLICT (digest) DO NOTHING", items)
+        c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_sets', cols, 1) + " ON CONFLICT (digest) DO NOTHING", items)
         fresh = set(by_digest) - before
     missing = [d for d in by_digest if d not in ids]
     if missing: ids.update(self._select_tag_sets(c, missing))
