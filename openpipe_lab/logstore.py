@@ -29,7 +29,7 @@ class LogStore:
         self.t = self.db.t
         self._writer, self._lock, self._batch_size = None, threading.Lock(), batch_size
         self._tag_sets = {}  # tags text -> tag_sets.id, for sets already committed
-        self._per_insert = None  # rows per INSERT statement, from the driver's parameter limit (`_rows_per_insert`)
+        self._params = None  # the driver's limit on bound parameters per statement (`_rows_per_statement`)
         self._flag = int if self.db.dialect == 'sqlite' else bool  # sqlite3 binds an int directly, a bool through its adapter lookup
         _OPEN_STORES.add(self)
 
@@ -159,21 +159,32 @@ def _insert_rows(self: LogStore, rows: list[dict]):
         if not isinstance(r['resp_payload'], (str, type(None))): r['resp_payload'] = _payload_text(r['resp_payload'])
     with self.db.begin() as c:
         learned = self._intern_tags(c, rows)
-        k = self._rows_per_insert(c)
-        full = len(rows) // k * k
-        if full: c.exec_driver_sql(_insert_logs(self.db.dialect, k), [
-            tuple(chain.from_iterable(map(_log_values, rows[i:i + k]))) for i in range(0, full, k)])
-        if full < len(rows): c.exec_driver_sql(_insert_logs(self.db.dialect, 1), [_log_values(r) for r in rows[full:]])
+        self._insert_many(c, 'logs', _LOG_COLS, list(map(_log_values, rows)))
     self._remember_tag_sets(learned)  # committed: the ids are safe to reuse
 
 @patch
-def _rows_per_insert(self: LogStore, c) -> int:
-    "Rows per INSERT statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999)."
-    if self._per_insert is None:
-        limit, con = 65_535, c.connection.driver_connection  # Postgres' limit
-        if self.db.dialect == 'sqlite': limit = con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(con, 'getlimit') else 999
-        self._per_insert = max(1, min(1000, limit // len(_LOG_COLS)))
-    return self._per_insert
+def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '') -> list:
+    "INSERT `values` (tuples in `cols` order) many rows to a statement; the rows of a RETURNING `suffix`."
+    per, out = self._rows_per_statement(c, len(cols)), []
+    for i, j in _slices(len(values), per):
+        r = c.exec_driver_sql(_insert_sql(self.db.dialect, table, cols, j - i) + suffix, tuple(chain.from_iterable(values[i:j])))
+        if 'RETURNING' in suffix: out += r.all()
+    return out
+
+@patch
+def _rows_per_statement(self: LogStore, c, ncols: int) -> int:
+    "Rows per statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999)."
+    if self._params is None:
+        con = c.connection.driver_connection
+        self._params = 65_535 if self.db.dialect != 'sqlite' else con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(con, 'getlimit') else 999
+    return max(1, min(1000, self._params // ncols))
+
+def _slices(n: int, per: int):
+    "(i, j) slices of `n` rows: `per` to a statement, the rest in at most three of a round size (hundreds, tens, units)."
+    start = n // per * per
+    yield from ((i, i + per) for i in range(0, start, per))
+    for unit in (100, 10, 1):  # a handful of statement shapes, each prepared once, whatever the batch sizes
+        if (m := (n - start) // unit * unit): yield start, start + m; start += m
 
 @functools.cache
 def _insert_sql(dialect: str, table: str, cols: tuple, n: int) -> str:
@@ -181,8 +192,6 @@ def _insert_sql(dialect: str, table: str, cols: tuple, n: int) -> str:
     ph = '?' if dialect == 'sqlite' else '%s'
     one = f"({', '.join([ph] * len(cols))})"
     return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * n)}"
-
-def _insert_logs(dialect: str, n: int) -> str: return _insert_sql(dialect, 'logs', _LOG_COLS, n)
 
 # %% ../nbs/03_logstore.ipynb #fb69cd37
 @patch
@@ -199,42 +208,34 @@ def _intern_tags(self: LogStore, c, rows: list[dict]) -> dict:
     by_digest = {d: text for text, d in digests.items()}  # one text per set: {a, b} and {b, a} are one set
     ids, fresh = self._insert_tag_sets(c, by_digest)
     pairs = [(ids[d], _storable_str(k), _storable_str(v)) for d in fresh for k, v in sets[by_digest[d]].items()]
-    for i in range(0, len(pairs), 300):  # the pairs of the sets this transaction made (another writer's came with theirs)
-        chunk = pairs[i:i + 300]
-        c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_set_tags', ('tag_set_id', 'key', 'value'), len(chunk)),
-                          tuple(chain.from_iterable(chunk)))
+    self._insert_many(c, 'tag_set_tags', ('tag_set_id', 'key', 'value'), pairs, " ON CONFLICT (tag_set_id, key) DO NOTHING")
     learned = {text: ids[d] for text, d in digests.items()}
     for r in rows:
         if r['tag_set_id'] is None and r['tags'] is not None: r['tag_set_id'] = learned[r['tags']]
     return learned
 
 # %% ../nbs/03_logstore.ipynb #82eb58f3
-_RETURNING = sqlite3.sqlite_version_info >= (3, 35)  # INSERT ... RETURNING (Postgres always has it)
-
 @patch
 def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
-    "({digest: id} for every set in `by_digest` (digest -> tags text), the digests this transaction inserted)."
-    items, ids, fresh, cols = list(by_digest.items()), {}, set(), ('digest', 'tags')
-    if _RETURNING or self.db.dialect != 'sqlite':
-        for i in range(0, len(items), 400):  # one statement per 400 sets, ids straight back; a set another writer made is skipped
-            chunk = items[i:i + 400]
-            made = c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_sets', cols, len(chunk)) + " ON CONFLICT (digest) DO NOTHING "
-                                     "RETURNING digest, id", tuple(chain.from_iterable(chunk))).all()
-            ids.update(made); fresh.update(d for d, _ in made)
-    else:
-        before = {d for d, _ in self._select_tag_sets(c, list(by_digest))}
-        c.exec_driver_sql(_insert_sql(self.db.dialect, 'tag_sets', cols, 1) + " ON CONFLICT (digest) DO NOTHING", items)
-        fresh = set(by_digest) - before
+    "({digest: id} for every set in `by_digest` (digest -> tags text), the digests whose pairs this transaction writes)."
+    ids, sqlite = {}, self.db.dialect == 'sqlite'
+    made = self._insert_many(c, 'tag_sets', ('digest', 'tags'), list(by_digest.items()),  # a set already there is skipped
+                             " ON CONFLICT (digest) DO NOTHING" + ('' if sqlite else " RETURNING digest, id"))
+    ids.update(made)  # Postgres: the ids straight back; SQLite: below, in one row
     missing = [d for d in by_digest if d not in ids]
     if missing: ids.update(self._select_tag_sets(c, missing))
-    return ids, fresh
+    return ids, set(by_digest) if sqlite else {d for d, _ in made}  # SQLite: every set's pairs, ON CONFLICT DO NOTHING
 
 @patch
 def _select_tag_sets(self: LogStore, c, digests: list) -> list:
     "(digest, id) of the sets already in the lab among `digests`."
-    ts, out = tables.tag_sets, []
-    for i in range(0, len(digests), 500):
-        out += c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:i + 500]))).all()
+    ts, out, per = tables.tag_sets, [], self._rows_per_statement(c, 1)
+    for i, j in _slices(len(digests), per):
+        if self.db.dialect != 'sqlite': out += c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:j]))).all()
+        else:  # one row, not one per set: each row fetched hands the GIL to a busy caller and waits up to 5 ms for it back
+            got = c.exec_driver_sql(f"SELECT group_concat(digest || ' ' || id) FROM tag_sets WHERE digest IN "
+                                    f"({', '.join('?' * (j - i))})", tuple(digests[i:j])).scalar()
+            out += [(d, int(n)) for d, n in (p.split(' ') for p in got.split(','))] if got else []
     return out
 
 @patch

@@ -155,24 +155,43 @@ def test_a_raising_when_durable_callback_does_not_stop_the_writer(lab):
 
 
 def test_multi_row_inserts_keep_every_value_in_its_column(lab):
-    "Logs go in several to a statement (`_rows_per_insert`): 3 per statement here, so 10 logs make 3 statements and a remainder."
-    lab._per_insert = 3
+    "Logs and tag sets go in several to a statement (`_insert_many`): a limit of 63 parameters makes 3 logs a statement, 10 logs 3 statements and a remainder."
+    from openpipe_lab.logstore import _LOG_COLS
+    lab._params = 3 * len(_LOG_COLS)  # tag sets: 31 a statement, their pairs 21
     ids = [lab.record(model=f'm{i}', req_payload={'i': i}, resp_payload={'id': f'c{i}'}, status_code=200 + i,
-                      completion_id=f'c{i}', tags={'i': str(i)} if i % 2 else None, cache_hit=i == 4, stream=i == 5,
+                      completion_id=f'c{i}', tags={'i': str(i), 'j': 'x'} if i % 2 else None, cache_hit=i == 4, stream=i == 5,
                       prompt_tokens=i, duration_ms=10 * i) for i in range(10)]
+    lab.record(model='many', tags={'k': 'a'}); [lab.record(model='many', tags={'k': str(i % 40), 'n': str(i)}) for i in range(80)]
     lab.flush()
     got = {r['id']: r for r in lab.filter()}
     for i, lid in enumerate(ids):
         r = got[lid]
         assert (r['model'], r['req_payload'], r['resp_payload'], r['status_code'], r['completion_id']) == (f'm{i}', {'i': i}, {'id': f'c{i}'}, 200 + i, f'c{i}')
-        assert (r['tags'], r['cache_hit'], r['stream'], r['prompt_tokens'], r['duration_ms']) == ({'i': str(i)} if i % 2 else {}, i == 4, i == 5, i, 10 * i)
+        assert (r['tags'], r['cache_hit'], r['stream'], r['prompt_tokens'], r['duration_ms']) == ({'i': str(i), 'j': 'x'} if i % 2 else {}, i == 4, i == 5, i, 10 * i)
         assert r['cache_hit'] is (i == 4)  # read back as a bool, though SQLite was given an int
     assert [len(lab.filter(i=str(i))) for i in range(10)] == [0, 1] * 5
+    assert [len(lab.filter(k=str(k))) for k in range(40)] == [2] * 40 and len(lab.filter(n='79', k='39')) == 1
+    with lab.db.connect() as c:  # 5 + 1 + 80 sets, each pair written once
+        assert c.exec_driver_sql('SELECT count(*), count(DISTINCT digest) FROM tag_sets').one() == (86, 86)
+        assert c.exec_driver_sql('SELECT count(*) FROM tag_set_tags').scalar() == 5 * 2 + 1 + 80 * 2
 
 
-def test_rows_per_insert_stays_within_the_drivers_parameter_limit(lab):
+def test_rows_per_statement_stays_within_the_drivers_parameter_limit(lab):
     with lab.db.begin() as c:
         limit = c.connection.driver_connection.getlimit(__import__('sqlite3').SQLITE_LIMIT_VARIABLE_NUMBER)
-        k = lab._rows_per_insert(c)
-    from openpipe_lab.logstore import _LOG_COLS
-    assert 1 <= k <= 1000 and k * len(_LOG_COLS) <= limit
+        per = {n: lab._rows_per_statement(c, n) for n in (1, 2, 3, 21)}
+    assert all(1 <= k <= 1000 and k * n <= limit for n, k in per.items())
+
+
+@pytest.mark.parametrize('per', [1, 3, 7, 100, 1000])
+def test_slices_cover_every_row_once_in_few_statement_shapes(per):
+    "`_slices` cuts n rows into statements of `per` rows plus at most three for the rest, from a fixed set of sizes."
+    from openpipe_lab.logstore import _slices
+    shapes = set()
+    for n in list(range(0, 260)) + [999, 1000, 1001, 4321, 5000]:
+        s = list(_slices(n, per))
+        assert [i for i, _ in s] == [0] + [j for _, j in s[:-1]] if s else n == 0  # contiguous from 0 ...
+        assert (s[-1][1] if s else 0) == n                                          # ... to n
+        assert all(0 < j - i <= per for i, j in s) and len(s) <= n // per + 3
+        shapes |= {j - i for i, j in s}
+    assert len(shapes) <= 1 + 27  # `per`, then hundreds, tens and units: each shape is one prepared statement

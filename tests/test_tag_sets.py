@@ -139,10 +139,8 @@ def test_wal_is_checkpointed_off_the_writer_and_the_thread_stops(tmp_path):
     assert len(logs.filter(b='3')) == 2000
 
 
-def test_sqlite_without_returning_interns_the_same(tmp_path, monkeypatch):
-    "SQLite before 3.35 has no INSERT ... RETURNING: the insert-then-select path gives the same sets and answers."
-    import openpipe_lab.logstore as L
-    monkeypatch.setattr(L, '_RETURNING', False)
+def test_a_second_store_reuses_the_sets_of_the_first(tmp_path):
+    "SQLite inserts sets without RETURNING and reads ids back by digest: a store with a cold cache reuses another's sets, writing no pair twice."
     a, b = LogStore(str(tmp_path / 'lab.db')), LogStore(str(tmp_path / 'lab.db'))
     a.record(model='m', req_payload={'q': 1}, tags={'k': 'v', 'z': '1'}); a.flush()
     b.record(model='m', req_payload={'q': 2}, tags={'z': '1', 'k': 'v'}); b.record(model='m', req_payload={'q': 3}, tags={'k': 'x'}); b.flush()
