@@ -171,6 +171,7 @@ def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffi
         if 'RETURNING' in suffix: out += r.all()
     return out
 
+# %% ../nbs/03_logstore.ipynb #916286f2
 @patch
 def _rows_per_statement(self: LogStore, c, ncols: int) -> int:
     "Rows per statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999)."
