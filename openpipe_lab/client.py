@@ -262,7 +262,7 @@ def _attempt(comp, call, model, timeout):
 def _sdk_create(comp, body: dict, extra: dict):
     "`comp.create(**body, **extra)` for an SDK chat-completions resource, without re-transforming a plain body."
     is_async = isinstance(comp, _SDKAsyncCompletions)
-    if _POST is None or not (body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)):
+    if _POST is None or not _plain_body(body):
         return (_SDKAsyncCompletions if is_async else _SDKCompletions).create(comp, **body, **extra)  # the SDK's own create
     make_options, security = _POST
     options = make_options(extra_headers=extra.get('extra_headers'), extra_query=extra.get('extra_query'),
@@ -300,6 +300,191 @@ def _post_helpers():
 _POST = _post_helpers()
 _BODY_PARAMS = frozenset(inspect.signature(_SDKCompletions.create).parameters) - {'self', *_TRANSPORT}
 _STREAM_CLS = (openai.Stream[ChatCompletionChunk], openai.AsyncStream[ChatCompletionChunk])  # the SDK's, by is_async
+
+def _plain_body(body: dict) -> bool:
+    "A body the SDK's `create` accepts and its transform would only copy."
+    return body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)
+
+# %% ../nbs/05_client.ipynb #3f334fb3
+def _lean_helpers():
+    "(FinalRequestOptions, construct_type, the SDK's default async HTTP client class) when this SDK has them as checked."
+    try:
+        from openai._models import FinalRequestOptions, construct_type
+        from openai._base_client import AsyncHttpxClientWrapper
+    except ImportError: return None
+    need = ('_build_headers', '_make_status_error_from_response', '_should_retry', '_calculate_retry_timeout', 'custom_auth')
+    if _POST is None or not all(hasattr(openai.AsyncOpenAI, n) for n in need): return None
+    return FinalRequestOptions, construct_type, AsyncHttpxClientWrapper
+
+_LEAN = _lean_helpers()
+_PROXY_VARS = ('HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
+
+def _plain_body(body: dict) -> bool:
+    "A body the SDK's `create` accepts and its transform would only copy."
+    return body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)
+
+def _lean_ok(client, body: dict, extra: dict) -> bool:
+    "True when an async call needs nothing of the SDK's HTTP stack (see above)."
+    if _LEAN is None or body.get('stream') or extra.get('extra_query'): return False
+    if any(k.lower().startswith('x-stainless-') for k in extra.get('extra_headers') or ()): return False  # raw-response wrappers
+    return _lean_client(client) and not any(os.environ.get(v) for v in _PROXY_VARS) and _plain_body(body)
+
+def _lean_client(client) -> bool:
+    "Whether `client` itself allows the lean path: worked out once per client and base URL."
+    got = client.__dict__.get('_lab_lean_ok')
+    if got is not None and got[0] is client._base_url: return got[1]
+    ok = (client.base_url.scheme == 'http' and type(client._client) is _LEAN[2] and not client._custom_query
+          and not client._strict_response_validation and getattr(client, '_provider_runtime', None) is None
+          and getattr(client, 'workload_identity', None) is None and getattr(client, '_api_key_provider', None) is None
+          and client.custom_auth is None)
+    client.__dict__['_lab_lean_ok'] = (client._base_url, ok)
+    return ok
+
+# %% ../nbs/05_client.ipynb #d09b46d6
+async def _asdk_create(comp, body: dict, extra: dict):
+    "`_sdk_create` for an async resource: over the lab's own keep-alive connection when `_lean_ok` allows it."
+    client = comp._client
+    if not _lean_ok(client, body, extra) or (prep := _lean_request(client, extra)) is None: return await _sdk_create(comp, body, extra)
+    url, head, timeouts = prep
+    payload = dumps({**body, **extra['extra_body']} if extra.get('extra_body') else body).encode()
+    try: status, pairs, data = await _lean_post(client, url, head, payload, timeouts)
+    except openai.APIConnectionError as e: return await _lean_retry(comp, body, extra, e, None)
+    if 200 <= status < 300: return _lean_completion(url, status, pairs, data)
+    response = _lean_response(url, status, pairs, data)
+    err = client._make_status_error_from_response(response)
+    if not client._should_retry(response): raise err
+    return await _lean_retry(comp, body, extra, err, response)
+
+def _lean_options(extra: dict):
+    "The SDK's request options for this call, as its `post` would make them."
+    return _LEAN[0].construct(method='post', url='/chat/completions', headers=extra.get('extra_headers') or openai.NOT_GIVEN,
+                              timeout=extra.get('timeout', openai.NOT_GIVEN), **_POST[1])
+
+# %% ../nbs/05_client.ipynb #85b95ffa
+def _lean_request(client, extra: dict):
+    "(url, request head up to Content-Length, (connect, read) seconds) of `client`'s POST /chat/completions; None: a header only the SDK can refuse."
+    h, t = extra.get('extra_headers'), extra.get('timeout', openai.NOT_GIVEN)
+    try: key = (client.api_key, getattr(client, 'organization', None), getattr(client, 'project', None), id(client._base_url),
+                _timeout_key(t), tuple(h.items()) if h else None)
+    except TypeError: key = None  # an unhashable header value: no caching
+    cache = client.__dict__.setdefault('_lab_lean_heads', {})
+    if key is not None and (got := cache.get(key)) is not None: return got
+    options = _lean_options(extra)
+    headers = client._build_headers(options)  # auth, user agent, platform, custom and extra headers, retry count, read timeout
+    if any('\r' in x or '\n' in x for kv in headers.items() for x in kv): return None
+    url = client.base_url.join('chat/completions')
+    head = ''.join([f"POST {url.raw_path.decode()} HTTP/1.1\r\nHost: {url.netloc.decode()}\r\n",
+                    *[f"{k}: {v}\r\n" for k, v in headers.items()]]).encode()
+    got = url, head, _timeouts(client.timeout if isinstance(options.timeout, _OMITTED) else options.timeout)
+    if key is not None:
+        if len(cache) >= 32: cache.clear()
+        cache[key] = got
+    return got
+
+def _timeout_key(t):
+    return t if t is None or isinstance(t, (int, float, *_OMITTED)) else (t.connect, t.read, t.write, t.pool)
+
+def _timeouts(timeout) -> tuple:
+    "(connect, read) seconds from a number, an `httpx.Timeout` or None."
+    if timeout is None or isinstance(timeout, (int, float)): return timeout, timeout
+    return timeout.connect, timeout.read
+
+# %% ../nbs/05_client.ipynb #1ff572b9
+def _lean_completion(url, status: int, pairs: list, data: bytes):
+    "The `ChatCompletion` of a 2xx answer, as the SDK would return it."
+    import pydantic
+    try: value = loads(data)
+    except ValueError as e:
+        raise openai.APIResponseValidationError(response=_lean_response(url, status, pairs, data), body=data.decode('utf-8', 'replace'),
+                                                message=f"the upstream's answer is not JSON ({e})") from None
+    try: out = ChatCompletion.model_validate(value)
+    except pydantic.ValidationError: out = _LEAN[1](type_=ChatCompletion, value=value)  # what the SDK does with every answer
+    out._request_id = dict(pairs).get('x-request-id')
+    return out
+
+def _lean_response(url, status: int, pairs: list, data: bytes):
+    "The `httpx.Response` the SDK's error and retry helpers take."
+    return _http.Response(status, headers=pairs, content=data, request=_http.Request('POST', url))
+
+async def _lean_retry(comp, body, extra, err, response):
+    "After a failed first attempt: the SDK's backoff, then the SDK's own call with one retry fewer (or `err` when none is left)."
+    import asyncio
+    client, options = comp._client, _lean_options(extra)
+    retries = options.get_max_retries(client.max_retries)
+    if retries <= 0: raise err
+    await asyncio.sleep(client._calculate_retry_timeout(retries, options, response.headers if response is not None else None))
+    return await _sdk_create(client.with_options(max_retries=retries - 1).chat.completions, body, extra)
+
+# %% ../nbs/05_client.ipynb #f071dc54
+async def _lean_post(client, url, head: bytes, payload: bytes, timeouts: tuple) -> tuple[int, list, bytes]:
+    "(status, header pairs, body) of one POST over an idle keep-alive connection of `client` (or a new one)."
+    import asyncio
+    (connect_s, read_s), pool, loop = timeouts, _lean_pool(client), asyncio.get_running_loop()
+    req = b''.join([head, b'Content-Length: %d\r\n\r\n' % len(payload), payload])
+    while True:
+        reused = bool(pool)
+        try: reader, writer = pool.pop() if reused else await asyncio.wait_for(asyncio.open_connection(url.host, url.port or 80), connect_s)
+        except asyncio.TimeoutError: raise openai.APITimeoutError(request=_http.Request('POST', url)) from None
+        except OSError as e: raise openai.APIConnectionError(message=f"Connection error: {e}", request=_http.Request('POST', url)) from None
+        got, expired = [], []  # whether any byte of an answer arrived (then a retry is unsafe); whether the read timed out
+        timer = None if read_s is None else loop.call_later(read_s, lambda: (expired.append(1), writer.transport.abort()))
+        try:
+            writer.write(req)
+            status, pairs, data, keep = await _read_response(reader, got)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            writer.close()
+            if expired: raise openai.APITimeoutError(request=_http.Request('POST', url)) from None
+            if reused and not got: continue  # the upstream had closed this idle connection: once more, on a new one
+            raise openai.APIConnectionError(message=f"Connection error: {e!r}", request=_http.Request('POST', url)) from None
+        except BaseException: writer.close(); raise  # cancelled mid-answer: this connection is in no state to reuse
+        finally:
+            if timer is not None: timer.cancel()  # a timer, not `wait_for`: no task per call
+        if keep and len(pool) < 64: pool.append((reader, writer))
+        else: writer.close()
+        return status, pairs, data
+
+# %% ../nbs/05_client.ipynb #c7888625
+async def _read_response(reader, got: list) -> tuple[int, list, bytes, bool]:
+    "(status, header pairs, body, keep-alive) of one HTTP/1.1 response: Content-Length, chunked or until close; gzip/deflate."
+    import zlib
+    head = await reader.readuntil(b'\r\n\r\n')
+    got.append(1)
+    first, *lines = head[:-4].decode('latin-1').split('\r\n')
+    version, status = first.split(' ', 2)[:2]
+    pairs = [(k.strip().lower(), v.strip()) for k, v in (l.split(':', 1) for l in lines)]
+    h = dict(pairs)
+    keep = version == 'HTTP/1.1' and h.get('connection', '').lower() != 'close'
+    if 'chunked' in h.get('transfer-encoding', '').lower(): data = await _read_chunked(reader)
+    elif 'content-length' in h: data = await reader.readexactly(int(h['content-length']))
+    else: data, keep = await reader.read(), False
+    if h.get('content-encoding', 'identity') in ('gzip', 'deflate'): data = zlib.decompress(data, 47)  # 47: either header
+    return int(status), pairs, data, keep
+
+async def _read_chunked(reader) -> bytes:
+    out = []
+    while (size := int((await reader.readuntil(b'\r\n')).split(b';')[0], 16)):
+        out.append(await reader.readexactly(size)); await reader.readexactly(2)
+    while await reader.readuntil(b'\r\n') != b'\r\n': pass  # trailers
+    return b''.join(out)
+
+# %% ../nbs/05_client.ipynb #25e96280
+def _lean_pool(client) -> list:
+    "The idle connections of `client` for the running event loop; those of loops that have closed are dropped."
+    import asyncio
+    loop, pools = asyncio.get_running_loop(), client.__dict__.setdefault('_lab_lean', {})
+    if loop not in pools:
+        for old in [l for l in pools if l.is_closed()]:
+            for _, w in pools.pop(old):
+                try: w.transport.abort()
+                except Exception: pass  # its loop is gone: the socket goes with the transport
+    return pools.setdefault(loop, [])
+
+def _lean_close(client):
+    "Close every idle lean connection of `client` (from `close()`)."
+    for conns in client.__dict__.pop('_lab_lean', {}).values():
+        for _, w in conns:
+            try: w.close()
+            except Exception: pass
 
 # %% ../nbs/05_client.ipynb #a1db9c56
 def _unreachable(e, route):
@@ -600,6 +785,10 @@ class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
 
+    async def close(self):
+        "Close the HTTP client and the lab's idle upstream connections (`_lean_post`)."
+        _lean_close(self); await super().close()
+
 # %% ../nbs/05_client.ipynb #2a209035
 @patch
 @delegates(AsyncOpenAI.__init__, but=['store'])
@@ -662,10 +851,10 @@ async def _aattempt(comp, call, model, timeout):
     client = comp._client
     if route.uses_client:
         _check_openai_key(client, model)
-        return route, await _sdk_create(comp, body, extra)
+        return route, await _asdk_create(comp, body, extra)
     if not route.translated:
         sdk = backend(route, client._backends, async_=True, max_retries=client.max_retries)
-        try: return route, await _sdk_create(sdk.chat.completions, body, extra)
+        try: return route, await _asdk_create(sdk.chat.completions, body, extra)
         except openai.APIConnectionError as e: raise _unreachable(e, route) from e
     out = await backend(route, client._backends, async_=True, max_retries=client.max_retries).acreate(
         body, call.stream, _seconds(timeout) or _seconds(client.timeout))

@@ -432,3 +432,134 @@ def test_sdk_objects_and_tuples_still_take_the_sdks_transform(client, up):
     assert bodies[0] == bodies[1] and bodies[1]['stop'] == ['a', 'b']
     with pytest.raises(TypeError, match='no_such_field'):
         client.chat.completions.create(model='gpt-4o-mini', messages=HI, no_such_field=1)
+
+
+# -- the async client's lean upstream path (`_lean_post`): what the server's /chat/completions goes through --------
+
+LEAN_SKIP = ('x-stainless-retry-count', 'x-stainless-read-timeout', 'accept-encoding', 'connection')  # the lean path asks for no compression
+
+
+def _sent(up):
+    got = up.requests[-1]
+    return got.path, got.query, got.json, {k: v for k, v in got.headers.items() if k not in LEAN_SKIP}
+
+
+@pytest.mark.parametrize('extra', [{}, {'extra_body': {'top_k': 3}, 'extra_headers': {'X-Custom': 'v'}, 'timeout': 9},
+                                   {'extra_query': {'q': '1'}}])
+def test_async_upstream_gets_what_the_plain_async_sdk_sends(lab, up, extra):
+    "The async lab client posts over its own keep-alive connection; the upstream sees the plain SDK's request (a query string takes the SDK's path)."
+    plain = openai.AsyncOpenAI(api_key='sk-test', base_url=up.openai_url, max_retries=0)
+    client = lab.async_openai(api_key='sk-test', base_url=up.openai_url, max_retries=0)
+    async def run():
+        seen = []
+        for c in (plain, client, client):
+            r = await c.chat.completions.create(**WIDE, **extra)
+            seen.append((_sent(up), r.model_dump(exclude={'id', 'created'})))
+        lean = [conn for conns in client.__dict__.get('_lab_lean', {}).values() for conn in conns]
+        await client.close()
+        return seen, len(lean)
+    seen, idle = asyncio.run(run())
+    assert seen[0] == seen[1] == seen[2]
+    assert idle == (0 if 'extra_query' in extra else 1)  # both calls on one kept-alive connection
+    assert len(logs(lab)) == 2 and logs(lab)[0]['resp_payload']['choices'][0]['message']['content'] == seen[1][1]['choices'][0]['message']['content']
+
+
+@pytest.mark.parametrize('status', [400, 401, 404, 429, 500])
+def test_async_lean_errors_are_the_sdks(lab, up, status):
+    "An error answer raises what the plain SDK raises: the same class, status, body and message."
+    async def run():
+        out = []
+        for c in (openai.AsyncOpenAI(api_key='sk-test', base_url=up.openai_url, max_retries=0),
+                  lab.async_openai(api_key='sk-test', base_url=up.openai_url, max_retries=0)):
+            up.script(Reply(status=status, message=f'nope {status}'))
+            with pytest.raises(openai.APIStatusError) as e: await c.chat.completions.create(model='gpt-4o-mini', messages=HI)
+            out.append((type(e.value), e.value.status_code, e.value.body, str(e.value)))
+        return out
+    plain, ours = asyncio.run(run())
+    assert plain == ours and ours[1] == status and 'nope' in ours[3]
+    assert logs(lab)[-1]['status_code'] == status
+
+
+class _Upstream:
+    "A scripted HTTP/1.1 upstream on asyncio streams: `answers` are (status, headers, body bytes, close-after) in order."
+    def __init__(self, *answers):
+        self.answers, self.requests, self.connections = list(answers), [], 0
+
+    async def handle(self, reader, writer):
+        self.connections += 1
+        while self.answers:
+            try: head = await reader.readuntil(b'\r\n\r\n')
+            except asyncio.IncompleteReadError: break
+            h = {k.lower(): v for k, v in (l.split(': ', 1) for l in head.decode().split('\r\n')[1:-2])}
+            self.requests.append((h, json.loads(await reader.readexactly(int(h['content-length'])))))
+            status, headers, body, close = self.answers.pop(0)
+            writer.write(f"HTTP/1.1 {status} X\r\n".encode() + b''.join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n" + body)
+            await writer.drain()
+            if close: break
+        writer.close()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, '127.0.0.1', 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc): self.server.close()
+
+
+def _completion(text: str) -> bytes:
+    return json.dumps({'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': 'gpt-4o-mini', 'choices': [
+        {'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': text}}]}).encode()
+
+
+def _json_answer(text: str, close=False, status=200, **headers):
+    body = _completion(text) if status < 400 else json.dumps({'error': {'message': text, 'type': 'server_error'}}).encode()
+    return status, {'Content-Type': 'application/json', 'Content-Length': len(body), **headers}, body, close
+
+
+def test_async_lean_path_survives_a_dropped_idle_connection_and_reads_chunked_gzip(lab):
+    "A connection the upstream closed without saying so is replaced (the request sent once more); chunked and gzip answers decode."
+    import gzip
+    zipped = gzip.compress(_completion('zipped'))
+    chunked = b''.join(b'%x\r\n%s\r\n' % (len(p), p) for p in (zipped[:7], zipped[7:])) + b'0\r\n\r\n'
+    async def run():
+        async with _Upstream(_json_answer('one', close=True), _json_answer('two'),
+                             (200, {'Content-Type': 'application/json', 'Transfer-Encoding': 'chunked', 'Content-Encoding': 'gzip'}, chunked, False)) as u:
+            c = lab.async_openai(api_key='sk-test', base_url=u.url, max_retries=0)
+            got = [(await c.chat.completions.create(model='gpt-4o-mini', messages=HI)).choices[0].message.content for _ in range(3)]
+            await c.close()
+            return got, u.connections, len(u.requests)
+    assert asyncio.run(run()) == (['one', 'two', 'zipped'], 2, 3)
+
+
+def test_async_lean_retries_like_the_sdk_and_times_out(lab):
+    "A retryable failure is retried (the SDK's backoff, then its own call); without retries it raises; a slow answer is the SDK's timeout error."
+    async def run():
+        async with _Upstream(_json_answer('busy', status=503), _json_answer('ok'), _json_answer('down', status=503)) as u:
+            c = lab.async_openai(api_key='sk-test', base_url=u.url, max_retries=1)
+            first = (await c.chat.completions.create(model='gpt-4o-mini', messages=HI)).choices[0].message.content
+            with pytest.raises(openai.InternalServerError, match='down'):
+                await c.with_options(max_retries=0).chat.completions.create(model='gpt-4o-mini', messages=HI)
+            n = len(u.requests)
+        async def silent(reader, writer): await asyncio.sleep(5)
+        srv = await asyncio.start_server(silent, '127.0.0.1', 0)
+        slow = lab.async_openai(api_key='sk-test', base_url=f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1", max_retries=0)
+        with pytest.raises(openai.APITimeoutError): await slow.chat.completions.create(model='gpt-4o-mini', messages=HI, timeout=0.3)
+        srv.close()
+        refused = lab.async_openai(api_key='sk-test', base_url='http://127.0.0.1:9/v1', max_retries=0)
+        with pytest.raises(openai.APIConnectionError): await refused.chat.completions.create(model='gpt-4o-mini', messages=HI)
+        return first, n
+    assert asyncio.run(run()) == ('ok', 3)
+    assert [r['status_code'] for r in logs(lab)][:2] == [200, 503]
+
+
+def test_async_lean_path_only_where_the_sdk_would_add_nothing(lab, monkeypatch):
+    "A proxy in the environment, https, a custom HTTP client, a stream or the raw-response wrapper: the SDK's own path."
+    from openpipe_lab.client import _lean_ok
+    body, mk = {'model': 'm', 'messages': HI}, lambda **kw: lab.async_openai(api_key='k', max_retries=0, **{'base_url': 'http://127.0.0.1:9/v1', **kw})
+    assert _lean_ok(mk(), body, {})
+    assert not _lean_ok(mk(base_url='https://api.example.com/v1'), body, {})
+    assert not _lean_ok(mk(http_client=openai.DefaultAsyncHttpxClient()), body, {})
+    assert not _lean_ok(mk(), {**body, 'stream': True}, {}) and not _lean_ok(mk(), {**body, 'messages': (HI[0],)}, {})
+    assert not _lean_ok(mk(), body, {'extra_headers': {'X-Stainless-Raw-Response': 'raw'}})
+    monkeypatch.setenv('HTTP_PROXY', 'http://proxy.invalid:3128')
+    assert not _lean_ok(mk(), body, {})
