@@ -11,12 +11,10 @@
    (a) straight to the loopback fake upstream and (b) through our server (guard, parsing, the lab client's routing
    and logging, a second HTTP hop to the same upstream). Added p50 = p50(b) - p50(a). Goal: <= 1 ms.
 3. Where that time goes (`upstream_call_breakdown_ms`, see `breakdown`): the server's own upstream call, layer by
-   layer, in this process. On the 2-core machine of 2026-12-02 (openai 3.57, loaded by other work) a raw loopback
-   POST takes ~0.5 ms and the plain `AsyncOpenAI` call 3.3-3.9 ms, of which its request-params transform is ~1 ms;
-   the lab client (`lab`) skips that transform for a plain request and posts through the SDK's `post`
-   (2.8-2.9 ms, ~ `sdk_post`): what is left is the SDK's request and response handling (~0.5 ms with parsing) and
-   its httpx2/httpcore/anyio stack (~1 ms over the raw POST). The server's own routing and parsing (a plain
-   Starlette route, guard, schema check, the answer written by pydantic) is ~0.1 ms in process with the post stubbed.
+   layer, in this process. On the 2-core machine of 2026-12-02 (openai 3.57) a raw loopback POST takes ~0.6 ms and
+   the plain `AsyncOpenAI` call ~3.3 ms; `sdk_post` (the SDK's `post` without its request transform) ~2.8 ms. The lab
+   client (`lab`, what the server uses) posts a plain request over its own keep-alive connection (`_lean_post`):
+   ~1.1-1.3 ms with routing and logging. Its CPU with the upstream stubbed is ~70 µs; the rest is the round trip.
 
 The server runs in its own process (this script re-invoked with `--serve`), the fake upstream in another, the load
 generator here: each has its own interpreter, so none takes the GIL from another. Absolute figures change with the

@@ -15,7 +15,7 @@ from fastcore.meta import delegates
 import sqlalchemy as sa
 from . import __version__
 from .core import *
-from .formats import content_hash, apply_pruning_rules, check_tags, jsonable, dumps, loads
+from .formats import content_hash, apply_pruning_rules, check_tags, jsonable, dumps, loads, json_text
 from .store import tables
 from .logstore import LogStore
 from .providers import Route, resolve, backend, assemble_chunks, completion_chunks
@@ -346,7 +346,7 @@ async def _asdk_create(comp, body: dict, extra: dict):
     client = comp._client
     if not _lean_ok(client, body, extra) or (prep := _lean_request(client, extra)) is None: return await _sdk_create(comp, body, extra)
     url, head, timeouts = prep
-    payload = dumps({**body, **extra['extra_body']} if extra.get('extra_body') else body).encode()
+    payload = json_text({**body, **extra['extra_body']} if extra.get('extra_body') else body).encode()
     try: status, pairs, data = await _lean_post(client, url, head, payload, timeouts)
     except openai.APIConnectionError as e: return await _lean_retry(comp, body, extra, e, None)
     if 200 <= status < 300: return _lean_completion(url, status, pairs, data)

@@ -692,7 +692,10 @@ def chat_headers(request  # the incoming Starlette request
                 ) -> dict:
     "The SDK's `op-*` headers of a request, passed to the lab client, which reads, checks and strips them."
     from openpipe_lab.client import OP_HEADERS
-    return {h: request.headers[h] for h in OP_HEADERS if h in request.headers}
+    found = {}
+    for k, v in request.scope['headers']:  # one pass over the raw (lower-case) names; the first of a repeated header wins
+        if k[:3] == b'op-' and (name := k.decode('latin-1')) in OP_HEADERS: found.setdefault(name, v.decode('latin-1'))
+    return found
 
 def _create_params() -> set:
     import inspect, openai
