@@ -154,9 +154,17 @@ def test_a_raising_when_durable_callback_does_not_stop_the_writer(lab):
     assert any('when_durable callback raised ZeroDivisionError' in str(w.message) for w in caught)
 
 
-def test_multi_row_inserts_keep_every_value_in_its_column(lab):
+@pytest.fixture(params=['sqlite', 'postgres'])
+def any_lab(request, tmp_path):
+    "A fresh lab on SQLite, or on Postgres (skipped without OPENPIPE_LAB_TEST_PG)."
+    if request.param == 'sqlite': return LogStore(str(tmp_path / 'lab.db'))
+    return LogStore(request.getfixturevalue('pg_url'), dir=tmp_path)
+
+
+def test_multi_row_inserts_keep_every_value_in_its_column(any_lab):
     "Logs and tag sets go in several to a statement (`_insert_many`): a limit of 63 parameters makes 3 logs a statement, 10 logs 3 statements and a remainder."
     from openpipe_lab.logstore import _LOG_COLS
+    lab = any_lab
     lab._params = 3 * len(_LOG_COLS)  # tag sets: 31 a statement, their pairs 21
     ids = [lab.record(model=f'm{i}', req_payload={'i': i}, resp_payload={'id': f'c{i}'}, status_code=200 + i,
                       completion_id=f'c{i}', tags={'i': str(i), 'j': 'x'} if i % 2 else None, cache_hit=i == 4, stream=i == 5,
