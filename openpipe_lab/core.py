@@ -12,8 +12,8 @@ from dataclasses import dataclass
 __all__ = ['lab_dir', 'default_db_url', 'OpenPipeLabError', 'ConfigError', 'LabDirError', 'ValidationError', 'StoreError',
            'SchemaVersionError', 'NotFoundError', 'AlreadyExistsError', 'ProviderError', 'MissingAPIKeyError',
            'MissingDependencyError', 'TrainingError', 'DeploymentError', 'EvalError', 'now_ms', 'new_id', 'check_slug',
-           'require', 'lazy_attr', 'process_start_ticks', 'pid_alive', 'descendants', 'group_pids', 'signal_tree',
-           'stop_group', 'stop_tree', 'die_with_parent']
+           'check_positive_int', 'require', 'lazy_attr', 'process_start_ticks', 'pid_alive', 'descendants',
+           'group_pids', 'signal_tree', 'stop_group', 'stop_tree', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #fbe929e3
 def lab_dir(create: bool = True  # make the directory if it is missing
@@ -110,6 +110,13 @@ def check_slug(slug: str, what: str = 'slug') -> str:
         raise ConfigError(f"invalid {what} {slug!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit (e.g. 'pii-smol-v1').")
     return slug
+
+# %% ../nbs/00_core.ipynb #419aad84
+def check_positive_int(value, what: str) -> int:
+    "Return `value` if it is an int >= 1 (not a bool), else raise `ConfigError` naming `what`."
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
 
 # %% ../nbs/00_core.ipynb #ba7ed548
 _EXTRAS = {'torch': 'train', 'transformers': 'train', 'trl': 'train', 'peft': 'train', 'datasets': 'train',

@@ -404,7 +404,7 @@ def judge_many(self: Criterion, rows: list,  # dicts with `output` and optionall
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or 'output' not in r:
             raise ConfigError(f"judge_many: rows[{i}] must be a dict with an 'output' key (and optionally messages, tools, tool_choice)")
-    if not (isinstance(concurrency, int) and concurrency >= 1): raise ConfigError(f"judge_many: concurrency must be a positive integer, got {concurrency!r}")
+    check_positive_int(concurrency, 'judge_many: concurrency')
     self.version
     if self.kind == 'llm': self._uses_logprobs(self._route_api())
     else: concurrency = 1  # in-process models score one row at a time

@@ -735,7 +735,7 @@ def relabel(self: Dataset, model: str,  # any model id the client routes: 'gpt-4
             **kwargs  # extra `chat.completions.create` arguments (temperature, max_tokens, ...)
            ) -> Dataset:
     "Replace each entry's output with `model`'s answer to its input; resumable, with per-row failures collected."
-    if not isinstance(concurrency, int) or concurrency < 1: raise ConfigError(f"concurrency must be a positive integer, got {concurrency!r}")
+    check_positive_int(concurrency, 'concurrency')
     if split is not None: _check_split(split)
     client = client if client is not None else OpenAI(store=self.store)
     job = self._relabel_job(model, split, resume)

@@ -100,7 +100,8 @@ def head_to_head(self: Eval, judge_model: str,  # the judge: any model id the la
         raise ConfigError(f"head_to_head needs at least two models to compare, got {models}: pass more models= "
                           "(or include_dataset=True to compare one model with the dataset's outputs)")
     self.head_to_heads.append({'judge_model': judge_model, 'instructions': instructions, 'both_orders': bool(both_orders),
-                               'models': models, 'concurrency': int(concurrency), 'max_tokens': int(max_tokens),
+                               'models': models, 'concurrency': check_positive_int(concurrency, 'head_to_head: concurrency'),
+                               'max_tokens': check_positive_int(max_tokens, 'head_to_head: max_tokens'),
                                'structured': bool(structured)})
     return self
 

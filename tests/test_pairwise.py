@@ -168,6 +168,9 @@ def test_bad_input_is_refused_before_any_call(lab, judge):
         Eval(ENTRIES, models=two, store=lab).head_to_head('unknown-prefix:j')
     with pytest.raises(ConfigError, match='share the name'):
         Eval(ENTRIES, models=[model('alpha'), model('alpha')], store=lab)
+    for kw, bad in (('concurrency', 0), ('concurrency', '4'), ('max_tokens', -5), ('max_tokens', True)):
+        with pytest.raises(ConfigError, match=f'head_to_head: {kw} must be a positive integer, got {bad!r}'):
+            Eval(ENTRIES, models=two, store=lab).head_to_head('openpipe:judge/j', **{kw: bad})
     ds = Dataset.create('empty-test', store=lab)
     ds.add_entries(ENTRIES)          # all TRAIN: the TEST split is empty
     with pytest.raises(EvalError, match='has no entries'):
