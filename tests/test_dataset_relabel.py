@@ -101,7 +101,10 @@ def test_interrupt_then_resume(lab, upstream):
         ds.relabel('gpt-4o-mini', concurrency=1, client=Interrupting(), progress=False)
     assert ds._config()['relabel']['status'] == 'interrupted'
     done = sum(e['provenance'] == 'RELABELED_BY_MODEL' for e in ds.entries(limit=None))
-    assert done == 5
+    # calls 1-5 answered; the 7th was already queued (2 in flight per worker) and its answer is kept if it arrived
+    # before the interrupt was handled: a timing race (seen under CI load), both outcomes are what relabel promises
+    relabeled = [e['provenance'] == 'RELABELED_BY_MODEL' for e in ds.entries(limit=None)]
+    assert done in (5, 6) and relabeled[:6] == [True] * 5 + [False] and relabeled[7:] == [False] * 5  # the 6th was the interrupted call
     n = len(upstream.requests)
     ds.relabel('gpt-4o-mini', concurrency=4, progress=False)
     assert len(upstream.requests) - n == 12 - done
