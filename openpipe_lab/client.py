@@ -319,10 +319,6 @@ def _lean_helpers():
 _LEAN = _lean_helpers()
 _PROXY_VARS = ('HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
 
-def _plain_body(body: dict) -> bool:
-    "A body the SDK's `create` accepts and its transform would only copy."
-    return body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)
-
 def _lean_ok(client, body: dict, extra: dict) -> bool:
     "True when an async call needs nothing of the SDK's HTTP stack (see above)."
     if _LEAN is None or body.get('stream') or extra.get('extra_query'): return False

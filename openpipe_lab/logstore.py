@@ -226,10 +226,10 @@ def _intern_tags(self: LogStore, c, rows: list[dict]) -> dict:
 @patch
 def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
     "({digest: id} for every set in `by_digest` (digest -> tags text), the digests whose pairs this transaction writes)."
-    ids, sqlite = {}, self.db.dialect == 'sqlite'
+    sqlite = self.db.dialect == 'sqlite'
     made = self._insert_many(c, 'tag_sets', ('digest', 'tags'), list(by_digest.items()),  # a set already there is skipped
                              " ON CONFLICT (digest) DO NOTHING" + ('' if sqlite else " RETURNING digest, id"))
-    ids.update(made)  # Postgres: the ids straight back; SQLite: below, in one row
+    ids = dict(made)  # Postgres: the ids straight back; SQLite: below, in one row
     missing = [d for d in by_digest if d not in ids]
     if missing: ids.update(self._select_tag_sets(c, missing))
     return ids, set(by_digest) if sqlite else {d for d, _ in made}  # SQLite: every set's pairs, ON CONFLICT DO NOTHING

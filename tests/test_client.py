@@ -457,6 +457,7 @@ def test_async_upstream_gets_what_the_plain_async_sdk_sends(lab, up, extra):
             seen.append((_sent(up), r.model_dump(exclude={'id', 'created'})))
         lean = [conn for conns in client.__dict__.get('_lab_lean', {}).values() for conn in conns]
         await client.close()
+        assert '_lab_lean' not in client.__dict__ and all(w.is_closing() for _, w in lean)  # close() closes the idle connections
         return seen, len(lean)
     seen, idle = asyncio.run(run())
     assert seen[0] == seen[1] == seen[2]
