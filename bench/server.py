@@ -36,7 +36,7 @@ def serve(port: int, labdir: str):
     "The server process: the real app plus a no-op endpoint behind the same guard, parsing and schema check."
     import uvicorn
     from openpipe_lab.logstore import LogStore
-    from openpipe_lab.server import create_app, _endpoint, API_PREFIX
+    from openpipe_lab.server import create_app, freeze_heap, _endpoint, API_PREFIX
     lab = LogStore(f"{labdir}/lab.db")
     app = create_app(lab)
 
@@ -45,6 +45,7 @@ def serve(port: int, labdir: str):
         "Parse and check a /report body, store nothing."
         return {'status': 'ok'}
     app.add_api_route(API_PREFIX + '/noop', _noop, methods=['POST'], include_in_schema=False)
+    freeze_heap()  # as `openpipe-lab serve` does once its app is built
     uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning', access_log=False, lifespan='off')
 
 

@@ -159,7 +159,7 @@ def _cmd_keys(a) -> str:
 @_command('serve')
 def _cmd_serve(a) -> str:
     import uvicorn
-    from openpipe_lab.server import create_app, list_api_keys, MAX_BODY_BYTES, API_PREFIX
+    from openpipe_lab.server import create_app, freeze_heap, list_api_keys, MAX_BODY_BYTES, API_PREFIX
     store = _store()
     app = create_app(store, max_body_bytes=a.max_body_bytes or MAX_BODY_BYTES)
     if not len(list_api_keys(store)):
@@ -172,6 +172,7 @@ def _cmd_serve(a) -> str:
             dep = Deployment(a.deploy, store=store, progress=sys.stderr.isatty()).start()
         print(f"openpipe-lab serve: {store!r} at http://{a.host}:{sock.getsockname()[1]}{API_PREFIX}"
               + (f" (serving {', '.join('openpipe:' + s for s in a.deploy)})" if a.deploy else ''), file=sys.stderr, flush=True)
+        freeze_heap()  # this process only serves: what start-up built is never garbage (11_server)
         _serve_until_signal(uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='off', access_log=False)), sock)
     finally:
         sock.close()

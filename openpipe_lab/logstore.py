@@ -29,6 +29,7 @@ class LogStore:
         self.t = self.db.t
         self._writer, self._lock, self._batch_size = None, threading.Lock(), batch_size
         self._tag_sets = {}  # tags text -> tag_sets.id, for sets already committed
+        self._tag_digests = {}  # tags text -> tag_sets.digest, for sets the SQLite writer committed (`_insert_rows_sqlite`)
         self._params = None  # the driver's limit on bound parameters per statement (`_rows_per_statement`)
         self._flag = int if self.db.dialect == 'sqlite' else bool  # sqlite3 binds an int directly, a bool through its adapter lookup
         _OPEN_STORES.add(self)
@@ -157,6 +158,7 @@ def _insert_rows(self: LogStore, rows: list[dict]):
     "Write rows (from the writer thread) in one transaction: logs and any tag set they are the first to use."
     for r in rows:
         if not isinstance(r['resp_payload'], (str, type(None))): r['resp_payload'] = _payload_text(r['resp_payload'])
+    if self.db.dialect == 'sqlite' and len(rows) <= _ONE_STATEMENT: return self._insert_rows_sqlite(rows)  # below
     with self.db.begin() as c:
         learned = self._intern_tags(c, rows)
         self._insert_many(c, 'logs', _LOG_COLS, list(map(_log_values, rows)))
@@ -165,7 +167,7 @@ def _insert_rows(self: LogStore, rows: list[dict]):
 @patch
 def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '') -> list:
     "INSERT `values` (tuples in `cols` order) many rows to a statement; the rows of a RETURNING `suffix`."
-    per, out, sql = self._rows_per_statement(c, len(cols)), [], lambda n: _insert_sql(self.db.dialect, table, cols, n) + suffix
+    per, out, sql = self._rows_per_statement(c.connection.driver_connection, len(cols)), [], lambda n: _insert_sql(self.db.dialect, table, cols, n) + suffix
     if self.db.dialect != 'sqlite' and 'RETURNING' not in suffix:
         # Postgres: a 1,000-log statement costs ~0.1 s to set up per call (measured), once per executemany: the full
         # statements in one executemany, the rest as single rows, which psycopg pipelines (no GIL hand-back per row)
@@ -180,10 +182,9 @@ def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffi
 
 # %% ../nbs/03_logstore.ipynb #916286f2
 @patch
-def _rows_per_statement(self: LogStore, c, ncols: int) -> int:
-    "Rows per statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999)."
+def _rows_per_statement(self: LogStore, con, ncols: int) -> int:
+    "Rows per statement: up to 1,000, within the driver's limit on bound parameters (an old SQLite's is 999); `con`: a driver connection."
     if self._params is None:
-        con = c.connection.driver_connection
         self._params = 65_535 if self.db.dialect != 'sqlite' else con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(con, 'getlimit') else 999
     return max(1, min(1000, self._params // ncols))
 
@@ -237,7 +238,7 @@ def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
 @patch
 def _select_tag_sets(self: LogStore, c, digests: list) -> list:
     "(digest, id) of the sets already in the lab among `digests`."
-    ts, out, per = tables.tag_sets, [], self._rows_per_statement(c, 1)
+    ts, out, per = tables.tag_sets, [], self._rows_per_statement(c.connection.driver_connection, 1)
     for i, j in _slices(len(digests), per):
         if self.db.dialect != 'sqlite': out += c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:j]))).all()
         else:  # one row, not one per set: each row fetched hands the GIL to a busy caller and waits up to 5 ms for it back
@@ -247,9 +248,83 @@ def _select_tag_sets(self: LogStore, c, digests: list) -> list:
     return out
 
 @patch
-def _remember_tag_sets(self: LogStore, learned: dict):
-    if len(self._tag_sets) + len(learned) > 100_000: self._tag_sets = {}  # bounded: unique-per-log tags must not grow it forever
-    self._tag_sets.update(learned)
+def _remember_tag_sets(self: LogStore, learned: dict, cache: str = '_tag_sets'):
+    "Add committed sets to a cache (`_tag_sets`: ids; `_tag_digests`: digests), bounded: unique-per-log tags must not grow it forever."
+    if len(getattr(self, cache)) + len(learned) > 100_000: setattr(self, cache, {})
+    getattr(self, cache).update(learned)
+
+# %% ../nbs/03_logstore.ipynb #f4b2d6c8
+_INGEST_COLS = _LOG_COLS + ('digest', 'pairs')  # a log's columns, then what its trigger needs to find or make its tag set
+_ingest_values = operator.itemgetter(*_INGEST_COLS)
+_ONE_STATEMENT = 64  # a batch up to this many rows goes in as one statement of its own size, in SQLite's own transaction
+_UNESCAPE = "replace(replace({}, char(57344, 57346), char(0)), char(57344, 57345), char(57344))"  # `_pairs_text`'s escapes, undone
+
+def _ingest_ddl() -> tuple[str, str]:
+    "The temporary view `log_ingest` (a connection's own) and its trigger: each row inserted becomes a log, with its tag set and pairs if `pairs` is set."
+    cols = ', '.join(_LOG_COLS)
+    new = ', '.join('COALESCE(NEW.tag_set_id, (SELECT id FROM tag_sets WHERE digest = NEW.digest))' if c == 'tag_set_id'
+                    else f'NEW.{c}' for c in _LOG_COLS)
+    return (f"CREATE TEMP VIEW IF NOT EXISTS log_ingest AS SELECT {cols}, NULL AS digest, NULL AS pairs FROM main.logs WHERE 0",
+            f"""CREATE TEMP TRIGGER IF NOT EXISTS log_ingest_row INSTEAD OF INSERT ON log_ingest BEGIN
+  INSERT INTO tag_sets (digest, tags) SELECT NEW.digest, NEW.tags WHERE NEW.pairs IS NOT NULL ON CONFLICT (digest) DO NOTHING;
+  INSERT INTO tag_set_tags (tag_set_id, key, value)
+    SELECT (SELECT id FROM tag_sets WHERE digest = NEW.digest), {_UNESCAPE.format('j.key')}, {_UNESCAPE.format('j.value')}
+    FROM json_each(NEW.pairs) AS j WHERE NEW.pairs IS NOT NULL ON CONFLICT (tag_set_id, key) DO NOTHING;
+  INSERT INTO logs ({cols}) VALUES ({new});
+END""")
+
+def _pairs_text(tags: dict) -> str:
+    "A new set's pairs as JSON for the trigger: storable strings, NUL written as U+E000 U+E002 and U+E000 itself as U+E000 U+E001."
+    def esc(s):
+        s = _storable_str(s)
+        return s.replace('\ue000', '\ue000\ue001').replace('\x00', '\ue000\ue002') if '\x00' in s or '\ue000' in s else s
+    return json.dumps({esc(k): esc(v) for k, v in tags.items()}, ensure_ascii=False)
+
+# %% ../nbs/03_logstore.ipynb #a5c3e7d9
+@patch
+def _mark_tag_sets(self: LogStore, rows: list[dict]) -> dict:
+    "Give each row what the trigger needs: its set's id if known, else its digest, plus the pairs on a new set's first row; returns {text: digest} of the new sets."
+    ids, digests, new = self._tag_sets, self._tag_digests, {}
+    for r in rows:
+        text = r['tags']
+        r['tag_set_id'] = r['digest'] = r['pairs'] = None
+        if text is None: continue
+        if (i := ids.get(text)) is not None: r['tag_set_id'] = i
+        elif (d := digests.get(text) or new.get(text)) is not None: r['digest'] = d
+        else:
+            tags = loads(text)  # the tags back from the very text the log stores
+            r['digest'] = new[text] = tag_set_digest(tags)
+            r['pairs'] = _pairs_text(tags)
+    return new
+
+# %% ../nbs/03_logstore.ipynb #c7e5a9f1
+@patch
+def _insert_rows_sqlite(self: LogStore, rows: list[dict]):
+    "Insert a small batch through `log_ingest`: one statement, or `_slices` in one transaction past the driver's parameter limit."
+    new = self._mark_tag_sets(rows)
+    values, n = list(map(_ingest_values, rows)), len(rows)
+    conn = self.db.engine.raw_connection()  # from the pool: the store's pragmas, a temporary view per connection
+    con = conn.driver_connection
+    try:
+        if not conn.info.get('log_ingest'):
+            for ddl in _ingest_ddl(): con.execute(ddl)
+            conn.info['log_ingest'] = True
+        per = self._rows_per_statement(con, len(_INGEST_COLS))
+        sql = lambda k: _insert_sql('sqlite', 'log_ingest', _INGEST_COLS, k)
+        if n <= min(per, _ONE_STATEMENT): con.execute(sql(n), tuple(chain.from_iterable(values)))
+        else:
+            con.execute('BEGIN IMMEDIATE')
+            for i, j in _slices(n, per): con.execute(sql(j - i), tuple(chain.from_iterable(values[i:j])))
+            con.execute('COMMIT')
+    except BaseException as e:
+        if con.in_transaction:
+            try: con.execute('ROLLBACK')
+            except sqlite3.Error: pass
+        if not isinstance(e, sqlite3.Error): raise
+        self.db._raise_if_damaged(e)
+        raise sa.exc.DBAPIError.instance(f'INSERT INTO log_ingest ({n} logs)', None, e, sqlite3.Error) from None
+    finally: conn.close()
+    self._remember_tag_sets(new, '_tag_digests')  # committed: the digests name sets that exist
 
 # %% ../nbs/03_logstore.ipynb #dbeed661
 def _row_bytes(r) -> int: return len(r['req_payload'] or '') + len(r['resp_payload'] or '')
@@ -389,7 +464,7 @@ def _insert_one_by_one(self: _Writer, batch, err) -> tuple[list, Exception | Non
 # %% ../nbs/03_logstore.ipynb #05796a19
 def _bad_data(e) -> bool:
     "An error a retry cannot fix: a value the driver cannot encode or the database refuses."
-    return isinstance(e, (UnicodeError, TypeError, sa.exc.DataError, sa.exc.IntegrityError)) or \
+    return isinstance(e, (UnicodeError, TypeError, OverflowError, sa.exc.DataError, sa.exc.IntegrityError)) or \
            (isinstance(e, sa.exc.StatementError) and not isinstance(e, sa.exc.DBAPIError))
 
 def _connection_lost(e, dialect: str) -> bool:
@@ -398,6 +473,8 @@ def _connection_lost(e, dialect: str) -> bool:
     return isinstance(e, sa.exc.OperationalError) and dialect != 'sqlite'
 
 # %% ../nbs/03_logstore.ipynb #4edec13c
+_NOT_SAVED = ('tag_set_id', 'digest', 'pairs')  # what the writer added to a row to insert it
+
 @patch
 def _save_unwritten(self: _Writer, batch, err):
     "Append rows the database would not take to `<lab dir>/unwritten-logs.jsonl`, whole lines only, with a warning."
@@ -406,7 +483,7 @@ def _save_unwritten(self: _Writer, batch, err):
         with open(path, 'ab', buffering=0) as f:
             end = f.seek(0, os.SEEK_END)  # the end of the last complete line: a failed write is cut back to it
             for r in batch:
-                line = (json.dumps({k: v for k, v in r.items() if k != 'tag_set_id'} | {'tags': loads(r['tags']) or {}}) + '\n').encode()
+                line = (json.dumps({k: v for k, v in r.items() if k not in _NOT_SAVED} | {'tags': loads(r['tags']) or {}}) + '\n').encode()
                 try:
                     if f.write(line) != len(line): raise OSError(f"short write to {path} (disk full or file size limit)")
                 except OSError:

@@ -18,7 +18,7 @@ from .criterion import Criterion  # /criteria/judge; importing it adds best of N
 # %% auto #0
 __all__ = ['KEY_PREFIX', 'TRAINING_CONFIGS', 'SCHEMAS', 'API_PREFIX', 'MAX_BODY_BYTES', 'KEY_RECHECK_SECONDS', 'ROUTES',
            'RAW_ROUTES', 'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema',
-           'create_app', 'training_config', 'model_object', 'chat_headers', 'Server']
+           'create_app', 'training_config', 'model_object', 'chat_headers', 'Server', 'freeze_heap']
 
 # %% ../nbs/11_server.ipynb #3f8d94a8
 KEY_PREFIX = 'opl-'
@@ -804,3 +804,11 @@ def serve(self: LogStore, port: int = 0,  # 0: a free port
          ) -> Server:
     "Serve this lab's hosted API (`/api/v1`) from a background thread; returns the running `Server` (`.url`, `.api_key`, `.stop()`)."
     return Server(self, host=host, port=port, api_key=api_key, max_body_bytes=max_body_bytes, client=client).start()
+
+# %% ../nbs/11_server.ipynb #b7d2e4f1
+def freeze_heap() -> int:
+    "Collect garbage, then exempt every object alive now from later collections (for a process that only serves); returns how many."
+    import gc
+    gc.collect(); gc.freeze()
+    return gc.get_freeze_count()
+

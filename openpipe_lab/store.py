@@ -316,7 +316,12 @@ def storable_str(text: str) -> str:
 @patch
 def _damaged(self: Database, ctx):
     "After opening, SQLite's corruption error on any query or write becomes our StoreError naming the file and the fix."
-    msg = str(ctx.original_exception)
+    self._raise_if_damaged(ctx.original_exception)
+
+@patch
+def _raise_if_damaged(self: Database, e: Exception):
+    "Raise our StoreError if `e` is SQLite's corruption error (from a query through the engine, or a raw driver call)."
+    msg = str(e)
     if self._opened and 'malformed' in msg:
         path = self.url.removeprefix('sqlite:///')
         raise StoreError(f"the lab database {self._safe_url()} is damaged ({msg}). Recover what is readable with "

@@ -187,7 +187,7 @@ def test_multi_row_inserts_keep_every_value_in_its_column(any_lab):
 def test_rows_per_statement_stays_within_the_drivers_parameter_limit(lab):
     with lab.db.begin() as c:
         limit = c.connection.driver_connection.getlimit(__import__('sqlite3').SQLITE_LIMIT_VARIABLE_NUMBER)
-        per = {n: lab._rows_per_statement(c, n) for n in (1, 2, 3, 21)}
+        per = {n: lab._rows_per_statement(c.connection.driver_connection, n) for n in (1, 2, 3, 21)}
     assert all(1 <= k <= 1000 and k * n <= limit for n, k in per.items())
 
 

@@ -148,3 +148,55 @@ def test_a_second_store_reuses_the_sets_of_the_first(tmp_path):
     with a.db.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(tables.tag_sets)).scalar() == 2
         assert c.exec_driver_sql('SELECT count(*) FROM tag_set_tags').scalar() == 3  # k, z of the first set; k of the second
+
+
+# -- the SQLite writer's one statement per batch (`log_ingest`) ------------------------------------------------------
+from hypothesis import given, settings, strategies as st, HealthCheck
+from openpipe_lab.store import storable_str
+
+_TRICKY = st.text(alphabet=st.sampled_from(['a', 'é', '\x00', '\ue000', '\ue001', '\ue002', '\ud800', '😀', '"', '\\', '\n']), max_size=6)
+
+@pytest.fixture(scope='module')
+def ingest_lab(tmp_path_factory):
+    lab = LogStore(str(tmp_path_factory.mktemp('ingest') / 'lab.db'))
+    yield lab
+    lab.close()
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tags=st.dictionaries(_TRICKY.filter(bool), _TRICKY, min_size=1, max_size=4))
+def test_tag_pairs_written_by_the_trigger_equal_the_strings_given(ingest_lab, tags):
+    "NUL, the escape's own characters, lone surrogates, quotes: each pair the trigger unpacks (json_each) is the string bound directly."
+    lab = ingest_lab
+    lid = lab.record(model='m', req_payload={'q': 1}, tags=tags); lab.flush()
+    with lab.db.connect() as c:
+        set_id = c.exec_driver_sql('SELECT tag_set_id FROM logs WHERE id = ?', (lid,)).scalar()
+        got = c.exec_driver_sql('SELECT key, value FROM tag_set_tags WHERE tag_set_id = ?', (set_id,)).all()
+    assert set_id is not None and sorted(got) == sorted((storable_str(k), storable_str(v)) for k, v in tags.items())
+    assert lid in lab.filter(**tags).ids()  # the filter (bound parameters) finds what the trigger wrote
+
+
+def test_a_small_batch_is_one_statement_and_a_large_one_one_transaction(tmp_path):
+    "The writer's statements, traced: a batch up to `_ONE_STATEMENT` rows is a lone INSERT into log_ingest (SQLite's own transaction, one GIL hand-back); one over the driver's parameter limit in `_slices` inside BEGIN IMMEDIATE ... COMMIT; a larger batch takes the plain multi-row INSERTs."
+    from sqlalchemy import event
+    from openpipe_lab.logstore import _ONE_STATEMENT, _INGEST_COLS
+    lab, seen = LogStore(str(tmp_path / 'lab.db')), []
+    def trace(dbapi_conn, _):  # SQLite reports a statement again at each row's trigger: consecutive repeats are one statement
+        def log(sql):
+            entry = (threading.current_thread().name, sql.split(None, 3)[:3], hash(sql))
+            if not seen or seen[-1] != entry: seen.append(entry)
+        dbapi_conn.set_trace_callback(log)
+    event.listen(lab.db.engine, 'connect', trace)
+    lab.db.engine.dispose()  # connections made from now on are traced
+    def writer_statements(count, **tags):
+        seen.clear()
+        lab._get_writer().linger = 0.5  # let the burst queue up: one batch
+        for i in range(count): lab.record(model='m', req_payload={'q': i}, tags={k: v.format(i=i) for k, v in tags.items()})
+        lab.flush()
+        return [s[0] if s[0] != 'INSERT' else s[2] for t, s, _ in seen if t == 'openpipe-lab-log-writer' and s[0] != 'CREATE']
+    assert writer_statements(_ONE_STATEMENT, k='{i}', env='x') == ['log_ingest']
+    big = writer_statements(_ONE_STATEMENT + 36, k='{i}')  # throughput-bound: plain multi-row INSERTs, ids resolved in Python
+    assert big[0] == 'BEGIN' and big[-1] == 'COMMIT' and 'log_ingest' not in big and {'tag_sets', 'tag_set_tags', 'logs'} <= set(big), big
+    lab._params = 10 * len(_INGEST_COLS)  # 10 rows a statement
+    assert writer_statements(25, k='{i}') == ['BEGIN', 'log_ingest', 'log_ingest', 'log_ingest', 'COMMIT']  # 10 + 10 + 5
+    assert len(lab.filter(k='3')) == 3 and len(lab.filter(env='x')) == _ONE_STATEMENT and len(lab) == 2 * _ONE_STATEMENT + 36 + 25
+    lab.close()
