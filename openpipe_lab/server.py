@@ -17,7 +17,7 @@ from .criterion import Criterion  # /criteria/judge; importing it adds best of N
 
 # %% auto #0
 __all__ = ['KEY_PREFIX', 'TRAINING_CONFIGS', 'SCHEMAS', 'API_PREFIX', 'MAX_BODY_BYTES', 'KEY_RECHECK_SECONDS', 'ROUTES',
-           'RAW_ROUTES', 'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema',
+           'FAST_ROUTES', 'create_api_key', 'list_api_keys', 'revoke_api_key', 'APIError', 'api_error', 'check_schema',
            'create_app', 'training_config', 'model_object', 'chat_headers', 'Server', 'freeze_heap']
 
 # %% ../nbs/11_server.ipynb #3f8d94a8
@@ -260,20 +260,23 @@ def create_app(store=None,  # the lab (a LogStore); None: the default lab
     for method, path, fn, schema, op in ROUTES:
         app.add_api_route(API_PREFIX + path, fn, methods=[method], summary=(fn.__doc__ or '').split('.')[0],
                           description=fn.__doc__, openapi_extra=_openapi_extra(schema, op, path), include_in_schema=True)
-    _raw_first(app, RAW_ROUTES)
     _errors_as_json(app)
     _bearer_scheme(app)
-    app.add_middleware(_Guard, store=lab, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, store=lab, max_body_bytes=max_body_bytes, fast=_fast_routes(FAST_ROUTES))
     return app
 
 # %% ../nbs/11_server.ipynb #7144e10d
-RAW_ROUTES = ('/chat/completions',)  # paths served by a plain Starlette route in front of their FastAPI route
+FAST_ROUTES = ('/chat/completions',)  # paths the guard serves itself, without the router (their FastAPI routes document them)
 
-def _raw_first(app, paths):
-    "Serve `paths` by plain Starlette routes placed first; their FastAPI routes stay for the OpenAPI document."
-    from starlette.routing import Route
-    for method, path, fn, *_ in ROUTES:
-        if path in paths: app.router.routes.insert(0, Route(API_PREFIX + path, fn, methods=[method]))
+def _fast_routes(paths) -> dict:
+    "{(method, full path): endpoint} of `paths` among `ROUTES`."
+    return {(method, API_PREFIX + path): fn for method, path, fn, *_ in ROUTES if path in paths}
+
+async def _serve_fast(fn, scope, receive, send):
+    "Answer with endpoint `fn` as Starlette's route would: one `Request`, the response it returns."
+    from starlette.requests import Request
+    response = await fn(Request(scope, receive, send))
+    await response(scope, receive, send)
 
 # %% ../nbs/11_server.ipynb #775fee39
 def _route(method: str, path: str, operation_id: str, schema: str | None = None):
@@ -325,9 +328,10 @@ def _errors_as_json(app):
 
 # %% ../nbs/11_server.ipynb #6e697acd
 class _Guard:
-    "ASGI middleware: 401 without a valid bearer key, 413 for a body over the limit (checked while it arrives)."
-    def __init__(self, app, store, max_body_bytes: int):
-        self.app, self.store, self.max_body = app, store, max_body_bytes
+    "ASGI middleware: 401 without a valid bearer key, 413 for a body over the limit (checked while it arrives); serves the hot paths."
+    def __init__(self, app, store, max_body_bytes: int,
+                 fast: dict | None = None):  # {(method, path): endpoint} answered here, without the router (`FAST_ROUTES`)
+        self.app, self.store, self.max_body, self.fast = app, store, max_body_bytes, fast or {}
         self.public = {f'{API_PREFIX}/openapi.json', f'{API_PREFIX}/docs'}
         self.valid_until: dict = {}  # key hash -> monotonic time until which it counts as checked
 
@@ -360,6 +364,8 @@ async def __call__(self: _Guard, scope, receive, send):
         seen += len(msg.get('body', b''))
         if seen > self.max_body: raise _BodyTooLarge()
         return msg
+    fn = self.fast.get((scope['method'], scope['path']))
+    if fn is not None: return await _serve_fast(fn, scope, counted, send)
     return await self.app(scope, counted, send)
 
 # %% ../nbs/11_server.ipynb #61d7b369

@@ -15,7 +15,7 @@ from .core import *
 from .formats import dumps, loads  # the JSON column codec (re-exported: `from openpipe_lab.store import dumps`)
 
 # %% auto #0
-__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'tag_set_digest', 'Database', 'storable_str']
+__all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'PAGE_SIZE', 'tag_set_digest', 'Database', 'storable_str']
 
 # %% ../nbs/02_store.ipynb #63648e53
 SCHEMA_VERSION = 2
@@ -238,14 +238,18 @@ def _normalise_url(url: str) -> str:
     return f"sqlite:///{path.resolve()}"
 
 # %% ../nbs/02_store.ipynb #ec4cb308
+PAGE_SIZE = 16384  # bytes per page of a new SQLite lab database (SQLite's default: 4096)
+
 def _sqlite_pragmas(dbapi_conn, _):
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
     cur = dbapi_conn.cursor()
     cur.execute('PRAGMA busy_timeout=30000')
+    cur.execute(f'PRAGMA page_size={PAGE_SIZE}')  # takes effect only on a new (empty) database, before WAL is set
     try: cur.execute('PRAGMA journal_mode=WAL')
     except Exception: pass  # read-only media: keep the default journal
     cur.execute('PRAGMA synchronous=NORMAL')
-    cur.execute('PRAGMA wal_autocheckpoint=16384')  # 64 MiB: the log writer checkpoints on its own thread every ~4 MiB
+    page = cur.execute('PRAGMA page_size').fetchone()[0]  # an existing database keeps the size it was made with
+    cur.execute(f'PRAGMA wal_autocheckpoint={(64 << 20) // page}')  # 64 MiB: the log writer checkpoints on its own thread every ~4 MiB
     cur.execute('PRAGMA journal_size_limit=67108864')
     cur.execute('PRAGMA foreign_keys=ON')
     cur.execute('PRAGMA cache_size=-65536')  # 64 MiB page cache: index inserts stay in memory

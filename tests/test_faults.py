@@ -167,7 +167,7 @@ print(json.dumps({'ids': ids, 'warnings': [str(w.message) for w in caught], 'in_
 def test_disk_full_saves_logs_to_the_fallback_file(tmp_path):
     "ENOSPC (a full filesystem) while the writer inserts: the batch goes to <lab dir>/unwritten-logs.jsonl, nothing is lost."
     mnt = tmp_path / 'small'
-    if _tmpfs(mnt, '400k'):
+    if _tmpfs(mnt, '2m'):   # room for a new lab (51 b-trees of one 16 KiB page each), then filled up below
         try:
             store = LogStore(str(mnt / 'lab.db'), dir=tmp_path / 'labdir')   # the database on the tiny filesystem, the lab dir elsewhere
             store.record(model='m', req_payload={'model': 'm'}, tags={'phase': 'before'}); store.flush()
@@ -189,7 +189,7 @@ def test_disk_full_saves_logs_to_the_fallback_file(tmp_path):
             store.close(); store.db.dispose()
         finally:
             subprocess.run(['umount', '-l', str(mnt)])
-        how = 'tmpfs of 400 KiB'
+        how = 'tmpfs of 2 MiB'
     else:   # no mount permission: RLIMIT_FSIZE makes the database file unable to grow (EFBIG), the same path in the writer
         out = subprocess.run([sys.executable, '-c', FSIZE, str(tmp_path / 'db' / 'lab.db'), str(tmp_path / 'labdir')],
                              capture_output=True, text=True, timeout=120, env=ENV)
