@@ -165,9 +165,11 @@ def _insert_rows(self: LogStore, rows: list[dict]):
     self._remember_tag_sets(learned)  # committed: the ids are safe to reuse
 
 @patch
-def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '') -> list:
+def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '',
+                 most: int = 1000) -> list:  # rows per statement at most (and within the driver's parameter limit)
     "INSERT `values` (tuples in `cols` order) many rows to a statement; the rows of a RETURNING `suffix`."
-    per, out, sql = self._rows_per_statement(c.connection.driver_connection, len(cols)), [], lambda n: _insert_sql(self.db.dialect, table, cols, n) + suffix
+    per, out = min(most, self._rows_per_statement(c.connection.driver_connection, len(cols))), []
+    sql = lambda n: _insert_sql(self.db.dialect, table, cols, n) + suffix
     if self.db.dialect != 'sqlite' and 'RETURNING' not in suffix:
         # Postgres: a 1,000-log statement costs ~0.1 s to set up per call (measured), once per executemany: the full
         # statements in one executemany, the rest as single rows, which psycopg pipelines (no GIL hand-back per row)
