@@ -396,7 +396,14 @@ def _lean_completion(url, status: int, pairs: list, data: bytes):
     try: out = ChatCompletion.model_validate(value)
     except pydantic.ValidationError: out = _LEAN[1](type_=ChatCompletion, value=value)  # what the SDK does with every answer
     out._request_id = dict(pairs).get('x-request-id')
+    out._lab_upstream = data, value  # what came: `done` logs the dict, `_completion_json` serves the bytes (no re-encoding)
     return out
+
+def _completion_json(completion) -> bytes:
+    "The JSON of a `ChatCompletion` from `create`: the upstream's own bytes when they came over `_lean_post` unchanged."
+    up = completion.__dict__.get('_lab_upstream')
+    if up is None: return completion.model_dump_json(exclude_unset=True).encode()  # pydantic writes the JSON
+    return up[0] if up[0] is not None else json_text(up[1]).encode()
 
 def _lean_response(url, status: int, pairs: list, data: bytes):
     "The `httpx.Response` the SDK's error and retry helpers take."
@@ -543,11 +550,15 @@ def first_failed(self: _Call, error, requested_at) -> bool:
 @patch
 def done(self: _Call, route, result, requested_at):
     "Record a successful non-streamed completion and cache it; returns it."
-    if not route.uses_client: result.model = route.model
+    up = result.__dict__.get('_lab_upstream')  # (bytes, dict) of an answer read by `_lean_post`
+    if not route.uses_client:
+        result.model = route.model
+        if up is not None: up = result._lab_upstream = None, {**up[1], 'model': route.model}
     u = result.usage
-    self.log(model=route.model, result=result, requested_at=requested_at, completion_id=result.id,
+    self.log(model=route.model, result=result if up is None else up[1], requested_at=requested_at, completion_id=result.id,
              usage=(u.prompt_tokens, u.completion_tokens) if u else None, provider=route.provider)
-    if self.cache: self.cache_put(jsonable(result))
+    if self.cache: self.cache_put(jsonable(result) if up is None else up[1])
+    if up is not None and not self.client.__dict__.get('_lab_serving'): del result.__dict__['_lab_upstream']  # only the server reads it
     return result
 
 # %% ../nbs/05_client.ipynb #8e390289

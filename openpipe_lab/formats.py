@@ -737,9 +737,15 @@ def dumps(value) -> str | None:
     "JSON text for a column (`None` stays `None`)."
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(',', ':'))
 
-def loads(text: str | None):
-    "The Python value of a JSON column (`None` stays `None`)."
-    return None if text is None else json.loads(text)
+_DECODE, _DECODE_ERROR = (msgspec.json.decode, msgspec.MsgspecError) if msgspec is not None else (None, None)
+
+def loads(text: str | bytes | None):
+    "The Python value of JSON text (`None` stays `None`): `json.loads`'s value, read by msgspec when installed."
+    if text is None: return None
+    if _DECODE is not None:
+        try: return _DECODE(text)
+        except _DECODE_ERROR: pass  # NaN, 1e400, a lone surrogate, or not JSON: the stdlib's value or its error
+    return json.loads(text)
 
 # %% ../nbs/01_formats.ipynb #926529d6
 def json_text(value,  # JSON data: dicts, lists, str, numbers, bool, None

@@ -13,6 +13,7 @@ from .core import *
 from .store import tables, dumps, loads
 from .logstore import LogStore
 import openpipe_lab.client  # patches LogStore.async_openai, the client /chat/completions uses
+from .client import _completion_json
 from .criterion import Criterion  # /criteria/judge; importing it adds best of N (op-criteria) to the client
 
 # %% auto #0
@@ -256,7 +257,10 @@ def create_app(store=None,  # the lab (a LogStore); None: the default lab
                   docs_url=f'{API_PREFIX}/docs', redoc_url=None,
                   description='The hosted OpenPipe API, served over a local lab by openpipe_lab.')
     app.state.lab, app.state.max_body = lab, max_body_bytes
-    app.state.client = client if client is not None else lab.async_openai(max_retries=0)
+    if client is None:
+        client = lab.async_openai(max_retries=0)
+        client._lab_serving = True  # its completions keep the upstream's bytes, for `_completion_json`
+    app.state.client = client
     for method, path, fn, schema, op in ROUTES:
         app.add_api_route(API_PREFIX + path, fn, methods=[method], summary=(fn.__doc__ or '').split('.')[0],
                           description=fn.__doc__, openapi_extra=_openapi_extra(schema, op, path), include_in_schema=True)
@@ -402,7 +406,7 @@ async def _read_json(request, schema_name: str | None):
     try: raw = await request.body()
     except _BodyTooLarge: raise APIError(413, 'payload_too_large', _too_large(request.app.state.max_body)['message'])
     if schema_name is None: return None
-    try: body = json.loads(raw) if raw else None
+    try: body = loads(raw) if raw else None  # msgspec, or json.loads for what it refuses
     except ValueError as e: raise APIError(400, 'invalid_json', f"request body is not valid JSON: {e}") from None
     if body is None: raise APIError(400, 'invalid_request', "request body is missing: send a JSON object")
     problems = check_schema(body, SCHEMAS[schema_name])
@@ -688,7 +692,7 @@ async def _chat(request: Request):
         if extra: known['extra_headers'] = extra
         result = await client.chat.completions.create(**known, openpipe=opts)
         if body.get('stream'): return StreamingResponse(_sse(result), media_type='text/event-stream')
-        return Response(result.model_dump_json(exclude_unset=True), media_type='application/json')  # pydantic writes the JSON
+        return Response(_completion_json(result), media_type='application/json')  # the upstream's bytes when unchanged
     except Exception as e:
         err = api_error(e)
         return _json_response(err.status, err.body())
