@@ -35,6 +35,15 @@ class _LabClient:
             raise ConfigError(f"store= must be a LogStore (or None for the default lab), got {type(store).__name__}")
         self._store, self._backends = store, {}
 
+    def _close_backends(self) -> list:
+        "Close and forget the clients `backend` made for this client's routes; returns the coroutines async ones need awaited."
+        made, self._backends = list(self._backends.values()), {}
+        out = []
+        for b in made:
+            if isinstance(b, (openai.OpenAI, openai.AsyncOpenAI)): _lean_close(b)  # a deployment's: its lean connections too
+            out.append(b.close())
+        return [r for r in out if inspect.isawaitable(r)]
+
 # %% ../nbs/05_client.ipynb #312b4180
 @patch(as_prop=True)
 def store(self: _LabClient):
@@ -67,6 +76,10 @@ class OpenAI(_LabClient, openai.OpenAI):
 
     def copy(self, **kwargs): return super().copy(**self._lab_copy_kwargs(kwargs))
     with_options = copy
+
+    def close(self):
+        "Close the HTTP client and the clients of the routes it has called (Anthropic, Gemini, deployments)."
+        self._close_backends(); super().close()
 
 # %% ../nbs/05_client.ipynb #0ed3883c
 @patch
@@ -793,8 +806,10 @@ class AsyncOpenAI(_LabClient, openai.AsyncOpenAI):
     with_options = copy
 
     async def close(self):
-        "Close the HTTP client and the lab's idle upstream connections (`_lean_post`)."
-        _lean_close(self); await super().close()
+        "Close the HTTP client, the lab's idle upstream connections (`_lean_post`) and the clients of the routes it has called."
+        _lean_close(self)
+        for pending in self._close_backends(): await pending
+        await super().close()
 
 # %% ../nbs/05_client.ipynb #2a209035
 @patch

@@ -168,6 +168,10 @@ class AnthropicBackend:
 
     def __repr__(self): return f"AnthropicBackend({self.route.model!r}, {type(self.client).__name__})"
 
+    def close(self):
+        "Close the SDK client's connections (for an async backend: a coroutine to await)."
+        return self.client.close()
+
 # %% ../nbs/04_providers.ipynb #3be79e4e
 @patch
 def _args(self: AnthropicBackend, request: dict, timeout: float | None) -> dict:
@@ -240,9 +244,13 @@ class GeminiBackend:
         genai = require('google.genai')
         http = {'retry_options': {'attempts': max_retries + 1, 'http_status_codes': [408, 429, 500, 502, 503, 504]}}
         if route.base_url: http['base_url'] = route.base_url
-        self.route, self.client = route, genai.Client(api_key=route.api_key, http_options=http)
+        self.route, self.client, self.async_ = route, genai.Client(api_key=route.api_key, http_options=http), async_
 
     def __repr__(self): return f"GeminiBackend({self.route.model!r})"
+
+    def close(self):
+        "Close the SDK client's connections (for an async backend: a coroutine to await)."
+        return self.client.aio.aclose() if self.async_ else self.client.close()
 
     def _args(self, request, timeout):
         args = to_gemini({**request, 'model': self.route.name})

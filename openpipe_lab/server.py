@@ -247,20 +247,19 @@ ROUTES = []  # (method, path, endpoint, request schema name, operationId), in th
 # %% ../nbs/11_server.ipynb #fd42aba4
 def create_app(store=None,  # the lab (a LogStore); None: the default lab
                max_body_bytes: int = MAX_BODY_BYTES,  # larger request bodies get 413
-               client=None,  # the lab `AsyncOpenAI` used by /chat/completions; None: `store.async_openai()` from the environment
+               client=None,  # the lab `AsyncOpenAI` used by /chat/completions (yours to close); None: one from the environment, closed at shutdown
               ):
     "The FastAPI app serving the hosted API at `/api/v1` over one lab, behind the bearer-key guard."
     from fastapi import FastAPI
     from openpipe_lab import __version__
-    lab = _lab(store)
-    app = FastAPI(title='OpenPipe API (openpipe_lab)', version=__version__, openapi_url=f'{API_PREFIX}/openapi.json',
-                  docs_url=f'{API_PREFIX}/docs', redoc_url=None,
-                  description='The hosted OpenPipe API, served over a local lab by openpipe_lab.')
-    app.state.lab, app.state.max_body = lab, max_body_bytes
-    if client is None:
+    lab, own = _lab(store), client is None
+    if own:
         client = lab.async_openai(max_retries=0)
         client._lab_serving = True  # its completions keep the upstream's bytes, for `_completion_json`
-    app.state.client = client
+    app = FastAPI(title='OpenPipe API (openpipe_lab)', version=__version__, openapi_url=f'{API_PREFIX}/openapi.json',
+                  docs_url=f'{API_PREFIX}/docs', redoc_url=None, lifespan=_closing(client) if own else None,
+                  description='The hosted OpenPipe API, served over a local lab by openpipe_lab.')
+    app.state.lab, app.state.max_body, app.state.client = lab, max_body_bytes, client
     for method, path, fn, schema, op in ROUTES:
         app.add_api_route(API_PREFIX + path, fn, methods=[method], summary=(fn.__doc__ or '').split('.')[0],
                           description=fn.__doc__, openapi_extra=_openapi_extra(schema, op, path), include_in_schema=True)
@@ -268,6 +267,16 @@ def create_app(store=None,  # the lab (a LogStore); None: the default lab
     _bearer_scheme(app)
     app.add_middleware(_Guard, store=lab, max_body_bytes=max_body_bytes, fast=_fast_routes(FAST_ROUTES))
     return app
+
+def _closing(client):
+    "A lifespan that closes `client` (the one `create_app` made) when the server shuts down: its connections, its routes' clients."
+    import contextlib
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.close()
+    return lifespan
+
 
 # %% ../nbs/11_server.ipynb #7144e10d
 FAST_ROUTES = ('/chat/completions',)  # paths the guard serves itself, without the router (their FastAPI routes document them)
@@ -749,7 +758,7 @@ class Server:
                  api_key: str | None = None,  # the key clients send; None: a new key, revoked at stop()
                  **app_kwargs):  # for `create_app` (max_body_bytes, client)
         self.store, self.host, self.port, self.app_kwargs = _lab(store), host, port, app_kwargs
-        self.api_key, self._own_key, self._server, self._thread = api_key, api_key is None, None, None
+        self.api_key, self._own_key, self._server, self._thread, self._app = api_key, api_key is None, None, None, None
 
     @property
     def url(self) -> str | None:
@@ -767,8 +776,8 @@ def start(self: Server) -> Server:
     import uvicorn
     if self._server is not None: return self
     if self.api_key is None: self.api_key = create_api_key('logs.serve', store=self.store)
-    config = uvicorn.Config(create_app(self.store, **self.app_kwargs), host=self.host, port=self.port,
-                            log_level='warning', lifespan='off', access_log=False)
+    self._app = create_app(self.store, **self.app_kwargs)
+    config = uvicorn.Config(self._app, host=self.host, port=self.port, log_level='warning', lifespan='on', access_log=False)
     self._server = uvicorn.Server(config)
     self._thread = threading.Thread(target=self._server.run, name='openpipe-lab-server', daemon=True)
     self._thread.start()
@@ -785,7 +794,7 @@ def start(self: Server) -> Server:
 # %% ../nbs/11_server.ipynb #e0d05a96
 @patch
 def stop(self: Server) -> Server:
-    "Stop serving (and revoke the key `start` made)."
+    "Stop serving (and revoke the key `start` made); the app's own lab client closes with it."
     if self._server is None: return self
     self._server.should_exit = True
     self._thread.join(10)
