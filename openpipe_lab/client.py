@@ -299,6 +299,7 @@ def _json_plain(v) -> bool:
         return True
     return c is str or c is int or c is float or c is bool or v is None
 
+# %% ../nbs/05_client.ipynb #805e7699
 def _post_helpers():
     "(make_request_options, its security keyword) when this SDK's private helpers are as checked, else None."
     import inspect
@@ -314,6 +315,7 @@ _POST = _post_helpers()
 _BODY_PARAMS = frozenset(inspect.signature(_SDKCompletions.create).parameters) - {'self', *_TRANSPORT}
 _STREAM_CLS = (openai.Stream[ChatCompletionChunk], openai.AsyncStream[ChatCompletionChunk])  # the SDK's, by is_async
 
+# %% ../nbs/05_client.ipynb #4492f008
 def _plain_body(body: dict) -> bool:
     "A body the SDK's `create` accepts and its transform would only copy."
     return body.keys() <= _BODY_PARAMS and 'messages' in body and 'model' in body and _json_plain(body)
@@ -332,12 +334,14 @@ def _lean_helpers():
 _LEAN = _lean_helpers()
 _PROXY_VARS = ('HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
 
+# %% ../nbs/05_client.ipynb #15dc8844
 def _lean_ok(client, body: dict, extra: dict) -> bool:
     "True when an async call needs nothing of the SDK's HTTP stack (see above)."
     if _LEAN is None or body.get('stream') or extra.get('extra_query'): return False
     if any(k.lower().startswith('x-stainless-') for k in extra.get('extra_headers') or ()): return False  # raw-response wrappers
     return _lean_client(client) and not any(os.environ.get(v) for v in _PROXY_VARS) and _plain_body(body)
 
+# %% ../nbs/05_client.ipynb #8c656234
 def _lean_client(client) -> bool:
     "Whether `client` itself allows the lean path: worked out once per client and base URL."
     got = client.__dict__.get('_lab_lean_ok')
@@ -412,12 +416,14 @@ def _lean_completion(url, status: int, pairs: list, data: bytes):
     out._lab_upstream = data, value  # what came: `done` logs the dict, `_completion_json` serves the bytes (no re-encoding)
     return out
 
+# %% ../nbs/05_client.ipynb #3e945808
 def _completion_json(completion) -> bytes:
     "The JSON of a `ChatCompletion` from `create`: the upstream's own bytes when they came over `_lean_post` unchanged."
     up = completion.__dict__.get('_lab_upstream')
     if up is None: return completion.model_dump_json(exclude_unset=True).encode()  # pydantic writes the JSON
     return up[0] if up[0] is not None else json_text(up[1]).encode()
 
+# %% ../nbs/05_client.ipynb #6641e9f8
 def _lean_response(url, status: int, pairs: list, data: bytes):
     "The `httpx.Response` the SDK's error and retry helpers take."
     return _http.Response(status, headers=pairs, content=data, request=_http.Request('POST', url))

@@ -737,6 +737,7 @@ def dumps(value) -> str | None:
     "JSON text for a column (`None` stays `None`)."
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(',', ':'))
 
+# %% ../nbs/01_formats.ipynb #b5e6447a
 _DECODE, _DECODE_ERROR = (msgspec.json.decode, msgspec.MsgspecError) if msgspec is not None else (None, None)
 
 def loads(text: str | bytes | None):

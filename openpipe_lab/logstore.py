@@ -164,6 +164,7 @@ def _insert_rows(self: LogStore, rows: list[dict]):
         self._insert_many(c, 'logs', _LOG_COLS, list(map(_log_values, rows)))
     self._remember_tag_sets(learned)  # committed: the ids are safe to reuse
 
+# %% ../nbs/03_logstore.ipynb #36c0b0bc
 @patch
 def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '',
                  most: int = 1000) -> list:  # rows per statement at most (and within the driver's parameter limit)
@@ -197,6 +198,7 @@ def _slices(n: int, per: int):
     for unit in (100, 10, 1):  # a handful of statement shapes, each prepared once, whatever the batch sizes
         if (m := (n - start) // unit * unit): yield start, start + m; start += m
 
+# %% ../nbs/03_logstore.ipynb #46e72a61
 @functools.cache
 def _insert_sql(dialect: str, table: str, cols: tuple, n: int) -> str:
     "INSERT INTO `table` of `n` rows in one statement, with the driver's placeholders."
@@ -237,6 +239,7 @@ def _insert_tag_sets(self: LogStore, c, by_digest: dict) -> tuple[dict, set]:
     if missing: ids.update(self._select_tag_sets(c, missing))
     return ids, set(by_digest) if sqlite else {d for d, _ in made}  # SQLite: every set's pairs, ON CONFLICT DO NOTHING
 
+# %% ../nbs/03_logstore.ipynb #d85c9de2
 @patch
 def _select_tag_sets(self: LogStore, c, digests: list) -> list:
     "(digest, id) of the sets already in the lab among `digests`."
@@ -249,6 +252,7 @@ def _select_tag_sets(self: LogStore, c, digests: list) -> list:
             out += [(d, int(n)) for d, n in (p.split(' ') for p in got.split(','))] if got else []
     return out
 
+# %% ../nbs/03_logstore.ipynb #c71851ce
 @patch
 def _remember_tag_sets(self: LogStore, learned: dict, cache: str = '_tag_sets'):
     "Add committed sets to a cache (`_tag_sets`: ids; `_tag_digests`: digests), bounded: unique-per-log tags must not grow it forever."
@@ -275,6 +279,7 @@ def _ingest_ddl() -> tuple[str, str]:
   INSERT INTO logs ({cols}) VALUES ({new});
 END""")
 
+# %% ../nbs/03_logstore.ipynb #0bd9b5be
 def _pairs_text(tags: dict) -> str:
     "A new set's pairs as JSON for the trigger: storable strings, NUL written as U+E000 U+E002 and U+E000 itself as U+E000 U+E001."
     def esc(s):
@@ -383,6 +388,7 @@ class _Writer:
         if self.thread.is_alive(): self.q.put(None); self.thread.join(30)
         if self.ckpt is not None: self.ckpt.close()
 
+# %% ../nbs/03_logstore.ipynb #1ea3b981
 @patch
 def _get_writer(self: LogStore):
     if self._writer is None:
@@ -453,6 +459,7 @@ def _insert_retrying(self: _Writer, batch) -> Exception | None:
             if attempt >= 6: return e
             time.sleep(0.05 * 2 ** attempt)
 
+# %% ../nbs/03_logstore.ipynb #650b7eb2
 @patch
 def _insert_one_by_one(self: _Writer, batch, err) -> tuple[list, Exception | None]:
     "(the rows the database refused, the last error), inserting the others."
@@ -674,6 +681,7 @@ def ids(self: LogQuery) -> list[str]:
     with self.store.db.connect() as c:
         return list(c.execute(self._where(sa.select(tables.logs.c.id)).order_by(tables.logs.c.id)).scalars())
 
+# %% ../nbs/03_logstore.ipynb #849ba573
 @patch
 def latest(self: LogQuery, n: int = 5) -> 'pd.DataFrame':
     "The `n` most recent matching logs as a DataFrame (newest first)."
@@ -784,6 +792,7 @@ def add_provider(self: LogStore, name: str,  # used in model ids: openpipe:<name
         c.execute(tables.providers.insert().values(**row))
     return row | {'config': config}
 
+# %% ../nbs/03_logstore.ipynb #e9010c34
 @patch
 def providers(self: LogStore) -> list[dict]:
     "The custom providers registered in this lab."

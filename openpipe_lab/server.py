@@ -268,6 +268,7 @@ def create_app(store=None,  # the lab (a LogStore); None: the default lab
     app.add_middleware(_Guard, store=lab, max_body_bytes=max_body_bytes, fast=_fast_routes(FAST_ROUTES))
     return app
 
+# %% ../nbs/11_server.ipynb #74954d21
 def _closing(client):
     "A lifespan that closes `client` (the one `create_app` made) when the server shuts down: its connections, its routes' clients."
     import contextlib
@@ -276,7 +277,6 @@ def _closing(client):
         yield
         await client.close()
     return lifespan
-
 
 # %% ../nbs/11_server.ipynb #7144e10d
 FAST_ROUTES = ('/chat/completions',)  # paths the guard serves itself, without the router (their FastAPI routes document them)
