@@ -327,7 +327,7 @@ def _insert_rows_sqlite(self: LogStore, rows: list[dict]):
         if con.in_transaction:
             try: con.execute('ROLLBACK')
             except sqlite3.Error: pass
-        if not isinstance(e, sqlite3.Error): raise
+        if not isinstance(e, (sqlite3.Error, UnicodeDecodeError)): raise  # the latter: SQLite quoting a corrupt page
         self.db._raise_if_damaged(e)
         raise sa.exc.DBAPIError.instance(f'INSERT INTO log_ingest ({n} logs)', None, e, sqlite3.Error) from None
     finally: conn.close()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_store.ipynb #188d576d
 from __future__ import annotations
-import hashlib, json, os, threading
+import hashlib, json, os, sqlite3, threading
 from pathlib import Path
 from types import SimpleNamespace
 from contextlib import contextmanager
@@ -241,6 +241,10 @@ def _normalise_url(url: str) -> str:
 PAGE_SIZE = 16384  # bytes per page of a new SQLite lab database (SQLite's default: 4096)
 
 def _sqlite_pragmas(dbapi_conn, _):
+    try: _set_pragmas(dbapi_conn)
+    except UnicodeDecodeError as e: raise _readable(e) from None  # a driver error, so SQLAlchemy's handlers see it
+
+def _set_pragmas(dbapi_conn):
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
     cur = dbapi_conn.cursor()
     cur.execute('PRAGMA busy_timeout=30000')
@@ -277,9 +281,7 @@ def _init_schema(self: Database):
             raise StoreError(f"cannot write the lab database {self._safe_url()}: {msg}. "
                              "Make the file and its directory writable, or point OPENPIPE_LAB_DB elsewhere.") from None
         raise StoreError(f"cannot open the lab database {self._safe_url()}: {msg}") from None
-    except sa.exc.DatabaseError as e:
-        raise StoreError(f"{self._safe_url()} is not a usable lab database ({getattr(e, 'orig', e)}). "
-                         "Point OPENPIPE_LAB_DB at a new file, or move this one aside.") from None
+    except sa.exc.DatabaseError as e: raise self._not_usable(getattr(e, 'orig', e)) from None
     found = row[0]
     if not found.isdigit() or int(found) > SCHEMA_VERSION:
         raise SchemaVersionError(
@@ -325,8 +327,20 @@ def _damaged(self: Database, ctx):
 @patch
 def _raise_if_damaged(self: Database, e: Exception):
     "Raise our StoreError if `e` is SQLite's corruption error (from a query through the engine, or a raw driver call)."
+    if isinstance(e, UnicodeDecodeError): e = _readable(e)
     msg = str(e)
-    if self._opened and 'malformed' in msg:
+    if 'malformed' not in msg: return
+    if not self._opened: raise self._not_usable(msg) from None  # while opening: the same error as any unusable file
+    else:
         path = self.url.removeprefix('sqlite:///')
         raise StoreError(f"the lab database {self._safe_url()} is damaged ({msg}). Recover what is readable with "
                          f"`sqlite3 {path} .recover | sqlite3 recovered.db`, or point OPENPIPE_LAB_DB at a new file.") from None
+
+@patch
+def _not_usable(self: Database, why) -> StoreError:
+    return StoreError(f"{self._safe_url()} is not a usable lab database ({why}). "
+                      "Point OPENPIPE_LAB_DB at a new file, or move this one aside.")
+
+def _readable(e: UnicodeDecodeError) -> sqlite3.DatabaseError:
+    "SQLite's error about a corrupt file can quote the file's bytes, and Python's driver then fails decoding the message."
+    return sqlite3.DatabaseError(f"database disk image is malformed: SQLite's message quoted bytes that are not UTF-8 ({e.reason} at byte {e.start})")
