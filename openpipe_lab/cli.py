@@ -173,7 +173,7 @@ def _cmd_serve(a) -> str:
         print(f"openpipe-lab serve: {store!r} at http://{a.host}:{sock.getsockname()[1]}{API_PREFIX}"
               + (f" (serving {', '.join('openpipe:' + s for s in a.deploy)})" if a.deploy else ''), file=sys.stderr, flush=True)
         freeze_heap()  # this process only serves: what start-up built is never garbage (11_server)
-        _serve_until_signal(uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='off', access_log=False)), sock)
+        _serve_until_signal(uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='on', access_log=False)), sock)
     finally:
         sock.close()
         if dep is not None: dep.stop()
