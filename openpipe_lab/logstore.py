@@ -247,9 +247,9 @@ def _select_tag_sets(self: LogStore, c, digests: list) -> list:
     for i, j in _slices(len(digests), per):
         if self.db.dialect != 'sqlite': out += c.execute(sa.select(ts.c.digest, ts.c.id).where(ts.c.digest.in_(digests[i:j]))).all()
         else:  # one row, not one per set: each row fetched hands the GIL to a busy caller and waits up to 5 ms for it back
-            got = c.exec_driver_sql(f"SELECT group_concat(digest || ' ' || id) FROM tag_sets WHERE digest IN "
+            got = c.exec_driver_sql(f"SELECT group_concat(digest || char(31) || id, char(30)) FROM tag_sets WHERE digest IN "
                                     f"({', '.join('?' * (j - i))})", tuple(digests[i:j])).scalar()
-            out += [(d, int(n)) for d, n in (p.split(' ') for p in got.split(','))] if got else []
+            out += [(d, int(n)) for d, n in (p.split('\x1f') for p in got.split('\x1e'))] if got else []  # control characters: never in a key
     return out
 
 # %% ../nbs/03_logstore.ipynb #c71851ce

@@ -18,7 +18,7 @@ from .formats import dumps, loads  # the JSON column codec (re-exported: `from o
 __all__ = ['SCHEMA_VERSION', 'metadata', 'tables', 'PAGE_SIZE', 'tag_set_digest', 'Database', 'storable_str']
 
 # %% ../nbs/02_store.ipynb #63648e53
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 metadata = sa.MetaData()
 _s, _t, _i, _b, _f = sa.String, sa.Text, sa.BigInteger, sa.Boolean, sa.Float
 
@@ -54,7 +54,7 @@ tables.logs = _table('logs',
 _serial = sa.BigInteger().with_variant(sa.Integer, 'sqlite')  # INTEGER PRIMARY KEY is SQLite's rowid
 tables.tag_sets = _table('tag_sets',                      # each distinct set of tags once
     sa.Column('id', _serial, primary_key=True, autoincrement=True),
-    sa.Column('digest', _s(64), nullable=False, unique=True),  # sha256 of the sorted (key, value) pairs
+    sa.Column('digest', _t, nullable=False, unique=True),  # the set's key: `tag_set_digest`
     sa.Column('tags', _t, nullable=False))
 tables.tag_set_tags = _table('tag_set_tags',              # clustered by set (no rowid): one index for filters
     sa.Column('tag_set_id', _i, primary_key=True),
@@ -62,11 +62,15 @@ tables.tag_set_tags = _table('tag_set_tags',              # clustered by set (no
     sa.Index('ix_tag_set_tags_key_value', 'key', 'value', 'tag_set_id'), sqlite_with_rowid=False)
 
 # %% ../nbs/02_store.ipynb #25516067
+_SHORT_KEY = 200  # characters: a set whose sorted JSON is longer is keyed by its sha256
+
 def tag_set_digest(tags: dict  # tag name -> value (strings)
                   ) -> str:
-    "The key of a set of tags in `tag_sets`: sha256 of its (name, value) pairs, sorted, so the order they came in does not matter."
-    text = ''.join(f"{len(k)}:{k}{len(v)}:{v}" for k, v in sorted(tags.items()))  # length-prefixed: no two sets spell the same
-    return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
+    "The key of a set of tags in `tag_sets`: its JSON sorted by name when at most 200 characters, else the sha256 of its sorted pairs."
+    text = json.dumps(tags, sort_keys=True, separators=(',', ':'))  # ASCII (lone surrogates as \\udXXX escapes): every driver stores it
+    if len(text) <= _SHORT_KEY: return text
+    pairs = ''.join(f"{len(k)}:{k}{len(v)}:{v}" for k, v in sorted(tags.items()))  # length-prefixed: no two sets spell the same
+    return hashlib.sha256(pairs.encode('utf-8', 'surrogatepass')).hexdigest()
 
 # %% ../nbs/02_store.ipynb #c5b0bf46
 tables.cache = _table('cache',
@@ -275,6 +279,7 @@ def _init_schema(self: Database):
                 c.execute(tables.meta.insert().values(key='schema_version', value=str(SCHEMA_VERSION)))
                 return
             if row[0] == '1': _migrate_v1_tags(c); return
+            if row[0] == '2': _migrate_v2_keys(c); return
     except sa.exc.OperationalError as e:
         msg = str(e.orig) if getattr(e, 'orig', None) else str(e)
         if 'readonly' in msg or 'read-only' in msg or 'unable to open' in msg:
@@ -317,6 +322,18 @@ def storable_str(text: str) -> str:
     if text.isascii(): return text
     try: text.encode('utf-8'); return text
     except UnicodeEncodeError: return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+
+# %% ../nbs/02_store.ipynb #918648f6
+def _migrate_v2_keys(c):
+    "Schema 2 -> 3: short tag sets are keyed by their sorted JSON instead of its sha256, in this transaction."
+    if c.dialect.name != 'sqlite': c.exec_driver_sql('ALTER TABLE tag_sets ALTER COLUMN digest TYPE TEXT')
+    ts, last = tables.tag_sets, 0
+    rekey = ts.update().where(ts.c.id == sa.bindparam('set_id')).values(digest=sa.bindparam('key'))
+    while rows := c.execute(sa.select(ts.c.id, ts.c.tags).where(ts.c.id > last).order_by(ts.c.id).limit(1000)).all():
+        moved = [{'set_id': i, 'key': k} for i, text in rows if (k := tag_set_digest(loads(text)))[0] == '{']
+        if moved: c.execute(rekey, moved)
+        last = rows[-1][0]
+    c.execute(tables.meta.update().where(tables.meta.c.key == 'schema_version').values(value=str(SCHEMA_VERSION)))
 
 # %% ../nbs/02_store.ipynb #08a41593
 @patch

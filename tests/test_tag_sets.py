@@ -1,5 +1,6 @@
-"""Tags as interned tag sets (schema 2, issue 15): a schema-1 lab written by the package as it was before the change
-upgrades on opening, on SQLite and Postgres, and every filter answers as the old package answered; a fresh lab
+"""Tags as interned tag sets (schema 2, issue 15; keys by sorted JSON, schema 3): a schema-1 or schema-2 lab written
+by the package as it was before each change upgrades on opening, on SQLite and Postgres, and every filter answers
+as the old package answered; a fresh lab
 written by the new package answers the same; the writer's tag-set cache survives rolled-back batches and other
 writers; the WAL checkpointer keeps the WAL bounded and stops with the writer."""
 import json, os, subprocess, sys, threading, warnings
@@ -12,6 +13,7 @@ from openpipe_lab.store import tables, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = '90ccf7f'  # the last revision with schema 1 (a log_tags row per tag per log)
+BEFORE_V3 = '4945f0c'  # the last revision with schema 2 (every tag set keyed by a sha256)
 
 # Runs under either package: writes the same logs, then prints every filter's answer (by completion id) and the rows.
 SCRIPT = r'''
@@ -53,6 +55,10 @@ print(json.dumps({'answers': answers, 'rows': rows}))
 def before_pkg(tmp_path_factory) -> str:
     return package_at(BEFORE, tmp_path_factory)
 
+@pytest.fixture(scope='module')
+def v2_pkg(tmp_path_factory) -> str:
+    return package_at(BEFORE_V3, tmp_path_factory)
+
 
 def run(pkg: str, url: str, mode: str, cwd) -> dict:
     r = subprocess.run([sys.executable, '-c', SCRIPT, url, mode], capture_output=True, text=True, cwd=cwd, timeout=300,
@@ -77,7 +83,7 @@ def check_upgrade(before_pkg, url, tmp_path):
     assert all(old['answers'][:-1]) and old['answers'][-1] == []  # every kind of filter matches something (but 'nope')
     upgraded = run(str(ROOT), url, 'read', tmp_path)  # the new package opens it: upgrade, then the same filters
     version, names = schema_of(url)
-    assert version == str(SCHEMA_VERSION) == '2' and 'log_tags' not in names and 'tag_sets' in names
+    assert version == str(SCHEMA_VERSION) == '3' and 'log_tags' not in names and 'tag_sets' in names
     assert 'ix_dataset_entries_dataset_id' not in names and 'ix_entries_dataset_position' in names
     assert upgraded == old  # same logs, same ids, same tags, same answer to every filter
     fresh = run(str(ROOT), url + '.fresh' if '://' not in url else url, 'write', tmp_path)  # written by the new package
@@ -90,6 +96,37 @@ def test_schema1_sqlite_lab_upgrades_and_answers_as_before(before_pkg, tmp_path)
 
 def test_schema1_postgres_lab_upgrades_and_answers_as_before(before_pkg, pg_url, tmp_path):
     check_upgrade(before_pkg, pg_url, tmp_path)
+
+
+def keys_of(url: str) -> list:
+    eng = sa.create_engine(url if '://' in url else f'sqlite:///{url}')
+    with eng.connect() as c: keys = c.exec_driver_sql('SELECT digest FROM tag_sets ORDER BY id').scalars().all()
+    eng.dispose()
+    return keys
+
+
+def check_v2_upgrade(v2_pkg, url, tmp_path):
+    old = run(v2_pkg, url, 'write', tmp_path)  # a schema-2 lab: every set keyed by a 64-digit sha256
+    before = keys_of(url)
+    assert schema_of(url)[0] == '2' and len(before) > 10 and all(len(k) == 64 and k.isalnum() for k in before)
+    upgraded = run(str(ROOT), url, 'read', tmp_path)
+    after = keys_of(url)
+    assert schema_of(url)[0] == str(SCHEMA_VERSION) == '3' and upgraded == old  # the same answer to every filter
+    assert len(after) == len(before) and all(k.startswith('{') for k in after) and len(set(after)) == len(after)
+    logs = LogStore(url)  # tags of an upgraded set again, in either order: the set is found, not made twice
+    n = len(logs.filter(env='prod', user='u1'))
+    logs.record(model='m', tags={'user': 'u1', 'env': 'prod'}); logs.record(model='m', tags={'env': 'prod', 'user': 'u1'})
+    logs.flush()
+    assert keys_of(url) == after and len(logs.filter(env='prod', user='u1')) == n + 2 and n > 0
+    logs.close(); logs.db.dispose()
+
+
+def test_schema2_sqlite_lab_upgrades_and_answers_as_before(v2_pkg, tmp_path):
+    check_v2_upgrade(v2_pkg, str(tmp_path / 'lab.db'), tmp_path)
+
+
+def test_schema2_postgres_lab_upgrades_and_answers_as_before(v2_pkg, pg_url, tmp_path):
+    check_v2_upgrade(v2_pkg, pg_url, tmp_path)
 
 
 def test_a_rolled_back_batch_leaves_no_tag_set_id_behind(lab):
