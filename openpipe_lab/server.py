@@ -361,7 +361,9 @@ class _Guard:
 # %% ../nbs/11_server.ipynb #02b49322
 @patch
 async def __call__(self: _Guard, scope, receive, send):
-    if scope['type'] != 'http' or scope['path'] in self.public: return await self.app(scope, receive, send)
+    if scope['type'] != 'http': return await self.app(scope, receive, send)
+    path = _route_path(scope)
+    if path in self.public: return await self.app(scope, receive, send)
     headers = dict(scope['headers'])
     scheme, _, key = headers.get(b'authorization', b'').decode('latin-1').partition(' ')
     if scheme.lower() != 'bearer' or not key.strip():
@@ -377,9 +379,15 @@ async def __call__(self: _Guard, scope, receive, send):
         seen += len(msg.get('body', b''))
         if seen > self.max_body: raise _BodyTooLarge()
         return msg
-    fn = self.fast.get((scope['method'], scope['path']))
+    fn = self.fast.get((scope['method'], path))
     if fn is not None: return await _serve_fast(fn, scope, counted, send)
     return await self.app(scope, counted, send)
+
+def _route_path(scope) -> str:
+    "The path the app routes on: `scope['path']` less the `root_path` it sits under (a `Mount`, `uvicorn --root-path`), as Starlette's router sees it."
+    path, root = scope['path'], scope.get('root_path', '')
+    return path[len(root):] if root and path.startswith(root) else path
+
 
 # %% ../nbs/11_server.ipynb #61d7b369
 _NO_KEY = {'message': "missing API key: send 'Authorization: Bearer <key>' (create one with `openpipe-lab keys create`)",
