@@ -386,7 +386,8 @@ async def __call__(self: _Guard, scope, receive, send):
 def _route_path(scope) -> str:
     "The path the app routes on: `scope['path']` less the `root_path` it sits under (a `Mount`, `uvicorn --root-path`), as Starlette's router sees it."
     path, root = scope['path'], scope.get('root_path', '')
-    return path[len(root):] if root and path.startswith(root) else path
+    if not root or not path.startswith(root): return path
+    return path[len(root):] if path[len(root):len(root) + 1] in ('/', '') else path  # a whole segment: '/lab' is not a prefix of '/labx'
 
 
 # %% ../nbs/11_server.ipynb #61d7b369
