@@ -6,7 +6,10 @@ Each measurement runs in a fresh child process whose RSS high-water mark is rese
 (`/proc/self/clear_refs`; `ru_maxrss` would include the parent's size, inherited across fork+exec):
   * `baseline`: read + parse the file line by line with the standard library's `json.loads` (a fixed yardstick);
   * `validate`: read + validate every line (`validate_entry`), nothing written;
-  * `import`  : `Dataset.from_jsonl` into a fresh SQLite lab (validate, hash, batched inserts);
+  * `import`  : `Dataset.from_jsonl` into a fresh SQLite lab (validate, hash, batched inserts); a file of 8 MiB or
+                more is parsed by a worker process while the importer writes (`formats._plain_rows`): its peak RSS
+                is reported apart (`worker_peak_rss_mb`: its VmHWM, read every 20 ms while it runs; the exec'd
+                process's own mark, not `RUSAGE_CHILDREN`, which counts the forked copy of the parent before exec);
   * `before`  : the same import by the package as it was at git revision `--before` (extracted with `git archive`
                 to a temporary folder): the before/after comparison of issue 15 in one run, on one machine;
 at each of `--sizes` rows. Memory is *bounded* when the peak RSS stops growing with the file size: the file is
@@ -44,7 +47,7 @@ def make_file(path: Path, n: int, seed: int = 0):
             f.write(json.dumps(entry) + '\n')
 
 CHILD = r'''
-import sys, time, json
+import sys, time, json, threading
 mode, path, lab = sys.argv[1], sys.argv[2], sys.argv[3]
 from openpipe_lab.formats import read_jsonl, validate_entry
 from openpipe_lab.logstore import LogStore
@@ -52,6 +55,17 @@ from openpipe_lab.dataset import Dataset
 def mib(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) / 1024
 store = LogStore(lab + '/lab.db')
 # ru_maxrss is inherited from the parent across fork+exec: reset the high-water mark (Linux) and read VmHWM
+from openpipe_lab import formats
+workers, worker_hwm = [], [0.0]
+if hasattr(formats, '_start_worker'):  # (not in the `before` package)
+    formats._start_worker = (lambda start: lambda path: workers.append(start(path)) or workers[-1])(formats._start_worker)
+def watch():  # the worker's own high-water mark (VmHWM starts afresh at exec)
+    while True:
+        for w in workers:
+            try: worker_hwm[0] = max(worker_hwm[0], int(next(l for l in open(f'/proc/{w.pid}/status') if l.startswith('VmHWM')).split()[1]) / 1024)
+            except (OSError, StopIteration): pass
+        time.sleep(0.02)
+threading.Thread(target=watch, daemon=True).start()
 open('/proc/self/clear_refs', 'w').write('5')
 rss0 = mib('VmRSS')
 t = time.perf_counter()
@@ -65,7 +79,8 @@ else:
 dt = time.perf_counter() - t
 import openpipe_lab
 print(json.dumps({'package': openpipe_lab.__file__, 'mode': mode, 'rows': n, 'seconds': dt, 'rows_per_s': n / dt,
-                  'rss_after_imports_mb': rss0, 'peak_rss_mb': mib('VmHWM')}))
+                  'rss_after_imports_mb': rss0, 'peak_rss_mb': mib('VmHWM'),
+                  'worker_peak_rss_mb': worker_hwm[0]}))
 '''
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,11 +135,14 @@ def main():
                              'import_vs_parse_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'baseline')]['rows_per_s'], 3),
                              'import_vs_validate_only': round(by[(n, 'import')]['rows_per_s'] / by[(n, 'validate')]['rows_per_s'], 3),
                              'peak_rss_mb': round(by[(n, 'import')]['peak_rss_mb']),
+                             'worker_peak_rss_mb': round(max(r['worker_peak_rss_mb'] for r in results
+                                                             if (r['file_rows'], r['mode']) == (n, 'import'))),
                              'before_peak_rss_mb': round(by[(n, 'before')]['peak_rss_mb'])} for n in a.sizes}
     for n in a.sizes:
         x = summary[f'{n}_rows']
         print(f"{n:>7} rows: import {x['import_rows_per_s']:,} rows/s vs before ({a.before}) {x['before_rows_per_s']:,} rows/s "
-              f"= {x['import_vs_before']}x; peak RSS {x['peak_rss_mb']} MB (before {x['before_peak_rss_mb']} MB)")
+              f"= {x['import_vs_before']}x; peak RSS {x['peak_rss_mb']} MB (before {x['before_peak_rss_mb']} MB)"
+              + (f", worker process {x['worker_peak_rss_mb']} MB" if x['worker_peak_rss_mb'] else ''))
     print(json.dumps(summary))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({'results': results, 'summary': summary}, indent=1))

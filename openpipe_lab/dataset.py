@@ -5,6 +5,7 @@
 # %% ../nbs/06_dataset.ipynb #819fade4
 from __future__ import annotations
 import hashlib, json, sys, warnings
+from contextlib import closing
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
 import sqlalchemy as sa
@@ -13,7 +14,7 @@ from .core import *
 from .store import tables
 from .formats import (Problem, read_jsonl, validate_entry, functions_to_tools, content_hash, dumps, loads,
                                   json_text, jsonable, apply_pruning_rules, _lone_surrogate, _json_content_hash,
-                                  _jsonl_path, _jsonl_lines, _decode_line, _plain_entry, _plain_hash, _plain_texts)
+                                  _jsonl_path, _jsonl_lines, _decode_line, _plain_entry, _plain_row, _plain_rows)
 from .logstore import LogStore, LogQuery, get_store
 from .client import OpenAI  # relabel's default client (and `LogStore.openai`)
 
@@ -274,12 +275,12 @@ def _row(self: _Writer, entry, log_id, provenance) -> tuple:
 
 # %% ../nbs/06_dataset.ipynb #fc68d69b
 @patch
-def add_plain(self: _Writer, content: dict,  # the content fields `formats._plain_entry` returned for a line
-              split: str | None):
+def add_plain(self: _Writer, h: str, split: str | None, texts: list  # what `formats._plain_row` returned for a line
+             ):
     "Queue an entry already known valid, as `add` would queue it."
-    h, now = _plain_hash(content), now_ms()
+    now = now_ms()
     self.rows.append((new_id('dse'), self.ds.id, self.position, split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'),
-                      self.provenance, None, None, h, now, now, *_plain_texts(content)))
+                      self.provenance, None, None, h, now, now, *texts))
     self.position += 1
     if len(self.rows) >= self.batch_size: self.flush()
 
@@ -357,18 +358,19 @@ def _iter_entries(self: Dataset, split=None, provenance=None, metadata=None, ids
 
 # %% ../nbs/06_dataset.ipynb #bcc0f96c
 @patch
-def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading Data" format
+def add_jsonl(self: Dataset, path: str | Path,  # a .jsonl file in the "Uploading Data" format
+              parallel: bool | None = None  # parse in a second process; None: for a file of 16 MiB or more, on 2+ CPUs
              ) -> Dataset:
     "Append the valid lines of a JSONL file (streamed, batched); every invalid line is reported in `self.errors`."
-    lines = _jsonl_lines(_jsonl_path(path))  # raises ConfigError for a missing path / a directory
+    path = _jsonl_path(path)  # raises ConfigError for a missing path / a directory
     w, seen = _Writer(self, 'UPLOAD'), 0
     w.parsed = True
-    for n, raw in lines:
-        seen += 1
-        plain = _plain_entry(raw)  # the common shape, checked in C; None: the general path, which names every problem
-        if plain is not None: w.add_plain(*plain); continue
-        obj = _decode_line(n, raw)
-        w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=n)
+    with closing(_plain_rows(path, parallel)) as lines:  # closed at once on an error: a worker process is stopped
+        for n, raw, row in lines:
+            seen += 1
+            if row is not None: w.add_plain(*row); continue  # the common shape, checked in C
+            obj = _decode_line(n, raw)  # the general path, which names every problem
+            w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=n)
     w.flush()
     self.errors = w.problems if seen else [Problem('', f"{path} is empty: no JSON lines to import")]
     return self
@@ -377,12 +379,14 @@ def add_jsonl(self: Dataset, path: str | Path  # a .jsonl file in the "Uploading
 @patch(cls_method=True)
 def from_jsonl(cls: Dataset, path: str | Path,  # a .jsonl file in the "Uploading Data" format
                name: str,  # name of the new dataset
-               store: LogStore | None = None) -> Dataset:
+               store: LogStore | None = None,
+               parallel: bool | None = None  # see `add_jsonl`
+              ) -> Dataset:
     "A new dataset from a JSONL file; valid lines are imported, invalid ones listed in `.errors`."
     path = Path(path).expanduser()
     read_jsonl(path)  # a missing file is refused before the dataset is created
     ds = cls.create(name, store)
-    try: ds.add_jsonl(path)
+    try: ds.add_jsonl(path, parallel)
     except BaseException:
         ds.delete(); raise
     if len(ds) == 0:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_formats.ipynb #20e2f5cb
 from __future__ import annotations
-import json, re, hashlib
+import json, os, re, sys, hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
@@ -869,6 +869,118 @@ def _plain_texts(content: dict) -> list:
     "`json_text(v)` of each value of the same kind of data (`None` stays `None`)."
     enc = _ENCODE
     return [None if v is None else enc(v).decode() for v in content.values()]
+
+# %% ../nbs/01_formats.ipynb #a0b02cd4
+def _plain_row(raw: bytes  # one JSONL line
+              ) -> tuple[str, str | None, list] | None:
+    "`(content hash, split, column texts)` of a line in the common shape (see `_plain_entry`); None: the general path."
+    plain = _plain_entry(raw)
+    if plain is None: return None
+    content, split = plain
+    return _plain_hash(content), split, _plain_texts(content)
+
+# %% ../nbs/01_formats.ipynb #6881a28b
+_PARALLEL_MIN_BYTES = 8 << 20  # smaller: the import takes ~0.1 s here, as long as starting a process
+_HEAD_LINES = 4096  # read here while the worker starts (~0.1 s): it begins after them
+_FRAME_LINES = 256  # lines per message from the worker
+_WORKER = """
+import importlib.util, os, sys
+pkg = sys.argv[3]  # the parent's package folder: the worker runs the very same files, whatever its sys.path holds
+spec = importlib.util.spec_from_file_location('openpipe_lab', os.path.join(pkg, '__init__.py'), submodule_search_locations=[pkg])
+sys.modules['openpipe_lab'] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from openpipe_lab.formats import _plain_worker
+_plain_worker()
+"""  # run by `python -c`; argv: the file, the lines to skip, the package folder
+
+def _cpus() -> int:
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1  # (macOS, Windows)
+
+def _grow_pipe(f):
+    "Let the pipe behind `f` hold 1 MiB (Linux; elsewhere it keeps its size)."
+    try: import fcntl; fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError): pass
+
+def _plain_rows(path: Path,  # a JSONL file (`_jsonl_path` checked it)
+                parallel: bool | None = None  # a worker process parses; None: when the file is big and there are 2+ CPUs
+               ) -> Iterator[tuple[int, bytes | None, tuple | None]]:
+    "`(line number, raw line, _plain_row(raw))` for each non-blank line, in order; raw may be None when the row is given."
+    if parallel is None: parallel = path.stat().st_size >= _PARALLEL_MIN_BYTES and _cpus() >= 2
+    worker, done = _start_worker(path) if parallel and msgspec is not None else None, 0
+    try:
+        if worker is not None:
+            for n, raw in _jsonl_lines(path):
+                if n > _HEAD_LINES: break
+                yield n, raw, _plain_row(raw)
+            else: return  # the file ended within the head
+            finished, done = yield from _worker_rows(worker, path, _HEAD_LINES)
+            if finished: return
+        for n, raw in _jsonl_lines(path):
+            if n > done: yield n, raw, _plain_row(raw)
+    finally:
+        if worker is not None: _stop_worker(worker)
+
+# %% ../nbs/01_formats.ipynb #d8891bc5
+def _start_worker(path: Path):
+    "A process running `_plain_worker` on `path` after its first `_HEAD_LINES` lines, or None (with a warning)."
+    import subprocess, tempfile, warnings, openpipe_lab
+    package = str(Path(openpipe_lab.__file__).resolve().parent)
+    err = tempfile.TemporaryFile()  # its stderr: a file, so a long traceback cannot block it
+    try:
+        p = subprocess.Popen([sys.executable, '-c', _WORKER, str(path), str(_HEAD_LINES), package], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=err)
+    except OSError as e:
+        err.close()
+        warnings.warn(f"could not start a process to parse {path} ({e}); reading it in this process", RuntimeWarning, stacklevel=4)
+        return None
+    p.err = err
+    _grow_pipe(p.stdout)
+    return p
+
+def _stop_worker(p):
+    if p.poll() is None: p.kill()
+    p.wait(); p.stdout.close(); p.err.close()
+
+# %% ../nbs/01_formats.ipynb #a5e11748
+def _worker_rows(p, path: Path, last: int):
+    "The worker's rows after line `last`; returns `(finished, last line number delivered)`."
+    import subprocess, warnings
+    read, decode = p.stdout.read, msgspec.msgpack.Decoder().decode
+    while len(head := read(4)) == 4:
+        if (size := int.from_bytes(head, 'little')) == 0:  # the end marker: every line was delivered
+            try: p.wait(timeout=10)  # it exits right after it
+            except subprocess.TimeoutExpired: pass  # (`_stop_worker` kills it)
+            return True, last
+        try: frame = decode(read(size))
+        except msgspec.DecodeError: break  # a message cut short: the worker died writing it
+        for item in frame:
+            yield (item[0], item[1], None) if len(item) == 2 else (item[0], None, item[1:])
+            last = item[0]
+    rc = p.wait()
+    p.err.seek(0)
+    why = (p.err.read()[-4000:].decode('utf-8', 'replace').strip().splitlines() or [f"exit status {rc}"])[-1]
+    warnings.warn(f"the process parsing {path} stopped after line {last} ({why}); reading the rest in this process",
+                  RuntimeWarning, stacklevel=4)
+    return False, last
+
+# %% ../nbs/01_formats.ipynb #887320c5
+def _plain_worker():
+    "The worker's side: `_plain_row` of each line of the file `sys.argv[1]` after line `sys.argv[2]`, as messages on stdout."
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole group: the parent decides
+    out, encode, frame, skip = sys.stdout.buffer, msgspec.msgpack.Encoder().encode, [], int(sys.argv[2])
+    _grow_pipe(out)
+    def send(b): out.write(len(b).to_bytes(4, 'little') + b)
+    try:
+        for n, raw in _jsonl_lines(Path(sys.argv[1])):
+            if n <= skip: continue
+            row = _plain_row(raw)
+            frame.append((n, raw) if row is None else (n, *row))
+            if len(frame) == _FRAME_LINES: send(encode(frame)); frame.clear()
+        if frame: send(encode(frame))
+        send(b''); out.flush()
+    except BrokenPipeError: os._exit(0)  # the parent stopped reading: nothing left to do
 
 # %% ../nbs/01_formats.ipynb #87afe1e4
 def check_tags(tags,  # a dict of tags, or None

@@ -24,18 +24,21 @@ def _raw_lines(path: Path) -> dict:
     return out
 
 
+@pytest.mark.parametrize('parallel', [False, True], ids=['here', 'worker'])
 @pytest.mark.parametrize('name', sorted(EXPECTED))
-def test_nasty_fixture(lab, name):
-    "Every bad line is reported with its line and field; every good line is imported exactly as written."
+def test_nasty_fixture(lab, name, parallel, monkeypatch):
+    "Every bad line is reported with its line and field; every good line is imported exactly as written (read here or by a worker process)."
+    from openpipe_lab import formats
+    monkeypatch.setattr(formats, '_HEAD_LINES', 1)  # the worker reads every line after the first
     path, exp = FIXTURES / name, EXPECTED[name]
     want = sorted((p[0] or 0, p[1]) for p in exp['problems'])
     if exp['valid'] == 0:
         with pytest.raises(ValidationError) as e:
-            Dataset.from_jsonl(path, 'nasty', store=lab)
+            Dataset.from_jsonl(path, 'nasty', store=lab, parallel=parallel)
         assert sorted((p.line or 0, p.path) for p in e.value.problems) == want
         assert Dataset.list(store=lab).empty  # nothing left behind
         return
-    ds = Dataset.from_jsonl(path, 'nasty', store=lab)
+    ds = Dataset.from_jsonl(path, 'nasty', store=lab, parallel=parallel)
     assert sorted((p.line or 0, p.path) for p in ds.errors) == want, [str(p) for p in ds.errors]
     assert all(p.message for p in ds.errors)
     bad_lines = {p.line for p in ds.errors}
@@ -305,7 +308,6 @@ def test_plain_entry_leaves_lone_surrogates_and_floats_to_the_general_path():
 def test_import_through_the_fast_path_equals_the_general_path(lab, tmp_path, monkeypatch):
     "A file of generated lines (valid and not) imported with and without the fast path: same rows, texts, errors."
     import random
-    from openpipe_lab import dataset as dataset_module
     rnd = random.Random(5)
     objs = []
     for i in range(400):
@@ -326,17 +328,117 @@ def test_import_through_the_fast_path_equals_the_general_path(lab, tmp_path, mon
             return c.exec_driver_sql(f"SELECT {', '.join(cols)} FROM dataset_entries WHERE dataset_id = ? ORDER BY position",
                                      (ds.id,)).fetchall()
     taken = []
-    monkeypatch.setattr(dataset_module, '_plain_entry', lambda raw: taken.append(_plain_entry(raw)) or taken[-1])
-    fast = Dataset.from_jsonl(src, 'fast', store=lab)
+    monkeypatch.setattr(formats, '_plain_entry', lambda raw: taken.append(_plain_entry(raw)) or taken[-1])
+    fast = Dataset.from_jsonl(src, 'fast', store=lab, parallel=False)
     assert formats.msgspec is None or sum(t is not None for t in taken) > 40  # the fast path really was taken
-    monkeypatch.setattr(dataset_module, '_plain_entry', lambda raw: None)
-    slow = Dataset.from_jsonl(src, 'slow', store=lab)
+    monkeypatch.setattr(formats, '_plain_entry', lambda raw: None)
+    slow = Dataset.from_jsonl(src, 'slow', store=lab, parallel=False)
     assert rows(fast) == rows(slow) and len(rows(fast)) > 60  # column text byte for byte
     assert [(p.line, p.path, p.message) for p in fast.errors] == [(p.line, p.path, p.message) for p in slow.errors]
     assert len(fast.errors) > 50
     assert fast.snapshot() == slow.snapshot()
     ids = [e['id'] for e in fast.entries(limit=None)]
     assert len(set(ids)) == len(ids) and all(len(i) == len('dse_') + 13 + 1 + 12 for i in ids)  # new_id's format
+
+
+def _children(name: str) -> list:
+    "Pids of this process's children whose command line holds `name` (from /proc)."
+    out = []
+    for d in Path('/proc').iterdir():
+        try:
+            if d.name.isdigit() and int((d / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == os.getpid() \
+               and name.encode() in (d / 'cmdline').read_bytes(): out.append(int(d.name))
+        except (OSError, ValueError, IndexError): pass
+    return out
+
+
+def _mixed_file(path: Path, n: int = 3000) -> Path:
+    "Lines of every kind: the common shape, the general path (floats, deprecated fields), invalid ones, odd bytes."
+    import random
+    rnd = random.Random(7)
+    good = lambda i: {'messages': [{'role': 'user', 'content': f'q{i} \u00e9\u4e2d\U0001f600'}, {'role': 'assistant', 'content': f'a{i}'}]}
+    odd = [b'{not json', b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', b'[1, 2]',
+           b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',  # lone surrogate escape
+           b'{"messages": [{"role": "user", "content": "nul \\u0000"}, {"role": "assistant", "content": "x"}], "metadata": {"n": "1"}}',
+           json.dumps({**good(0), 'tools': [{'type': 'function', 'function': {'name': 'f', 'parameters': {'maximum': 1.5}}}]}).encode(),
+           json.dumps({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': None,
+                       'function_call': {'name': 'f', 'arguments': '{}'}}], 'functions': [{'name': 'f'}]}).encode(),
+           json.dumps({**good(1), 'split': 'VALID'}).encode(), json.dumps({**good(2), 'temperature': 0.5}).encode(), b'', b'   ']
+    lines = [rnd.choice(odd) if rnd.random() < 0.2 else json.dumps({**good(i), **({'split': 'TEST'} if i % 7 == 0 else {})}).encode()
+             for i in range(n)]
+    path.write_bytes(b'\xef\xbb\xbf' + b'\n'.join(lines) + b'\n')
+    return path
+
+
+def _stored(ds) -> list:
+    cols = ('position', 'split', 'entry_hash', 'provenance') + CONTENT_FIELDS
+    with ds.db.connect() as c:
+        return c.exec_driver_sql(f"SELECT {', '.join(cols)} FROM dataset_entries WHERE dataset_id = ? ORDER BY position", (ds.id,)).fetchall()
+
+
+@pytest.mark.skipif(formats.msgspec is None, reason='the worker needs msgspec (a dependency of the package)')
+def test_import_in_a_worker_process_equals_import_here(lab, tmp_path, monkeypatch):
+    "A file parsed by a worker process imports byte for byte as one read here: rows, texts, hashes, splits, errors; the worker is gone after."
+    src = _mixed_file(tmp_path / 'mixed.jsonl')
+    monkeypatch.setattr(formats, '_HEAD_LINES', 10)
+    started = []
+    monkeypatch.setattr(formats, '_start_worker', lambda path, f=formats._start_worker: started.append(f(path)) or started[-1])
+    here = Dataset.from_jsonl(src, 'here', store=lab, parallel=False)
+    there = Dataset.from_jsonl(src, 'there', store=lab, parallel=True)
+    assert len(started) == 1 and started[0].returncode == 0  # the worker ran to its end and was waited for
+    assert _stored(there) == _stored(here) and len(_stored(here)) > 2000
+    assert [(p.line, p.path, p.message) for p in there.errors] == [(p.line, p.path, p.message) for p in here.errors]
+    lines, said = [p.line for p in here.errors], ' '.join(p.message for p in here.errors)
+    assert len(lines) > 200 and min(lines) <= 10 < max(lines)  # bad lines in the head (read here) and after it (the worker's)
+    assert all(k in said for k in ('not valid UTF-8', 'not valid JSON', 'lone UTF-16 surrogate', 'must be a JSON object'))
+    assert there.snapshot() == here.snapshot()
+    assert _children('_plain_worker') == []
+
+
+@pytest.mark.skipif(formats.msgspec is None, reason='the worker needs msgspec')
+def test_a_killed_worker_loses_no_line(lab, tmp_path, monkeypatch):
+    "The worker killed part way (SIGKILL): a warning names the last line it delivered and this process reads the rest."
+    src = _mixed_file(tmp_path / 'mixed.jsonl')
+    monkeypatch.setattr(formats, '_HEAD_LINES', 10)
+    monkeypatch.setattr(formats, '_WORKER', textwrap.dedent("""
+        import os, signal
+        from openpipe_lab import formats
+        formats._FRAME_LINES, plain_row, seen = 100, formats._plain_row, []
+        def killed(raw):  # its 1,001st line: the worker is killed, ten messages of 100 lines sent
+            seen.append(raw)
+            if len(seen) > 1000: formats.sys.stdout.flush(); os.kill(os.getpid(), signal.SIGKILL)
+            return plain_row(raw)
+        formats._plain_row = killed
+        formats._plain_worker()"""))
+    here = Dataset.from_jsonl(src, 'here', store=lab, parallel=False)
+    last = [n for n, _ in formats._jsonl_lines(src) if n > 10][999]  # the 1,000th line the worker parsed
+    with pytest.warns(RuntimeWarning, match=rf'stopped after line {last} \(exit status -9\); reading the rest in this process'):
+        there = Dataset.from_jsonl(src, 'there', store=lab, parallel=True)
+    assert _stored(there) == _stored(here)
+    assert [(p.line, p.path, p.message) for p in there.errors] == [(p.line, p.path, p.message) for p in here.errors]
+    monkeypatch.setattr(formats, '_WORKER', 'raise SystemExit("no worker today")')
+    with pytest.warns(RuntimeWarning, match='stopped after line 10 .no worker today.'):
+        again = Dataset.from_jsonl(src, 'again', store=lab, parallel=True)
+    assert _stored(again) == _stored(here)
+
+
+@pytest.mark.skipif(formats.msgspec is None, reason='the worker needs msgspec')
+def test_the_worker_is_stopped_when_the_import_fails(lab, tmp_path, monkeypatch):
+    "An error while writing (here: the second transaction fails) stops and reaps the worker; the new dataset is removed."
+    from openpipe_lab import dataset as dataset_module
+    src = _mixed_file(tmp_path / 'mixed.jsonl', n=20_000)  # more than the pipe holds: the worker is still running
+    monkeypatch.setattr(formats, '_HEAD_LINES', 10)
+    started, flush, calls = [], dataset_module._Writer.flush, []
+    monkeypatch.setattr(formats, '_start_worker', lambda path, f=formats._start_worker: started.append(f(path)) or started[-1])
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 2: raise OSError('disk full (simulated)')
+        flush(self)
+    monkeypatch.setattr(dataset_module._Writer, 'flush', failing)
+    with pytest.raises(OSError, match='simulated'):
+        Dataset.from_jsonl(src, 'fails', store=lab, parallel=True)
+    assert started[0].returncode == -9  # killed (it had lines left to send), and waited for
+    assert _children('_plain_worker') == [] and Dataset.list(store=lab).empty
 
 
 def _base_entry(with_call, with_tools, extras):
