@@ -894,14 +894,21 @@ _plain_worker()
 """  # run by `python -c`; argv: the file, the lines to skip, the package folder
 
 def _cpus() -> int:
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1  # (macOS, Windows)
+    "CPUs this process may use: its affinity, capped by a cgroup v2 quota (a container's `--cpus`)."
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1  # (macOS, Windows)
+    try:
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
+        if quota != 'max': n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError): pass
+    return n
 
 def _grow_pipe(f):
     "Let the pipe behind `f` hold 1 MiB (Linux; elsewhere it keeps its size)."
     try: import fcntl; fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     except (ImportError, AttributeError, OSError): pass
 
+# %% ../nbs/01_formats.ipynb #cd7d226c
 def _plain_rows(path: Path,  # a JSONL file (`_jsonl_path` checked it)
                 parallel: bool | None = None  # a worker process parses; None: when the file is big and there are 2+ CPUs
                ) -> Iterator[tuple[int, bytes | None, tuple | None]]:

@@ -26,8 +26,14 @@ import json, sys
 import openpipe_lab
 from openpipe_lab.logstore import LogStore
 from openpipe_lab.dataset import Dataset
-src, db, out = sys.argv[1:4]
-ds = Dataset.from_jsonl(src, 'eq', store=LogStore(db))
+src, db, out, mode = sys.argv[1:5]
+kw = {}
+if mode == 'worker':  # a worker process parses every line after the fifth; its failure would be an error here
+    import warnings
+    from openpipe_lab import formats
+    warnings.simplefilter('error', RuntimeWarning)
+    formats._HEAD_LINES, kw = 5, {'parallel': True}
+ds = Dataset.from_jsonl(src, 'eq', store=LogStore(db), **kw)
 ds.to_jsonl(out)
 entries = [{k: e[k] for k in ('split', 'provenance', 'entry_hash', 'position', 'messages', 'tools', 'tool_choice',
                                'response_format', 'rejected_message', 'metadata')} for e in ds.entries(limit=None)]
@@ -74,9 +80,9 @@ def tricky_lines() -> list[bytes]:
               b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]} trailing']
     return [b'\xef\xbb\xbf' + lines[0]] + lines[1:]
 
-def run_import(src: Path, tmp: Path, tag: str, pythonpath: str) -> tuple[dict, bytes]:
+def run_import(src: Path, tmp: Path, tag: str, pythonpath: str, mode: str = 'here') -> tuple[dict, bytes]:
     out = tmp / f'{tag}.jsonl'
-    r = subprocess.run([sys.executable, '-c', CHILD, str(src), str(tmp / f'{tag}.db'), str(out)], capture_output=True,
+    r = subprocess.run([sys.executable, '-c', CHILD, str(src), str(tmp / f'{tag}.db'), str(out), mode], capture_output=True,
                        text=True, cwd=tmp, env={'PYTHONPATH': pythonpath, 'PATH': '/usr/bin:/bin', 'HF_HUB_OFFLINE': '1'}, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1]), out.read_bytes()
@@ -85,8 +91,9 @@ def run_import(src: Path, tmp: Path, tag: str, pythonpath: str) -> tuple[dict, b
 def before_pkg(tmp_path_factory) -> str:
     return package_at(BEFORE, tmp_path_factory)
 
+@pytest.mark.parametrize('mode', ['here', 'worker'])  # after: read in the importing process, or by a worker process
 @pytest.mark.parametrize('which', ['tricky', 'bench'])
-def test_import_identical_before_and_after(tmp_path, before_pkg, which):
+def test_import_identical_before_and_after(tmp_path, before_pkg, which, mode):
     src = tmp_path / 'src.jsonl'
     if which == 'tricky': src.write_bytes(b'\n'.join(tricky_lines()) + b'\n')
     else:
@@ -94,7 +101,7 @@ def test_import_identical_before_and_after(tmp_path, before_pkg, which):
         from dataset_import import make_file
         make_file(src, 3000, seed=7)
     old, old_export = run_import(src, tmp_path, 'before', before_pkg)
-    new, new_export = run_import(src, tmp_path, 'after', str(ROOT))
+    new, new_export = run_import(src, tmp_path, 'after', str(ROOT), mode)
     assert old.pop('package').startswith(before_pkg) and new.pop('package').startswith(str(ROOT))
     assert new_export == old_export  # byte for byte
     assert new['entries'] == old['entries'] and new['snapshot'] == old['snapshot'] and new['test'] == old['test']
