@@ -1,6 +1,7 @@
 """Import throughput and peak memory of `Dataset.from_jsonl` on generated chat JSONL files.
 
-Usage: python bench/dataset_import.py [--sizes 10000 100000 200000] [--before 86f4ac1] [--repeat 3] [--out bench/results/dataset_import.json]
+Usage: python bench/dataset_import.py [--sizes 10000 100000 200000] [--before 86f4ac1] [--repeat 3] [--pg URL]
+                                     [--out bench/results/dataset_import.json]
 
 Each measurement runs in a fresh child process whose RSS high-water mark is reset just before the work
 (`/proc/self/clear_refs`; `ru_maxrss` would include the parent's size, inherited across fork+exec):
@@ -12,7 +13,8 @@ Each measurement runs in a fresh child process whose RSS high-water mark is rese
                 process's own mark, not `RUSAGE_CHILDREN`, which counts the forked copy of the parent before exec);
   * `before`  : the same import by the package as it was at git revision `--before` (extracted with `git archive`
                 to a temporary folder): the before/after comparison of issue 15 in one run, on one machine;
-at each of `--sizes` rows. Memory is *bounded* when the peak RSS stops growing with the file size: the file is
+at each of `--sizes` rows; with `--pg URL`, `before-pg` and `import-pg` too: the same two imports into that Postgres lab
+(each child starts from empty tables, dropped with its own package's schema). Memory is *bounded* when the peak RSS stops growing with the file size: the file is
 streamed and entries are written in transactions of 1,000, so what grows is SQLite's page cache, capped by the
 store at 64 MiB per connection (`PRAGMA cache_size=-65536`). Rows/s are reported next to the parse-only
 baseline's, as a ratio, because absolute speed depends on the machine; each figure is the median of `--repeat` interleaved rounds.
@@ -49,11 +51,18 @@ def make_file(path: Path, n: int, seed: int = 0):
 CHILD = r'''
 import sys, time, json, threading
 mode, path, lab = sys.argv[1], sys.argv[2], sys.argv[3]
+url = sys.argv[4] if len(sys.argv) > 4 else None  # a Postgres lab instead of a fresh SQLite one
 from openpipe_lab.formats import read_jsonl, validate_entry
 from openpipe_lab.logstore import LogStore
 from openpipe_lab.dataset import Dataset
 def mib(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]) / 1024
-store = LogStore(lab + '/lab.db')
+if url:  # Postgres: start from empty tables
+    import sqlalchemy as sa
+    from openpipe_lab.store import metadata
+    eng = sa.create_engine(url)
+    with eng.begin() as c: metadata.drop_all(c)
+    eng.dispose()
+store = LogStore(url or lab + '/lab.db')
 # ru_maxrss is inherited from the parent across fork+exec: reset the high-water mark (Linux) and read VmHWM
 from openpipe_lab import formats
 workers, worker_hwm = [], [0.0]
@@ -91,9 +100,10 @@ def old_package(rev: str, into: str) -> str:
     subprocess.run(['tar', '-x', '-C', into], input=tar, check=True)
     return into
 
-def run(mode, path, lab, old=None):
-    env = dict(os.environ, PYTHONPATH=old if mode == 'before' else str(ROOT))
-    out = subprocess.run([sys.executable, '-c', CHILD, 'import' if mode == 'before' else mode, str(path), lab],
+def run(mode, path, lab, old=None, url=None):
+    env = dict(os.environ, PYTHONPATH=old if mode.startswith('before') else str(ROOT))
+    child_mode = 'import' if mode.startswith(('before', 'import')) else mode
+    out = subprocess.run([sys.executable, '-c', CHILD, child_mode, str(path), lab] + ([url] if mode.endswith('-pg') else []),
                          capture_output=True, text=True, env=env, cwd=lab)  # cwd: no ./openpipe_lab shadows PYTHONPATH
     if out.returncode: raise SystemExit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,6 +113,7 @@ def main():
     ap.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 200_000])
     ap.add_argument('--before', default='86f4ac1', help='git revision whose importer is the "before" figure')
     ap.add_argument('--repeat', type=int, default=3, help='rounds per size; each figure is the median round')
+    ap.add_argument('--pg', help='also import into this Postgres lab (postgresql+psycopg://...)')
     ap.add_argument('--out', default='bench/results/dataset_import.json')
     a = ap.parse_args()
     results = []
@@ -113,16 +124,16 @@ def main():
             make_file(path, n)
             size_mb = path.stat().st_size / 2 ** 20
             for rep in range(a.repeat):  # modes interleaved, `--repeat` rounds: load from other processes hits all alike
-                for mode in ('baseline', 'validate', 'before', 'import'):
+                for mode in ('baseline', 'validate', 'before', 'import') + (('before-pg', 'import-pg') if a.pg else ()):
                     lab = tempfile.mkdtemp(dir=d)
-                    r = run(mode, path, lab, old)
+                    r = run(mode, path, lab, old, a.pg)
                     r['mode'] = mode
-                    assert r['package'].startswith(old if mode == 'before' else str(ROOT)), (mode, r['package'])
+                    assert r['package'].startswith(old if mode.startswith('before') else str(ROOT)), (mode, r['package'])
                     r.update(file_rows=n, file_mb=round(size_mb, 1), round=rep)
                     if mode in ('import', 'before'): r['db_mb'] = round(Path(lab, 'lab.db').stat().st_size / 2 ** 20, 1)
                     shutil.rmtree(lab)
                     results.append(r)
-                    print(f"{n:>7} rows {size_mb:6.1f} MB  {mode:<8} {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f} s  "
+                    print(f"{n:>7} rows {size_mb:6.1f} MB  {mode:<9} {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f} s  "
                           f"peak RSS {r['peak_rss_mb']:6.0f} MB (after imports {r['rss_after_imports_mb']:.0f} MB)", flush=True)
     by = {}  # (rows, mode) -> the median round's figures (by rows/s)
     for key in {(r['file_rows'], r['mode']) for r in results}:
@@ -138,11 +149,18 @@ def main():
                              'worker_peak_rss_mb': round(max(r['worker_peak_rss_mb'] for r in results
                                                              if (r['file_rows'], r['mode']) == (n, 'import'))),
                              'before_peak_rss_mb': round(by[(n, 'before')]['peak_rss_mb'])} for n in a.sizes}
+    if a.pg:
+        for n in a.sizes:
+            summary[f'{n}_rows'].update(pg_import_rows_per_s=round(by[(n, 'import-pg')]['rows_per_s']),
+                                        pg_before_rows_per_s=round(by[(n, 'before-pg')]['rows_per_s']),
+                                        pg_import_vs_before=round(by[(n, 'import-pg')]['rows_per_s'] / by[(n, 'before-pg')]['rows_per_s'], 2))
     for n in a.sizes:
         x = summary[f'{n}_rows']
         print(f"{n:>7} rows: import {x['import_rows_per_s']:,} rows/s vs before ({a.before}) {x['before_rows_per_s']:,} rows/s "
               f"= {x['import_vs_before']}x; peak RSS {x['peak_rss_mb']} MB (before {x['before_peak_rss_mb']} MB)"
               + (f", worker process {x['worker_peak_rss_mb']} MB" if x['worker_peak_rss_mb'] else ''))
+        if a.pg: print(f"{n:>7} rows into Postgres: import {x['pg_import_rows_per_s']:,} rows/s vs before {x['pg_before_rows_per_s']:,} rows/s "
+                       f"= {x['pg_import_vs_before']}x")
     print(json.dumps(summary))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({'results': results, 'summary': summary}, indent=1))
