@@ -8,7 +8,7 @@ compare against a baseline measured in the same run (raw sqlite3 executemany of 
 Issue 15's before/after: the same ingest by the package as it was at git revision `--before` (extracted with
 `git archive`) and by the working tree, each in a fresh child process, interleaved for `--repeat` rounds (medians).
 """
-import argparse, json, os, sqlite3, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, sqlite3, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,10 @@ def main():
     ap.add_argument('--repeat', type=int, default=3)
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix='oplab-bench-'))
+    try: run(a, d, LogStore)
+    finally: shutil.rmtree(d, ignore_errors=True)  # the 1M-log lab alone is ~1.5 GB
+
+def run(a, d: Path, LogStore):
     rows = []
     base = raw_baseline(str(d / 'raw.db'), a.n)
     rate, enq_us, size = ingest(LogStore(str(d / 'ingest.db')), a.n)

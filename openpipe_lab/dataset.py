@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_dataset.ipynb #819fade4
 from __future__ import annotations
-import hashlib, json, sys, warnings
+import hashlib, json, sys, time, warnings
 from contextlib import closing
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -356,22 +356,43 @@ def _iter_entries(self: Dataset, split=None, provenance=None, metadata=None, ids
         for r in rows: yield _entry_from_row(r)
         last = rows[-1]['position']
 
+# %% ../nbs/06_dataset.ipynb #e230d5e6
+_PROGRESS_AFTER_S = 2.0  # an import that ends sooner shows no bar
+
+class _LateBar:
+    "A tqdm bar over `total` bytes that appears only after `_PROGRESS_AFTER_S` seconds (tqdm is imported then)."
+    def __init__(self, desc: str, total: int, enabled: bool = True):
+        self.desc, self.total, self.enabled, self.t0, self.bar = desc, total, enabled, time.monotonic(), None
+    def show(self, done: int):
+        if self.bar is None:
+            if not self.enabled or time.monotonic() - self.t0 < _PROGRESS_AFTER_S: return
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total, initial=min(done, self.total), desc=self.desc, unit='B', unit_scale=True,
+                            unit_divisor=1024)  # (initial: the rate it shows is of what follows)
+        self.bar.update(min(done, self.total) - self.bar.n)
+    def __enter__(self): return self
+    def __exit__(self, *exc):
+        if self.bar is not None: self.bar.close()
+
 # %% ../nbs/06_dataset.ipynb #bcc0f96c
 @patch
 def add_jsonl(self: Dataset, path: str | Path,  # a .jsonl file in the "Uploading Data" format
-              parallel: bool | None = None  # parse in a second process; None: for a file of 16 MiB or more, on 2+ CPUs
+              parallel: bool | None = None,  # parse in a second process; None: for a file of 8 MiB or more, on 2+ CPUs
+              progress: bool = True  # a progress bar, once the import has taken 2 s
              ) -> Dataset:
     "Append the valid lines of a JSONL file (streamed, batched); every invalid line is reported in `self.errors`."
     path = _jsonl_path(path)  # raises ConfigError for a missing path / a directory
-    w, seen = _Writer(self, 'UPLOAD'), 0
+    w, seen, bar = _Writer(self, 'UPLOAD'), 0, _LateBar(f"import {path.name}", path.stat().st_size, progress)
     w.parsed = True
-    with closing(_plain_rows(path, parallel)) as lines:  # closed at once on an error: a worker process is stopped
-        for n, raw, row in lines:
+    with bar, closing(_plain_rows(path, parallel)) as lines:  # closed at once on an error: a worker process is stopped
+        for n, end, raw, row in lines:
             seen += 1
+            if not seen & 1023: bar.show(end)
             if row is not None: w.add_plain(*row); continue  # the common shape, checked in C
             obj = _decode_line(n, raw)  # the general path, which names every problem
             w.problems += [obj] if isinstance(obj, Problem) else w.add(obj, line=n)
-    w.flush()
+        w.flush()
+        bar.show(bar.total)
     self.errors = w.problems if seen else [Problem('', f"{path} is empty: no JSON lines to import")]
     return self
 
@@ -380,13 +401,14 @@ def add_jsonl(self: Dataset, path: str | Path,  # a .jsonl file in the "Uploadin
 def from_jsonl(cls: Dataset, path: str | Path,  # a .jsonl file in the "Uploading Data" format
                name: str,  # name of the new dataset
                store: LogStore | None = None,
-               parallel: bool | None = None  # see `add_jsonl`
+               parallel: bool | None = None,  # see `add_jsonl`
+               progress: bool = True  # a progress bar, once the import has taken 2 s
               ) -> Dataset:
     "A new dataset from a JSONL file; valid lines are imported, invalid ones listed in `.errors`."
     path = Path(path).expanduser()
     read_jsonl(path)  # a missing file is refused before the dataset is created
     ds = cls.create(name, store)
-    try: ds.add_jsonl(path, parallel)
+    try: ds.add_jsonl(path, parallel, progress)
     except BaseException:
         ds.delete(); raise
     if len(ds) == 0:

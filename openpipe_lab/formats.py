@@ -911,20 +911,24 @@ def _grow_pipe(f):
 # %% ../nbs/01_formats.ipynb #cd7d226c
 def _plain_rows(path: Path,  # a JSONL file (`_jsonl_path` checked it)
                 parallel: bool | None = None  # a worker process parses; None: when the file is big and there are 2+ CPUs
-               ) -> Iterator[tuple[int, bytes | None, tuple | None]]:
-    "`(line number, raw line, _plain_row(raw))` for each non-blank line, in order; raw may be None when the row is given."
+               ) -> Iterator[tuple[int, int, bytes | None, tuple | None]]:
+    "`(line number, bytes read, raw line, _plain_row(raw))` for each non-blank line, in order; raw may be None when the row is given."
     if parallel is None: parallel = path.stat().st_size >= _PARALLEL_MIN_BYTES and _cpus() >= 2
     worker, done = _start_worker(path) if parallel and msgspec is not None else None, 0
     try:
         if worker is not None:
+            end = 0  # bytes read (of the non-blank lines): for a progress bar
             for n, raw in _jsonl_lines(path):
                 if n > _HEAD_LINES: break
-                yield n, raw, _plain_row(raw)
+                end += len(raw)
+                yield n, end, raw, _plain_row(raw)
             else: return  # the file ended within the head
             finished, done = yield from _worker_rows(worker, path, _HEAD_LINES)
             if finished: return
+        end = 0
         for n, raw in _jsonl_lines(path):
-            if n > done: yield n, raw, _plain_row(raw)
+            end += len(raw)
+            if n > done: yield n, end, raw, _plain_row(raw)
     finally:
         if worker is not None: _stop_worker(worker)
 
@@ -962,7 +966,7 @@ def _worker_rows(p, path: Path, last: int):
         try: frame = decode(read(size))
         except msgspec.DecodeError: break  # a message cut short: the worker died writing it
         for item in frame:
-            yield (item[0], item[1], None) if len(item) == 2 else (item[0], None, item[1:])
+            yield (item[0], item[1], item[2], None) if len(item) == 3 else (item[0], item[1], None, item[2:])
             last = item[0]
     rc = p.wait()
     p.err.seek(0)
@@ -976,14 +980,15 @@ def _plain_worker():
     "The worker's side: `_plain_row` of each line of the file `sys.argv[1]` after line `sys.argv[2]`, as messages on stdout."
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches the whole group: the parent decides
-    out, encode, frame, skip = sys.stdout.buffer, msgspec.msgpack.Encoder().encode, [], int(sys.argv[2])
+    out, encode, frame, skip, end = sys.stdout.buffer, msgspec.msgpack.Encoder().encode, [], int(sys.argv[2]), 0
     _grow_pipe(out)
     def send(b): out.write(len(b).to_bytes(4, 'little') + b)
     try:
         for n, raw in _jsonl_lines(Path(sys.argv[1])):
+            end += len(raw)
             if n <= skip: continue
             row = _plain_row(raw)
-            frame.append((n, raw) if row is None else (n, *row))
+            frame.append((n, end, raw) if row is None else (n, end, *row))
             if len(frame) == _FRAME_LINES: send(encode(frame)); frame.clear()
         if frame: send(encode(frame))
         send(b''); out.flush()

@@ -441,6 +441,22 @@ def test_the_worker_is_stopped_when_the_import_fails(lab, tmp_path, monkeypatch)
     assert _children('_plain_worker') == [] and Dataset.list(store=lab).empty
 
 
+def test_a_long_import_shows_a_progress_bar_a_short_one_nothing(lab, tmp_path, monkeypatch, capsys):
+    "The bar counts the file's bytes to 100%, read here or by a worker; under `_PROGRESS_AFTER_S` nothing is printed at all."
+    from openpipe_lab import dataset as dataset_module
+    src = _mixed_file(tmp_path / 'mixed.jsonl')
+    Dataset.from_jsonl(src, 'quiet', store=lab)
+    assert capsys.readouterr().err == ''
+    monkeypatch.setattr(dataset_module, '_PROGRESS_AFTER_S', 0.0)
+    monkeypatch.setattr(formats, '_HEAD_LINES', 10)
+    for parallel in (False, True):
+        Dataset.from_jsonl(src, f'shown-{parallel}'.lower(), store=lab, parallel=parallel)
+        err = capsys.readouterr().err
+        assert 'import mixed.jsonl: 100%' in err and f'{src.stat().st_size / 1024:.0f}' in err, err
+    Dataset.from_jsonl(src, 'off', store=lab, progress=False)
+    assert capsys.readouterr().err == ''
+
+
 def _base_entry(with_call, with_tools, extras):
     call = {'id': 'c1', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"q": 1}'}}
     msgs = [{'role': 'system', 'content': 's'}, {'role': 'user', 'content': 'u'}]
