@@ -13,13 +13,14 @@ Each measurement runs in a fresh child process whose RSS high-water mark is rese
                 process's own mark, not `RUSAGE_CHILDREN`, which counts the forked copy of the parent before exec);
   * `before`  : the same import by the package as it was at git revision `--before` (extracted with `git archive`
                 to a temporary folder): the before/after comparison of issue 15 in one run, on one machine;
-at each of `--sizes` rows; with `--pg URL`, `before-pg` and `import-pg` too: the same two imports into that Postgres lab
+at each of `--sizes` rows (and, at the end, how much two busy processes get done at once against one: the worker's
+gain is bounded by it, and on a shared virtual machine it is often well under 2); with `--pg URL`, `before-pg` and `import-pg` too: the same two imports into that Postgres lab
 (each child starts from empty tables, dropped with its own package's schema). Memory is *bounded* when the peak RSS stops growing with the file size: the file is
 streamed and entries are written in transactions of 1,000, so what grows is SQLite's page cache, capped by the
 store at 64 MiB per connection (`PRAGMA cache_size=-65536`). Rows/s are reported next to the parse-only
 baseline's, as a ratio, because absolute speed depends on the machine; each figure is the median of `--repeat` interleaved rounds.
 """
-import argparse, json, os, random, resource, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, random, resource, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 TOOL = {'type': 'function', 'function': {'name': 'extract_entities', 'description': 'Extract named entities.',
@@ -94,6 +95,18 @@ print(json.dumps({'package': openpipe_lab.__file__, 'mode': mode, 'rows': n, 'se
 
 ROOT = Path(__file__).resolve().parents[1]
 
+BURN = 'import time; t = time.perf_counter(); x = 0\nfor i in range(10_000_000): x += i\nprint(time.perf_counter() - t)'
+
+def parallel_capacity(rounds: int = 5) -> float:
+    "How much work two busy processes get done at once, as a multiple of one alone (2.0: two free cores; the worker's gain depends on it)."
+    one = lambda: subprocess.Popen([sys.executable, '-c', BURN], stdout=subprocess.PIPE, text=True)
+    ratios = []
+    for _ in range(rounds):  # one alone, then two at once, interleaved: the median round
+        alone = float(one().communicate()[0])
+        pair = [one(), one()]
+        ratios.append(2 * alone / max(float(p.communicate()[0]) for p in pair))
+    return statistics.median(ratios)
+
 def old_package(rev: str, into: str) -> str:
     "A folder holding `openpipe_lab` as it was at git revision `rev` (for PYTHONPATH)."
     tar = subprocess.run(['git', '-C', str(ROOT), 'archive', rev, 'openpipe_lab'], check=True, capture_output=True).stdout
@@ -161,6 +174,8 @@ def main():
               + (f", worker process {x['worker_peak_rss_mb']} MB" if x['worker_peak_rss_mb'] else ''))
         if a.pg: print(f"{n:>7} rows into Postgres: import {x['pg_import_rows_per_s']:,} rows/s vs before {x['pg_before_rows_per_s']:,} rows/s "
                        f"= {x['pg_import_vs_before']}x")
+    summary['cpu_parallel_capacity'] = round(parallel_capacity(), 2)
+    print(f"two busy processes at once do {summary['cpu_parallel_capacity']}x the work of one (2.0: two free cores)")
     print(json.dumps(summary))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({'results': results, 'summary': summary}, indent=1))
