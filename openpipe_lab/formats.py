@@ -916,21 +916,16 @@ def _plain_rows(path: Path,  # a JSONL file (`_jsonl_path` checked it)
     if parallel is None: parallel = path.stat().st_size >= _PARALLEL_MIN_BYTES and _cpus() >= 2
     worker, done = _start_worker(path) if parallel and msgspec is not None else None, 0
     try:
-        if worker is not None:
-            end = 0  # bytes read (of the non-blank lines): for a progress bar
-            for n, raw in _jsonl_lines(path):
-                if n > _HEAD_LINES: break
-                end += len(raw)
-                yield n, end, raw, _plain_row(raw)
-            else: return  # the file ended within the head
-            finished, done = yield from _worker_rows(worker, path, _HEAD_LINES)
-            if finished: return
-        end = 0
+        end = 0  # bytes read (of the non-blank lines): for a progress bar
         for n, raw in _jsonl_lines(path):
             end += len(raw)
-            if n > done: yield n, end, raw, _plain_row(raw)
+            if worker is not None and n > _HEAD_LINES:  # past the head: the worker's rows, to the end if it gets there
+                finished, done = yield from _worker_rows(worker, path, _HEAD_LINES)
+                _stop_worker(worker); worker = None
+                if finished: return
+            if n > done: yield n, end, raw, _plain_row(raw)  # the head, or the lines a stopped worker did not deliver
     finally:
-        if worker is not None: _stop_worker(worker)
+        if worker is not None: _stop_worker(worker)  # (the file ended within the head, or the reader stopped early)
 
 # %% ../nbs/01_formats.ipynb #d8891bc5
 def _start_worker(path: Path):
