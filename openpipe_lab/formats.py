@@ -576,7 +576,7 @@ def _jsonl_lines(path: Path):
         first = f.readline().removeprefix(b'\xef\xbb\xbf')
         if first.strip(): yield 1, first
         for n, raw in enumerate(f, 2):
-            if raw.strip(): yield n, raw
+            if raw[0] == 123 or raw.strip(): yield n, raw  # (a line opening with '{' is not blank: no stripped copy)
 
 # %% ../nbs/01_formats.ipynb #756e04d4
 def _decode_line(n: int, raw: bytes) -> dict | Problem:
@@ -866,9 +866,9 @@ def _plain_hash(content: dict) -> str:
     return hashlib.sha256(_SORTED_ENCODE(content)).hexdigest()
 
 def _plain_texts(content: dict) -> list:
-    "`json_text(v)` of each value of the same kind of data (`None` stays `None`)."
+    "`json_text(v)` of each value of the same kind of data, '' for `None` (the importer stores '' as NULL: it binds faster)."
     enc = _ENCODE
-    return [None if v is None else enc(v).decode() for v in content.values()]
+    return ['' if v is None else enc(v).decode() for v in content.values()]
 
 # %% ../nbs/01_formats.ipynb #a0b02cd4
 def _plain_row(raw: bytes  # one JSONL line

@@ -167,10 +167,12 @@ def _insert_rows(self: LogStore, rows: list[dict]):
 # %% ../nbs/03_logstore.ipynb #36c0b0bc
 @patch
 def _insert_many(self: LogStore, c, table: str, cols: tuple, values: list, suffix: str = '',
-                 most: int = 1000) -> list:  # rows per statement at most (and within the driver's parameter limit)
+                 most: int = 1000,  # rows per statement at most (and within the driver's parameter limit)
+                 empty_is_null: tuple = ()  # columns whose '' is stored as NULL (see `_insert_sql`)
+                ) -> list:
     "INSERT `values` (tuples in `cols` order) many rows to a statement; the rows of a RETURNING `suffix`."
     per, out = min(most, self._rows_per_statement(c.connection.driver_connection, len(cols))), []
-    sql = lambda n: _insert_sql(self.db.dialect, table, cols, n) + suffix
+    sql = lambda n: _insert_sql(self.db.dialect, table, cols, n, empty_is_null) + suffix
     if self.db.dialect != 'sqlite' and 'RETURNING' not in suffix:
         # Postgres: a 1,000-log statement costs ~0.1 s to set up per call (measured), once per executemany: the full
         # statements in one executemany, the rest as single rows, which psycopg pipelines (no GIL hand-back per row)
@@ -200,10 +202,11 @@ def _slices(n: int, per: int):
 
 # %% ../nbs/03_logstore.ipynb #46e72a61
 @functools.cache
-def _insert_sql(dialect: str, table: str, cols: tuple, n: int) -> str:
-    "INSERT INTO `table` of `n` rows in one statement, with the driver's placeholders."
+def _insert_sql(dialect: str, table: str, cols: tuple, n: int, empty_is_null: tuple = ()) -> str:
+    "INSERT INTO `table` of `n` rows in one statement, with the driver's placeholders; '' is NULL in `empty_is_null` columns."
     ph = '?' if dialect == 'sqlite' else '%s'
-    one = f"({', '.join([ph] * len(cols))})"
+    slot = lambda col: f"NULLIF({ph}, '')" if col in empty_is_null else ph
+    one = f"({', '.join(map(slot, cols))})"
     return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * n)}"
 
 # %% ../nbs/03_logstore.ipynb #fb69cd37

@@ -231,6 +231,16 @@ def connect(self: Database):
 @patch
 def dispose(self: Database): self.engine.dispose()
 
+# %% ../nbs/02_store.ipynb #174ce974
+def _driver_sql(dialect: str, text: str) -> str:
+    "SQL `text` with `?` placeholders (none inside a string literal) in the paramstyle of `dialect`'s driver."
+    return text if dialect == 'sqlite' else text.replace('%', '%%').replace('?', '%s')
+
+@patch
+def sql(self: Database, text: str) -> str:
+    "`text`, written with `?` placeholders, for this database's `exec_driver_sql`."
+    return _driver_sql(self.dialect, text)
+
 # %% ../nbs/02_store.ipynb #99ce8550
 def _normalise_url(url: str) -> str:
     if '://' in url: return url
