@@ -11,9 +11,9 @@ from dataclasses import dataclass
 # %% auto #0
 __all__ = ['lab_dir', 'default_db_url', 'OpenPipeLabError', 'ConfigError', 'LabDirError', 'ValidationError', 'StoreError',
            'SchemaVersionError', 'NotFoundError', 'AlreadyExistsError', 'ProviderError', 'MissingAPIKeyError',
-           'MissingDependencyError', 'TrainingError', 'DeploymentError', 'EvalError', 'now_ms', 'new_id', 'check_slug',
-           'check_positive_int', 'require', 'lazy_attr', 'process_start_ticks', 'pid_alive', 'descendants',
-           'group_pids', 'signal_tree', 'stop_group', 'stop_tree', 'die_with_parent']
+           'MissingDependencyError', 'TrainingError', 'DeploymentError', 'EvalError', 'now_ms', 'new_id', 'new_ids',
+           'check_slug', 'check_positive_int', 'require', 'lazy_attr', 'process_start_ticks', 'pid_alive',
+           'descendants', 'group_pids', 'signal_tree', 'stop_group', 'stop_tree', 'die_with_parent']
 
 # %% ../nbs/00_core.ipynb #fbe929e3
 def lab_dir(create: bool = True  # make the directory if it is missing
@@ -99,6 +99,15 @@ def new_id(prefix: str  # what the id names: 'log', 'ds', 'ft', ...
 
 _ids = random.Random(os.urandom(16))  # ids need uniqueness, not secrecy: no syscall per id (secrets: ~1.7 us each)
 os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(16)))  # a forked worker must not repeat its parent's ids
+
+# %% ../nbs/00_core.ipynb #2dc7f0bd
+def new_ids(prefix: str,  # what the ids name
+            n: int  # how many
+           ) -> list[str]:
+    "`n` new unique ids of `new_id`'s form, made at one instant: one time part, a random part each."
+    head = f"{prefix}_{time.time_ns() // 1000:013x}_"
+    tails = f"{_ids.getrandbits(48 * n):0{12 * n}x}" if n > 0 else ''
+    return [head + tails[i:i + 12] for i in range(0, 12 * n, 12)]
 
 # %% ../nbs/00_core.ipynb #34afe8a5
 import re as _re

@@ -237,20 +237,19 @@ def _prepare(obj, line=None) -> tuple[dict | None, list[Problem]]:
 # %% ../nbs/06_dataset.ipynb #4472dbfb
 _INSERT_COLS = ('id', 'dataset_id', 'position', 'split', 'provenance', 'log_id', 'history', 'entry_hash', 'created_at',
                 'updated_at') + CONTENT_FIELDS
-_N_META = len(_INSERT_COLS) - len(CONTENT_FIELDS)  # the content columns come last in a row tuple
 _EMPTY_IS_NULL = ('log_id', 'history') + CONTENT_FIELDS[1:]  # a row holds '' for NULL there: sqlite3 binds None ~0.3 us slower than a str
 
 class _Writer:
     "Validates and inserts entries for one dataset in batched transactions; collects problems."
     def __init__(self, ds: Dataset, provenance: str, batch_size: int = _BATCH):
         self.ds, self.provenance, self.batch_size = ds, provenance, batch_size
-        self.rows, self.problems, self.written = [], [], 0
+        self.rows, self.problems, self.written = [], [], 0  # rows: queued entries (`_row`), written: committed
         self.parsed = False  # True: entries come from JSON text (str keys, JSON types only), which hashes faster
         with ds.db.connect() as c:  # the next position, and a check that the dataset is there
             row = c.exec_driver_sql(ds.db.sql("SELECT (SELECT max(position) FROM dataset_entries WHERE dataset_id = ?) "
                                               "FROM datasets WHERE id = ?"), (ds.id, ds.id)).first()
         if row is None: raise ds._gone()
-        self.position = (row[0] or 0) + 1
+        self.position = (row[0] or 0) + 1  # of the first queued entry
 
 # %% ../nbs/06_dataset.ipynb #16e3acad
 @patch
@@ -259,12 +258,10 @@ def add(self: _Writer, obj, line=None, log_id=None, provenance=None) -> list[Pro
     entry, problems = _prepare(obj, line)
     if problems: return problems
     row = self._row(entry, log_id, provenance or self.provenance)
-    for i, k in enumerate(CONTENT_FIELDS, _N_META):   # text no database can store: a lone UTF-16 surrogate
-        v = row[i]
-        if not v.isascii():                           # (cheap: ASCII is skipped)
+    for k, v in zip(CONTENT_FIELDS, row[2]):   # text no database can store: a lone UTF-16 surrogate
+        if not v.isascii():                     # (cheap: ASCII is skipped)
             try: v.encode('utf-8')
             except UnicodeEncodeError:
-                self.position -= 1
                 return [Problem(_lone_surrogate(entry[k], k) or k, "contains a lone UTF-16 surrogate (\\udXXX without its pair): "
                                 "not valid text; fix or remove it", line)]
     self.rows.append(row)
@@ -274,23 +271,16 @@ def add(self: _Writer, obj, line=None, log_id=None, provenance=None) -> list[Pro
 # %% ../nbs/06_dataset.ipynb #16c57bed
 @patch
 def _row(self: _Writer, entry, log_id, provenance) -> tuple:
-    "The entry's row as a tuple in `_INSERT_COLS` order."
-    h, now = (_json_entry_hash if self.parsed else _entry_hash)(entry), now_ms()
-    split = entry['split'] or ('TEST' if _test_score(h) < 0.1 else 'TRAIN')
-    row = (new_id('dse'), self.ds.id, self.position, split, provenance, log_id or '', '', h, now, now,  # '': NULL (`_EMPTY_IS_NULL`)
-           *[json_text(entry[k], escape_surrogates=False) or '' for k in CONTENT_FIELDS])
-    self.position += 1
-    return row
+    "The entry as `_Writer` queues it: `(hash, split or None, column texts, log id or '', provenance)`."
+    h = (_json_entry_hash if self.parsed else _entry_hash)(entry)
+    return h, entry['split'], [json_text(entry[k], escape_surrogates=False) or '' for k in CONTENT_FIELDS], log_id or '', provenance
 
 # %% ../nbs/06_dataset.ipynb #fc68d69b
 @patch
 def add_plain(self: _Writer, h: str, split: str | None, texts: list  # what `formats._plain_row` returned for a line
              ):
     "Queue an entry already known valid, as `add` would queue it."
-    now = now_ms()
-    self.rows.append((new_id('dse'), self.ds.id, self.position, split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'),
-                      self.provenance, '', '', h, now, now, *texts))
-    self.position += 1
+    self.rows.append((h, split, texts, '', self.provenance))
     if len(self.rows) >= self.batch_size: self.flush()
 
 # %% ../nbs/06_dataset.ipynb #e01b36dd
@@ -298,13 +288,21 @@ _ROWS_PER_INSERT = 100  # a 1,000-row statement of 16 columns costs SQLite ~10 m
 
 @patch
 def flush(self: _Writer):
+    "Write the queued entries in one transaction."
     if not self.rows: return
+    rows = self._tuples(self.rows)
     with self.ds.db.begin() as c:
         self.ds._touch(c)
-        self.ds.store._insert_many(c, 'dataset_entries', _INSERT_COLS, self.rows, most=_ROWS_PER_INSERT,
-                                   empty_is_null=_EMPTY_IS_NULL)
-    self.written += len(self.rows)
+        self.ds.store._insert_many(c, 'dataset_entries', _INSERT_COLS, rows, most=_ROWS_PER_INSERT, empty_is_null=_EMPTY_IS_NULL)
+    self.written += len(rows); self.position += len(rows)
     self.rows = []
+
+@patch
+def _tuples(self: _Writer, queued: list) -> list:
+    "The rows of `queued` entries (`_row`), numbered on from `self.position`."
+    now, first, ds = now_ms(), self.position, self.ds.id
+    return [(id, ds, first + i, split or ('TEST' if _test_score(h) < 0.1 else 'TRAIN'), prov, log_id, '', h, now, now, *texts)
+            for i, (id, (h, split, texts, log_id, prov)) in enumerate(zip(new_ids('dse', len(queued)), queued))]
 
 # %% ../nbs/06_dataset.ipynb #644cc39e
 _DF_COLUMNS = ['id', 'split', 'provenance', 'messages', 'tools', 'tool_choice', 'response_format', 'rejected_message',

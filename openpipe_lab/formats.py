@@ -572,7 +572,7 @@ def _iter_jsonl(path: Path):
 
 def _jsonl_lines(path: Path):
     "`(line number, bytes)` for each non-blank line (a UTF-8 byte-order mark on the first one removed)."
-    with open(path, 'rb') as f:
+    with open(path, 'rb', buffering=1 << 18) as f:  # (the default 4-8 KiB: a read system call every ~5 lines, ~0.2 us a line)
         first = f.readline().removeprefix(b'\xef\xbb\xbf')
         if first.strip(): yield 1, first
         for n, raw in enumerate(f, 2):
