@@ -10,7 +10,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from fastcore.basics import patch
 from .core import *
-from .store import Database, tables, dumps, loads, tag_set_digest, storable_str as _storable_str
+from .store import Database, tables, dumps, loads, tag_set_digest, storable_str as _storable_str, _driver_sql
 from .formats import json_text, check_tags, jsonable, _escape_surrogates as _storable
 from .translate import anthropic_request_to_openai, anthropic_response_to_openai
 
@@ -204,10 +204,9 @@ def _slices(n: int, per: int):
 @functools.cache
 def _insert_sql(dialect: str, table: str, cols: tuple, n: int, empty_is_null: tuple = ()) -> str:
     "INSERT INTO `table` of `n` rows in one statement, with the driver's placeholders; '' is NULL in `empty_is_null` columns."
-    ph = '?' if dialect == 'sqlite' else '%s'
-    slot = lambda col: f"NULLIF({ph}, '')" if col in empty_is_null else ph
+    slot = lambda col: "NULLIF(?, '')" if col in empty_is_null else '?'
     one = f"({', '.join(map(slot, cols))})"
-    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * n)}"
+    return _driver_sql(dialect, f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join([one] * n)}")
 
 # %% ../nbs/03_logstore.ipynb #fb69cd37
 @patch
